@@ -1,0 +1,28 @@
+// Subcommands of the adakv program; each file cmd_<name>.cc defines one register function.
+// A subcommand reports failure by throwing CommandError (via fail()); main prints it as one
+// line "adakv: error: ..." and exits 1.
+#pragma once
+
+#include <CLI/CLI.hpp>
+#include <stdexcept>
+
+#include "core/status.h"
+
+namespace adakv::cli {
+
+struct CommandError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+[[noreturn]] inline void fail(const Status& status) { throw CommandError(status.message()); }
+
+template <typename T>
+T value_or_fail(Expected<T> e) {
+  if (!e.has_value()) fail(e.status());
+  return std::move(e).value();
+}
+
+void register_tokenize(CLI::App& app);
+void register_generate(CLI::App& app);
+
+}  // namespace adakv::cli

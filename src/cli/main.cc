@@ -1,0 +1,22 @@
+// adakv: command-line entry point. Errors are printed as one line "adakv: error: ..." and the
+// process exits non-zero.
+#include <cstdio>
+#include <exception>
+
+#include "cli/commands.h"
+
+int main(int argc, char** argv) {
+  CLI::App app{"adakv: an inference engine with a per-head paged KV cache"};
+  app.require_subcommand(1);
+  adakv::cli::register_tokenize(app);
+  adakv::cli::register_generate(app);
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "adakv: error: %s\n", e.what());
+    return 1;
+  }
+  return 0;
+}

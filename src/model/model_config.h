@@ -39,7 +39,8 @@ struct ModelConfig {
   RopeScaling rope_scaling;
   int64_t max_position_embeddings = 2048;
   bool tie_word_embeddings = false;
-  bool attention_bias = false;  // q/k/v bias (Qwen2; Llama's attention_bias flag)
+  bool qkv_bias = false;  // bias on q/k/v projections (Qwen2 always; Llama/Qwen3 attention_bias)
+  bool o_bias = false;    // bias on o_proj (Llama/Qwen3 attention_bias; never Qwen2)
   bool qk_norm = false;         // per-head RMSNorm on q and k before RoPE (Qwen3)
   int64_t sliding_window = 0;   // 0: none. Contexts beyond it are refused, not approximated.
   DType dtype = DType::kBF16;   // torch_dtype / dtype of the checkpoint

@@ -1,0 +1,88 @@
+// KvCompressor: runs a compression policy against the paged cache (KvCacheManager) and the CPU
+// KV storage. This is what the forward pass and the engine call; the decisions themselves are the
+// pure functions of policy.h / kvcompress.h. Call sequence (docs/compression.md):
+//
+//   prefill of seq (prompt of L tokens, rows of every layer already committed with L entries):
+//     for each layer l:  write K/V of l  ->  attention of l  ->
+//                        compressor.after_prefill_layer(m, st, seq, l, q_l, nq)  (compresses l now)
+//     m.advance_logical_length(seq, L);  compressor.after_prefill(m, st, seq)  (KV-Compress)
+//   each decode step (one token):
+//     reserve/commit 1 entry  ->  compressor.on_append(m, seq, 1)  ->
+//     for each layer l: write K/V, attention, compressor.observe_decode(m, st, seq, l, q_l)
+//     m.advance_logical_length(seq, 1);  compressor.after_decode_step(m, st, seq)
+//
+// Per-entry metrics (H2O accumulated attention, the KV-Compress metric) live in a slot-indexed
+// array next to K/V, so compaction moves carry them with the entry.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "compress/compress_config.h"
+#include "compress/policy.h"
+#include "core/status.h"
+#include "kv/cpu_kv_storage.h"
+#include "kv/kv_cache_manager.h"
+
+namespace adakv {
+
+class KvCompressor {
+ public:
+  // `config` must pass validate_compress_config; num_slots = the storage's slots.
+  KvCompressor(const CompressConfig& config, const KvLayout& layout, int32_t num_heads, int64_t num_slots);
+
+  const CompressConfig& config() const { return config_; }
+  // Trailing prompt queries after_prefill_layer needs for a prompt of `prompt_length`
+  // (H2O: all of them; window policies: w; others: 0).
+  int32_t queries_needed(int32_t prompt_length) const;
+
+  // Right after layer `layer` of `seq` finished its prefill: the layer's rows hold the prompt
+  // (any previously kept entries first, the new tokens last). queries: [num_queries][H][head_dim]
+  // post-RoPE queries of the last num_queries tokens (>= queries_needed). o_proj: [hidden][H *
+  // head_dim] fp32, CriticalKV only. Window policies, H2O, random and StreamingLLM compress the
+  // layer's rows now; KV-Compress only records its metric. Returns what was decided (for
+  // `adakv inspect`); plan.compressed is false when nothing was evicted.
+  Expected<LayerPlan> after_prefill_layer(KvCacheManager& m, CpuKvStorage& st, SeqId seq, int32_t layer,
+                                          const float* queries, int32_t num_queries, const float* o_proj = nullptr,
+                                          int32_t hidden_size = 0);
+  // After the last layer's prefill (and advance_logical_length): KV-Compress frees blocks across
+  // all layers and heads down to its budget. Returns pages freed.
+  int64_t after_prefill(KvCacheManager& m, CpuKvStorage& st, SeqId seq);
+
+  // After commit() appended `new_entries` to every row of seq: their metric starts at zero.
+  void on_append(const KvCacheManager& m, SeqId seq, int32_t new_entries);
+  // Decode: layer `layer` attended with query [H][head_dim] (post-RoPE) over its rows, the new
+  // token included. H2O and KV-Compress accumulate; other policies ignore it.
+  void observe_decode(const KvCacheManager& m, const CpuKvStorage& st, SeqId seq, int32_t layer, const float* query);
+  // The same from probabilities the forward pass already has: probs [group][length] over the
+  // row's entries in entry order, for the group's query heads.
+  void add_attention(const KvCacheManager& m, SeqId seq, int32_t layer, int32_t kv_head, const float* probs);
+  // After each decode step of seq: continual policies compress every `interval` steps.
+  int64_t after_decode_step(KvCacheManager& m, CpuKvStorage& st, SeqId seq);
+  // Continual policies, now (e.g. rather than preempting seq). Returns pages freed.
+  int64_t compress_now(KvCacheManager& m, CpuKvStorage& st, SeqId seq);
+  // Forget per-sequence state (call with KvCacheManager::release).
+  void on_release(SeqId seq);
+
+  // The per-entry metric at a slot (0 for policies that keep none).
+  float metric(KvSlot s) const { return metric_.empty() ? 0.0f : metric_[static_cast<size_t>(s)]; }
+
+ private:
+  // Gathers a row's keys (or values) into [length][head_dim].
+  void gather_row(const KvCacheManager& m, const CpuKvStorage& st, SeqId seq, int32_t layer, int32_t kv_head,
+                  bool values, std::vector<float>& out) const;
+  void apply_keep(KvCacheManager& m, CpuKvStorage& st, SeqId seq, const LayerPlan& plan);
+  void apply_moves(CpuKvStorage& st, std::span<const KvMove> moves);
+  int64_t compress_h2o(KvCacheManager& m, CpuKvStorage& st, SeqId seq);
+  int64_t compress_streaming(KvCacheManager& m, CpuKvStorage& st, SeqId seq);
+  int64_t compress_kvcompress(KvCacheManager& m, CpuKvStorage& st, SeqId seq);
+
+  CompressConfig config_;
+  KvLayout layout_;
+  int32_t num_heads_;
+  int32_t group_;
+  std::vector<float> metric_;        // [num_slots] per-entry metric (H2O, KV-Compress)
+  std::vector<int64_t> decode_steps_;  // [seq ids] decode steps since prefill
+};
+
+}  // namespace adakv

@@ -6,6 +6,7 @@
 #include <map>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "core/dtype.h"
@@ -20,20 +21,30 @@ struct TensorInfo {
   std::vector<int64_t> shape;
   uint64_t begin = 0;  // byte offsets relative to the start of the data section
   uint64_t end = 0;
-  const uint8_t* data = nullptr;  // into the mapping; set once the file is mapped
+  // Into the mapping (or the parsed buffer); set by the parse. Not necessarily aligned to the
+  // element size: the format only aligns when the writer pads the header (torch's writer does).
+  const uint8_t* data = nullptr;
 
+  // Cannot overflow for a parsed tensor: the parser refuses shapes whose byte size overflows.
   int64_t numel() const {
     int64_t n = 1;
     for (int64_t d : shape) n *= d;
     return n;
   }
+  uint64_t nbytes() const { return end - begin; }
 };
 
 // Parses and validates a header against the size of the data section that follows it: known
 // dtypes, non-negative shapes, offsets inside the data and consistent with dtype x shape, no
-// overlap. Exposed separately so the fuzzer can drive it. `source` names the file in errors.
+// overlap. `data` of each tensor is left null. `source` names the file in errors.
 Expected<std::map<std::string, TensorInfo>> parse_safetensors_header(const uint8_t* header, size_t header_size,
                                                                      uint64_t data_size, const std::string& source);
+
+// Parses a whole safetensors image held in memory (a mapped file, or the fuzzer's input):
+// length prefix, header, and data pointers into `data`, which must outlive the result.
+// SafetensorsFile::open is this plus the mapping.
+Expected<std::map<std::string, TensorInfo>> parse_safetensors_buffer(const uint8_t* data, size_t size,
+                                                                     const std::string& source);
 
 class SafetensorsFile {
  public:
@@ -48,8 +59,9 @@ class SafetensorsFile {
   std::map<std::string, TensorInfo> tensors_;
 };
 
-// All tensors of a checkpoint folder: model.safetensors, or the shards listed in
-// model.safetensors.index.json.
+// All tensors of a checkpoint folder: model.safetensors when present (as transformers prefers),
+// else the shards listed in model.safetensors.index.json. Cheap to move; TensorInfo pointers stay
+// valid for the Checkpoint's lifetime.
 class Checkpoint {
  public:
   static Expected<Checkpoint> open(const std::string& model_dir);
@@ -57,11 +69,14 @@ class Checkpoint {
   const TensorInfo* find(const std::string& name) const;
   // The tensor, checked to exist and to have exactly `shape`; errors name the file and tensor.
   Expected<const TensorInfo*> get(const std::string& name, const std::vector<int64_t>& shape) const;
+  // Path of the file holding `name` ("" when absent), for error messages of callers.
+  std::string file_of(const std::string& name) const;
   const std::string& dir() const { return dir_; }
-  std::vector<std::string> names() const;
+  std::vector<std::string> names() const;  // sorted
 
  private:
   std::string dir_;
+  std::string source_;  // model.safetensors or the index file: what a missing tensor is reported against
   std::vector<std::shared_ptr<SafetensorsFile>> files_;
   std::map<std::string, std::pair<const SafetensorsFile*, const TensorInfo*>> index_;
 };

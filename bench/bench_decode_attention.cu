@@ -1,0 +1,479 @@
+// Decode attention over per-head pages: achieved bytes/s against the device's measured copy
+// bandwidth, for uniform and Ada-skewed head lengths, batch 1..64, contexts 4K..128K, head dims
+// 128 and 64 (Llama-3.1-8B-like: 32 query heads over 8 kv heads, one layer).
+//
+// Bytes model: a decode step must read every valid K and V entry once:
+//   bytes = sum over rows of length * head_dim * 2 (bf16) * 2 (K and V)
+// Not counted: q and the output (< 0.1 % from 4K entries per row), the unused tail of each
+// row's last page, and the partial results (fp32 o per piece of a row: about 12 % of the KV bytes
+// at batch 1 and 4K, 1-2 % for large steps; written and read back through L2).
+// Ceiling: cudaMemcpy device-to-device of 1 GiB, counting bytes read plus bytes written.
+//
+// Variants timed in the same run on the same data:
+//   bal-p1, bal-p2 (bal-p4 at d 64)  balanced split over all resident warps, 1/2/4 pages per iter
+//   naive                             one 4-warp block per (sequence, kv head): the head-per-chain
+//                                     baseline the issue measured at 11-48 % with skew
+// Every variant's output is compared with the first one's (max abs difference, bf16).
+// Each timing: L2 flushed (a read of 1 GiB) before, CUDA events around run() (attention and
+// merge kernels; the plan upload is outside), median of --reps (default 20) after 3 warm-ups.
+// A tuning sweep (warps per SM, pages per iteration, dependent launch) over a few shapes is
+// printed first.
+//
+// Usage: bench_decode_attention [--quick] [--reps N] [--no-sweep]; writes
+// $OUT/bench_decode_attention.csv when OUT is set. Prints one table last.
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <numeric>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "backends/cuda/cuda_check.h"
+#include "backends/cuda/decode_attention.h"
+
+namespace {
+
+using adakv::cuda::DecodeAttention;
+using adakv::cuda::DecodeAttentionOptions;
+using adakv::cuda::DecodeSplit;
+using adakv::cuda::kPageSize;
+using adakv::cuda::PagedKvView;
+
+constexpr int kKvHeads = 8;
+constexpr int kQoHeads = 32;
+constexpr int kMaxBatch = 64;
+constexpr double kMaxKvBytes = 40e9;
+
+__global__ void fill_random_bf16(__nv_bfloat16* p, size_t n, uint64_t seed) {
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
+    uint64_t x = (i + 1) * 0x9E3779B97F4A7C15ull ^ seed;
+    x ^= x >> 31;
+    x *= 0xBF58476D1CE4E5B9ull;
+    x ^= x >> 29;
+    const float u = float(x >> 40) * (1.f / 16777216.f);  // [0, 1)
+    p[i] = __float2bfloat16(2.f * u - 1.f);
+  }
+}
+
+// Reads n 16-byte words (plain loads, so that they replace whatever L2 held); the xor goes to
+// *sink so the reads stay. Flushes L2 before each timed run, and measures read bandwidth.
+__global__ void read_all(const uint4* p, size_t n, unsigned* sink) {
+  unsigned acc = 0;
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
+    const uint4 v = p[i];
+    acc ^= v.x ^ v.y ^ v.z ^ v.w;
+  }
+  if (acc == 0x12345678u) *sink = acc;
+}
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v.empty() ? 0 : v[v.size() / 2];
+}
+
+float bf16_bits_to_float(uint16_t h) {
+  const uint32_t bits = uint32_t(h) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+// Lengths with mean `ctx` over `rows` and max/mean about min(8, rows / 2): one heavy row, the
+// others lognormal; the total is exactly rows * ctx.
+std::vector<int32_t> skewed_lengths(int rows, int ctx, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::lognormal_distribution<double> ln(0.0, 0.6);
+  const double ratio = std::min(8.0, rows / 2.0);
+  std::vector<double> w(rows);
+  double rest = 0;
+  for (int i = 1; i < rows; ++i) rest += (w[i] = ln(rng));
+  const double heavy = ratio * rest / (rows - ratio);  // heavy / mean(w) == ratio
+  w[0] = heavy;
+  std::shuffle(w.begin(), w.end(), rng);
+  const double sum = rest + heavy;
+  std::vector<int32_t> len(rows);
+  int64_t total = 0;
+  for (int i = 0; i < rows; ++i) total += len[i] = std::max<int32_t>(1, int32_t(std::llround(w[i] / sum * rows * ctx)));
+  len[std::max_element(len.begin(), len.end()) - len.begin()] += int32_t(int64_t(rows) * ctx - total);
+  return len;
+}
+
+// Everything allocated once: the pool, the page table, q/out, the L2 flusher, events.
+struct Bench {
+  cudaStream_t stream = nullptr;
+  cudaEvent_t ev0 = nullptr, ev1 = nullptr;
+  cudaDeviceProp prop{};
+  double copy_bw = 0, read_bw = 0;
+  int reps = 20;
+  int64_t max_pages = 0;  // pages of 16 x 128 bf16 in each of the K and V pools
+  __nv_bfloat16 *k_pool = nullptr, *v_pool = nullptr, *q = nullptr, *out = nullptr;
+  float* lse = nullptr;
+  int32_t *offsets = nullptr, *ids = nullptr, *lengths = nullptr;
+  uint4* flush_buf = nullptr;
+  size_t flush_words = 0;
+  unsigned* sink = nullptr;
+  std::vector<int32_t> perm;  // random permutation of the pool's pages
+
+  void flush() const {
+    read_all<<<prop.multiProcessorCount * 8, 512, 0, stream>>>(flush_buf, flush_words, sink);
+    ADAKV_CUDA_CHECK(cudaGetLastError());
+  }
+  float elapsed_ms() const {
+    ADAKV_CUDA_CHECK(cudaEventSynchronize(ev1));
+    float ms = 0;
+    ADAKV_CUDA_CHECK(cudaEventElapsedTime(&ms, ev0, ev1));
+    return ms;
+  }
+};
+
+// One shape: lengths, page table and q uploaded; the view to run on.
+struct Shape {
+  int d = 128, batch = 1, ctx = 4096;
+  bool ada = false;
+  std::vector<int32_t> len;  // [rows]
+  double bytes = 0, max_over_mean = 0;
+  PagedKvView view;
+  const char* dist() const { return ada ? "ada" : "uniform"; }
+};
+
+// Builds and uploads a shape; false when it does not fit the pool.
+bool setup_shape(Bench& b, Shape* s) {
+  const int rows = s->batch * kKvHeads;
+  s->len = s->ada ? skewed_lengths(rows, s->ctx, 1000003ull * s->batch + s->ctx)
+                  : std::vector<int32_t>(rows, s->ctx);
+  std::vector<int32_t> offsets(rows + 1, 0);
+  int32_t mx = 0;
+  s->bytes = 0;
+  for (int r = 0; r < rows; ++r) {
+    offsets[r + 1] = offsets[r] + (s->len[r] + kPageSize - 1) / kPageSize;
+    s->bytes += double(s->len[r]) * s->d * 2 * 2;
+    mx = std::max(mx, s->len[r]);
+  }
+  s->max_over_mean = double(mx) / s->ctx;
+  if (s->bytes > kMaxKvBytes || offsets[rows] > b.max_pages) return false;
+  // Pages: a slice of one random permutation of the pool (non-contiguous, no reuse); at d 64
+  // the same ids index half-size pages, within the first half of the pool.
+  ADAKV_CUDA_CHECK(cudaMemcpy(b.offsets, offsets.data(), offsets.size() * 4, cudaMemcpyHostToDevice));
+  ADAKV_CUDA_CHECK(cudaMemcpy(b.ids, b.perm.data(), size_t(offsets[rows]) * 4, cudaMemcpyHostToDevice));
+  ADAKV_CUDA_CHECK(cudaMemcpy(b.lengths, s->len.data(), s->len.size() * 4, cudaMemcpyHostToDevice));
+  fill_random_bf16<<<64, 256, 0, b.stream>>>(b.q, size_t(s->batch) * kQoHeads * s->d, 17 + s->batch + s->ctx);
+  ADAKV_CUDA_CHECK(cudaGetLastError());
+  // The copies above ran on the legacy stream, which b.stream does not wait for.
+  ADAKV_CUDA_CHECK(cudaDeviceSynchronize());
+  PagedKvView& v = s->view;
+  v.k_pool = b.k_pool;
+  v.v_pool = b.v_pool;
+  v.row_page_offsets = b.offsets;
+  v.page_ids = b.ids;
+  v.row_lengths = b.lengths;
+  v.num_rows = rows;
+  v.num_kv_heads = kKvHeads;
+  v.head_dim = s->d;
+  v.page_stride = int64_t(kPageSize) * s->d;
+  return true;
+}
+
+std::unique_ptr<DecodeAttention> make_attention(int d, DecodeSplit split, int ppi, int warps_per_sm, bool pdl) {
+  DecodeAttentionOptions o;
+  o.num_qo_heads = kQoHeads;
+  o.num_kv_heads = kKvHeads;
+  o.head_dim = d;
+  o.max_rows = kMaxBatch * kKvHeads;
+  o.pages_per_iter = ppi;
+  o.max_warps_per_sm = warps_per_sm;
+  o.dependent_launch = pdl;
+  o.plan.split = split;
+  auto a = DecodeAttention::create(o);
+  if (!a) {
+    std::fprintf(stderr, "create: %s\n", a.status().message().c_str());
+    std::exit(1);
+  }
+  return std::move(*a);
+}
+
+// Median microseconds of run() on the uploaded shape; its output in *out.
+double time_run(Bench& b, DecodeAttention& attn, const Shape& s, std::vector<uint16_t>* out) {
+  const adakv::Status st = attn.plan(s.len, b.stream);
+  if (!st) {
+    std::fprintf(stderr, "plan: %s\n", st.message().c_str());
+    std::exit(1);
+  }
+  const float scale = 1.f / std::sqrt(float(s.d));
+  std::vector<double> t;
+  for (int i = 0; i < b.reps + 3; ++i) {
+    b.flush();
+    ADAKV_CUDA_CHECK(cudaEventRecord(b.ev0, b.stream));
+    const adakv::Status rs =
+        attn.run(s.view, b.q, int64_t(kQoHeads) * s.d, b.out, int64_t(kQoHeads) * s.d, b.lse, scale, b.stream);
+    ADAKV_CUDA_CHECK(cudaEventRecord(b.ev1, b.stream));
+    if (!rs) {
+      std::fprintf(stderr, "run: %s\n", rs.message().c_str());
+      std::exit(1);
+    }
+    const float ms = b.elapsed_ms();
+    if (i >= 3) t.push_back(ms * 1e-3);
+  }
+  out->resize(size_t(s.batch) * kQoHeads * s.d);
+  ADAKV_CUDA_CHECK(cudaMemcpy(out->data(), b.out, out->size() * 2, cudaMemcpyDeviceToHost));
+  return median(t) * 1e6;
+}
+
+// Max |a - b| over bf16 outputs; +inf if either holds a NaN or an infinity.
+double max_diff(const std::vector<uint16_t>& a, const std::vector<uint16_t>& b) {
+  double diff = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    const float x = bf16_bits_to_float(a[i]), y = bf16_bits_to_float(b[i]);
+    if (!std::isfinite(x) || !std::isfinite(y)) return INFINITY;
+    diff = std::max(diff, double(std::abs(x - y)));
+  }
+  return diff;
+}
+
+double pct(const Bench& b, double bytes, double us) { return 100 * bytes / (us * 1e-6) / b.copy_bw; }
+
+void measure_ceilings(Bench& b) {
+  const size_t bytes = size_t(1) << 30;
+  void *src = nullptr, *dst = nullptr;
+  ADAKV_CUDA_CHECK(cudaMalloc(&src, bytes));
+  ADAKV_CUDA_CHECK(cudaMalloc(&dst, bytes));
+  fill_random_bf16<<<b.prop.multiProcessorCount * 8, 256, 0, b.stream>>>(static_cast<__nv_bfloat16*>(src), bytes / 2, 7);
+  ADAKV_CUDA_CHECK(cudaGetLastError());
+  std::vector<double> t;
+  for (int i = 0; i < 23; ++i) {
+    ADAKV_CUDA_CHECK(cudaEventRecord(b.ev0, b.stream));
+    ADAKV_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, b.stream));
+    ADAKV_CUDA_CHECK(cudaEventRecord(b.ev1, b.stream));
+    const float ms = b.elapsed_ms();
+    if (i >= 3) t.push_back(ms * 1e-3);
+  }
+  b.copy_bw = 2.0 * bytes / median(t);
+  ADAKV_CUDA_CHECK(cudaFree(dst));
+  ADAKV_CUDA_CHECK(cudaFree(src));
+  t.clear();
+  for (int i = 0; i < 13; ++i) {
+    ADAKV_CUDA_CHECK(cudaEventRecord(b.ev0, b.stream));
+    b.flush();
+    ADAKV_CUDA_CHECK(cudaEventRecord(b.ev1, b.stream));
+    const float ms = b.elapsed_ms();
+    if (i >= 3) t.push_back(ms * 1e-3);
+  }
+  b.read_bw = b.flush_words * 16.0 / median(t);
+}
+
+// Warps per SM, pages per iteration and dependent launch on a few shapes, so that one run on the
+// GPU machine shows which knob matters.
+void sweep(Bench& b) {
+  struct Knob {
+    int ppi, warps_per_sm;
+    bool pdl;
+  };
+  const Knob knobs[] = {{1, 0, true}, {2, 0, true}, {1, 8, true}, {2, 4, true}, {1, 4, true}, {1, 0, false}, {2, 0, false}};
+  const auto shape = [](int batch, int ctx, bool ada) {
+    Shape s;
+    s.batch = batch;
+    s.ctx = ctx;
+    s.ada = ada;
+    return s;
+  };
+  const Shape shapes[] = {shape(1, 4096, false), shape(1, 131072, true), shape(8, 32768, false),
+                          shape(8, 32768, true), shape(64, 4096, true),  shape(64, 32768, true)};
+  std::printf("\n== sweep (d 128; %% of copy; warps/SM 0 = occupancy limit) ==\n%-22s", "knob \\ shape");
+  for (const Shape& s : shapes) std::printf(" b%-2d %3dK %-4s", s.batch, s.ctx / 1024, s.ada ? "ada" : "uni");
+  std::printf("\n");
+  std::vector<uint16_t> out;
+  std::vector<std::vector<double>> table(std::size(knobs));
+  for (const Shape& proto : shapes) {
+    Shape s = proto;
+    if (!setup_shape(b, &s)) {
+      for (auto& row : table) row.push_back(0);
+      continue;
+    }
+    for (size_t k = 0; k < std::size(knobs); ++k) {
+      auto attn = make_attention(128, DecodeSplit::kBalanced, knobs[k].ppi, knobs[k].warps_per_sm, knobs[k].pdl);
+      table[k].push_back(pct(b, s.bytes, time_run(b, *attn, s, &out)));
+    }
+  }
+  for (size_t k = 0; k < std::size(knobs); ++k) {
+    char name[64];
+    std::snprintf(name, sizeof(name), "p%d w/SM %-2d %s", knobs[k].ppi, knobs[k].warps_per_sm,
+                  knobs[k].pdl ? "pdl" : "no-pdl");
+    std::printf("%-22s", name);
+    for (double x : table[k]) std::printf(" %13.1f", x);
+    std::printf("\n");
+  }
+}
+
+struct Result {
+  Shape shape;
+  double plan_us = 0;
+  std::vector<std::string> names;
+  std::vector<double> us, diff;  // per variant; diff against variant 0
+};
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  bool quick = false, do_sweep = true;
+  Bench b;
+  for (int i = 1; i < argc; ++i) {
+    if (!std::strcmp(argv[i], "--quick")) {
+      quick = true;
+    } else if (!std::strcmp(argv[i], "--no-sweep")) {
+      do_sweep = false;
+    } else if (!std::strcmp(argv[i], "--reps") && i + 1 < argc) {
+      b.reps = std::max(3, std::atoi(argv[++i]));
+    }
+  }
+  int dev = 0;
+  ADAKV_CUDA_CHECK(cudaGetDevice(&dev));
+  ADAKV_CUDA_CHECK(cudaGetDeviceProperties(&b.prop, dev));
+  std::printf("device: %s, %d SMs, L2 %d MB, %.1f GB memory\n", b.prop.name, b.prop.multiProcessorCount,
+              b.prop.l2CacheSize >> 20, b.prop.totalGlobalMem / 1e9);
+  ADAKV_CUDA_CHECK(cudaStreamCreateWithFlags(&b.stream, cudaStreamNonBlocking));
+  ADAKV_CUDA_CHECK(cudaEventCreate(&b.ev0));
+  ADAKV_CUDA_CHECK(cudaEventCreate(&b.ev1));
+  const size_t flush_bytes = std::max<size_t>(size_t(2) * b.prop.l2CacheSize, size_t(1) << 30);
+  b.flush_words = flush_bytes / 16;
+  ADAKV_CUDA_CHECK(cudaMalloc(&b.flush_buf, flush_bytes));
+  ADAKV_CUDA_CHECK(cudaMemset(b.flush_buf, 1, flush_bytes));
+  ADAKV_CUDA_CHECK(cudaMalloc(&b.sink, sizeof(unsigned)));
+  measure_ceilings(b);
+  std::printf("copy bandwidth (D2D memcpy 1 GiB, read+write): %.0f GB/s; read-only kernel (1 GiB): %.0f GB/s\n",
+              b.copy_bw / 1e9, b.read_bw / 1e9);
+
+  const std::vector<int> batches = quick ? std::vector<int>{1, 32} : std::vector<int>{1, 8, 32, 64};
+  const std::vector<int> contexts = quick ? std::vector<int>{4096, 32768} : std::vector<int>{4096, 16384, 32768, 131072};
+
+  // One pool sized for the largest d=128 shape (d=64 uses the same memory, half-size pages).
+  for (int batch : batches)
+    for (int ctx : contexts)
+      if (double(batch) * kKvHeads * ctx * 128 * 4 <= kMaxKvBytes)
+        b.max_pages = std::max<int64_t>(b.max_pages, int64_t(batch) * kKvHeads * (ctx / kPageSize + 1));
+  b.max_pages += 1024;
+  size_t free_mem = 0, total_mem = 0;
+  ADAKV_CUDA_CHECK(cudaMemGetInfo(&free_mem, &total_mem));
+  const size_t page_bytes = size_t(kPageSize) * 128 * 2;
+  const size_t budget = free_mem > (size_t(3) << 30) ? free_mem - (size_t(3) << 30) : 0;
+  b.max_pages = std::min<int64_t>(b.max_pages, int64_t(budget / (2 * page_bytes)));
+  ADAKV_CUDA_CHECK(cudaMalloc(&b.k_pool, b.max_pages * page_bytes));
+  ADAKV_CUDA_CHECK(cudaMalloc(&b.v_pool, b.max_pages * page_bytes));
+  fill_random_bf16<<<b.prop.multiProcessorCount * 16, 256, 0, b.stream>>>(b.k_pool, b.max_pages * page_bytes / 2, 11);
+  fill_random_bf16<<<b.prop.multiProcessorCount * 16, 256, 0, b.stream>>>(b.v_pool, b.max_pages * page_bytes / 2, 13);
+  ADAKV_CUDA_CHECK(cudaGetLastError());
+  std::printf("KV pool: 2 x %.1f GB (%lld pages of 16 x 128 bf16)\n", b.max_pages * page_bytes / 1e9,
+              (long long)b.max_pages);
+  b.perm.resize(b.max_pages);
+  std::iota(b.perm.begin(), b.perm.end(), 0);
+  std::mt19937_64 rng(12345);
+  std::shuffle(b.perm.begin(), b.perm.end(), rng);
+  const int max_rows = kMaxBatch * kKvHeads;
+  ADAKV_CUDA_CHECK(cudaMalloc(&b.offsets, (max_rows + 1) * sizeof(int32_t)));
+  ADAKV_CUDA_CHECK(cudaMalloc(&b.ids, b.max_pages * sizeof(int32_t)));
+  ADAKV_CUDA_CHECK(cudaMalloc(&b.lengths, max_rows * sizeof(int32_t)));
+  ADAKV_CUDA_CHECK(cudaMalloc(&b.q, size_t(kMaxBatch) * kQoHeads * 128 * 2));
+  ADAKV_CUDA_CHECK(cudaMalloc(&b.out, size_t(kMaxBatch) * kQoHeads * 128 * 2));
+  ADAKV_CUDA_CHECK(cudaMalloc(&b.lse, size_t(kMaxBatch) * kQoHeads * 4));
+  ADAKV_CUDA_CHECK(cudaDeviceSynchronize());
+
+  if (do_sweep && !quick) sweep(b);
+
+  std::vector<Result> results;
+  for (int d : {128, 64}) {
+    struct Variant {
+      std::string name;
+      std::unique_ptr<DecodeAttention> attn;
+    };
+    std::vector<Variant> variants;
+    for (int ppi : (d == 128 ? std::vector<int>{1, 2} : std::vector<int>{1, 2, 4}))
+      variants.push_back({"bal-p" + std::to_string(ppi), make_attention(d, DecodeSplit::kBalanced, ppi, 0, true)});
+    variants.push_back({"naive", make_attention(d, DecodeSplit::kOneBlockPerRow, 2, 0, true)});
+    for (const Variant& v : variants)
+      std::printf("d %d %s: %d warp slots on the device\n", d, v.name.c_str(), v.attn->device_warp_slots());
+    for (int batch : batches) {
+      for (int ctx : contexts) {
+        for (bool ada : {false, true}) {
+          Result res;
+          res.shape.d = d;
+          res.shape.batch = batch;
+          res.shape.ctx = ctx;
+          res.shape.ada = ada;
+          if (!setup_shape(b, &res.shape)) {
+            std::printf("skip d %d batch %d ctx %d %s: does not fit the pool\n", d, batch, ctx, res.shape.dist());
+            continue;
+          }
+          std::vector<double> t;  // host planner time
+          for (int i = 0; i < 7; ++i) {
+            const auto t0 = std::chrono::steady_clock::now();
+            auto p = adakv::cuda::decode_attention_plan(res.shape.len, variants[0].attn->device_warp_slots(), {});
+            t.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+            if (!p) return 1;
+          }
+          res.plan_us = median(t) * 1e6;
+          std::vector<uint16_t> ref, out;
+          for (Variant& v : variants) {
+            res.names.push_back(v.name);
+            res.us.push_back(time_run(b, *v.attn, res.shape, &out));
+            if (ref.empty()) ref = out;
+            res.diff.push_back(max_diff(ref, out));
+          }
+          std::printf("done d %d batch %d ctx %d %s\n", d, batch, ctx, res.shape.dist());
+          std::fflush(stdout);
+          res.shape.len.clear();
+          results.push_back(std::move(res));
+        }
+      }
+    }
+  }
+
+  if (const char* out_dir = std::getenv("OUT")) {
+    const std::string path = std::string(out_dir) + "/bench_decode_attention.csv";
+    if (FILE* f = std::fopen(path.c_str(), "w")) {
+      std::fprintf(f, "# device %s, copy_GBps %.1f, read_GBps %.1f\n", b.prop.name, b.copy_bw / 1e9, b.read_bw / 1e9);
+      std::fprintf(f, "head_dim,batch,context,dist,max_over_mean,kv_bytes,plan_us,variant,us,GBps,pct_copy,max_abs_diff\n");
+      for (const Result& r : results)
+        for (size_t v = 0; v < r.us.size(); ++v)
+          std::fprintf(f, "%d,%d,%d,%s,%.2f,%.0f,%.1f,%s,%.2f,%.1f,%.1f,%.4g\n", r.shape.d, r.shape.batch, r.shape.ctx,
+                       r.shape.dist(), r.shape.max_over_mean, r.shape.bytes, r.plan_us, r.names[v].c_str(), r.us[v],
+                       r.shape.bytes / (r.us[v] * 1e-6) / 1e9, pct(b, r.shape.bytes, r.us[v]), r.diff[v]);
+      std::fclose(f);
+      std::printf("wrote %s\n", path.c_str());
+    }
+  }
+
+  bool mismatch = false;
+  std::printf("\n== decode attention (%s; copy %.0f GB/s, read-only %.0f GB/s; %% = of copy) ==\n", b.prop.name,
+              b.copy_bw / 1e9, b.read_bw / 1e9);
+  std::printf("%3s %5s %4s %7s %5s %7s | %8s %5s %5s %-6s | %-17s | %8s %5s | %6s\n", "d", "batch", "ctx", "dist",
+              "max/m", "KV_MB", "best_us", "GB/s", "%", "var", "bal % p1 p2 (p4)", "naive_us", "%", "plan_us");
+  for (const Result& r : results) {
+    const size_t naive = r.us.size() - 1;
+    size_t best = 0;
+    for (size_t v = 1; v < naive; ++v)
+      if (r.us[v] < r.us[best]) best = v;
+    std::string per;
+    for (size_t v = 0; v < naive; ++v) {
+      char buf[16];
+      std::snprintf(buf, sizeof(buf), "%5.1f ", pct(b, r.shape.bytes, r.us[v]));
+      per += buf;
+    }
+    double diff = 0;
+    for (double x : r.diff) diff = std::max(diff, x);
+    const bool bad = !(diff < 0.05);
+    mismatch = mismatch || bad;
+    std::printf("%3d %5d %3dK %7s %5.1f %7.0f | %8.1f %5.0f %5.1f %-6s | %-17s | %8.1f %5.1f | %6.1f%s\n", r.shape.d,
+                r.shape.batch, r.shape.ctx / 1024, r.shape.dist(), r.shape.max_over_mean, r.shape.bytes / 1e6,
+                r.us[best], r.shape.bytes / (r.us[best] * 1e-6) / 1e9, pct(b, r.shape.bytes, r.us[best]),
+                r.names[best].c_str(), per.c_str(), r.us[naive], pct(b, r.shape.bytes, r.us[naive]), r.plan_us,
+                bad ? "  MISMATCH" : "");
+  }
+  if (mismatch) std::printf("MISMATCH: variants disagree by 0.05 or more (or a NaN) somewhere above\n");
+  return mismatch ? 2 : 0;
+}

@@ -1,0 +1,180 @@
+// DecodeAttention: workspace, plan upload and launch (host code; kernels in decode_attention.cuh).
+#include "backends/cuda/decode_attention.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <string>
+
+#include "backends/cuda/cuda_check.h"
+#include "backends/cuda/decode_attention_kernels.h"
+
+namespace adakv::cuda {
+namespace {
+
+using decode_detail::DecodeParams;
+
+size_t align16(size_t x) { return (x + 15) & ~size_t{15}; }
+
+// The plan buffer (device and pinned host copy): the fixed-size parts first, so that one copy
+// from offset 0 covers them and the items actually used.
+struct PlanLayout {
+  size_t offsets = 0;  // int32 [max_warps + 1]
+  size_t merge = 0;    // int2 [max_rows]
+  size_t items = 0;    // int4 [max_items]
+  size_t end = 0;
+};
+
+PlanLayout plan_layout(int64_t max_warps, int64_t max_rows, int64_t max_items) {
+  PlanLayout l;
+  l.offsets = 0;
+  l.merge = align16(l.offsets + sizeof(int32_t) * static_cast<size_t>(max_warps + 1));
+  l.items = align16(l.merge + sizeof(int2) * static_cast<size_t>(max_rows));
+  l.end = l.items + sizeof(int4) * static_cast<size_t>(max_items);
+  return l;
+}
+
+bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
+
+cudaError_t occupancy(int head_dim, bool q_f32, int ppi, int* blocks) {
+  return head_dim == 64 ? decode_detail::decode_attention_occupancy<64>(q_f32, ppi, blocks)
+                        : decode_detail::decode_attention_occupancy<128>(q_f32, ppi, blocks);
+}
+
+}  // namespace
+
+static_assert(sizeof(DecodeWorkItem) == sizeof(int4), "work items are read as int4");
+static_assert(sizeof(DecodeRowMerge) == sizeof(int2), "row merge entries are read as int2");
+
+Expected<std::unique_ptr<DecodeAttention>> DecodeAttention::create(const DecodeAttentionOptions& o) {
+  const std::string where = "decode attention: ";
+  if (o.head_dim != 64 && o.head_dim != 128)
+    return unimplemented(where + "head_dim " + std::to_string(o.head_dim) + " (supported: 64, 128)");
+  if (o.num_kv_heads < 1 || o.num_qo_heads < o.num_kv_heads || o.num_qo_heads % o.num_kv_heads != 0)
+    return invalid_argument(where + std::to_string(o.num_qo_heads) + " query heads do not split over " +
+                            std::to_string(o.num_kv_heads) + " kv heads");
+  const int32_t g = o.num_qo_heads / o.num_kv_heads;
+  if (g > 8) return unimplemented(where + "group size " + std::to_string(g) + " (supported: 1..8)");
+  if (o.q_dtype != DType::kBF16 && o.q_dtype != DType::kF32)
+    return unimplemented(where + std::string("query dtype ") + dtype_name(o.q_dtype) + " (supported: BF16, F32)");
+  if (o.pages_per_iter != 1 && o.pages_per_iter != 2 && o.pages_per_iter != 4)
+    return invalid_argument(where + "pages_per_iter " + std::to_string(o.pages_per_iter) + " (supported: 1, 2, 4)");
+  if (o.head_dim == 128 && o.pages_per_iter == 4)
+    return unimplemented(where + "pages_per_iter 4 at head_dim 128 (it would spill registers)");
+  if (o.max_rows < 1) return invalid_argument(where + "max_rows must be positive");
+
+  std::unique_ptr<DecodeAttention> self(new DecodeAttention());
+  self->options_ = o;
+  self->group_size_ = g;
+
+  int dev = 0, sms = 0, blocks = 0, major = 0;
+  ADAKV_CUDA_RETURN_IF_ERROR(cudaGetDevice(&dev));
+  ADAKV_CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  ADAKV_CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+  self->dependent_launch_ = major >= 9 && o.dependent_launch;
+  ADAKV_CUDA_RETURN_IF_ERROR(occupancy(o.head_dim, o.q_dtype == DType::kF32, o.pages_per_iter, &blocks));
+  if (blocks < 1) return internal_error(where + "the attention kernel cannot be resident on this device");
+  int32_t warps_per_sm = blocks * kDecodeWarpsPerBlock;
+  if (o.max_warps_per_sm > 0) warps_per_sm = std::min(warps_per_sm, o.max_warps_per_sm);
+  self->device_warp_slots_ = sms * warps_per_sm;
+  // Balanced plans use the device's warp slots; one-block-per-row plans 4 warps per row. Items:
+  // at most one per non-empty row plus one per warp (balanced), or 4 per row.
+  self->max_warps_ = std::max<int64_t>(self->device_warp_slots_, int64_t{kDecodeWarpsPerBlock} * o.max_rows);
+  self->max_items_ = int64_t{self->device_warp_slots_} + int64_t{kDecodeWarpsPerBlock} * o.max_rows;
+
+  const PlanLayout layout = plan_layout(self->max_warps_, o.max_rows, self->max_items_);
+  self->plan_bytes_ = layout.end;
+  ADAKV_CUDA_RETURN_IF_ERROR(cudaMalloc(&self->d_plan_, self->plan_bytes_));
+  ADAKV_CUDA_RETURN_IF_ERROR(cudaMallocHost(&self->h_plan_, self->plan_bytes_));
+  std::memset(self->h_plan_, 0, self->plan_bytes_);
+  ADAKV_CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&self->upload_done_, cudaEventDisableTiming));
+  const size_t partial_floats = static_cast<size_t>(self->max_items_) * g;
+  ADAKV_CUDA_RETURN_IF_ERROR(cudaMalloc(&self->d_partial_o_, partial_floats * o.head_dim * sizeof(float)));
+  ADAKV_CUDA_RETURN_IF_ERROR(cudaMalloc(&self->d_partial_lse_, partial_floats * sizeof(float)));
+  return Expected<std::unique_ptr<DecodeAttention>>(std::move(self));
+}
+
+DecodeAttention::~DecodeAttention() {
+  // Errors here (a dead context at exit) have nowhere to go; the memory goes with the context.
+  if (upload_done_ != nullptr) {
+    cudaEventSynchronize(upload_done_);
+    cudaEventDestroy(upload_done_);
+  }
+  cudaFree(d_plan_);
+  cudaFreeHost(h_plan_);
+  cudaFree(d_partial_o_);
+  cudaFree(d_partial_lse_);
+}
+
+Status DecodeAttention::plan(std::span<const int32_t> row_lengths, cudaStream_t stream) {
+  const std::string where = "decode attention plan: ";
+  if (static_cast<int64_t>(row_lengths.size()) > options_.max_rows)
+    return invalid_argument(where + std::to_string(row_lengths.size()) + " rows, more than max_rows " +
+                            std::to_string(options_.max_rows));
+  ADAKV_ASSIGN_OR_RETURN(DecodePlan plan, decode_attention_plan(row_lengths, device_warp_slots_, options_.plan));
+  if (plan.num_warps > max_warps_ || static_cast<int64_t>(plan.items.size()) > max_items_)
+    return internal_error(where + "plan exceeds the workspace (" + std::to_string(plan.items.size()) + " items, " +
+                          std::to_string(plan.num_warps) + " warps)");
+  plan_ = std::move(plan);
+
+  // The previous upload must have left the staging buffer before it is rewritten.
+  ADAKV_CUDA_RETURN_IF_ERROR(cudaEventSynchronize(upload_done_));
+  const PlanLayout layout = plan_layout(max_warps_, options_.max_rows, max_items_);
+  auto* h = static_cast<char*>(h_plan_);
+  std::memcpy(h + layout.offsets, plan_.warp_item_offsets.data(), plan_.warp_item_offsets.size() * sizeof(int32_t));
+  std::memcpy(h + layout.merge, plan_.row_merge.data(), plan_.row_merge.size() * sizeof(DecodeRowMerge));
+  std::memcpy(h + layout.items, plan_.items.data(), plan_.items.size() * sizeof(DecodeWorkItem));
+  const size_t bytes = layout.items + plan_.items.size() * sizeof(DecodeWorkItem);
+  ADAKV_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(d_plan_, h_plan_, bytes, cudaMemcpyHostToDevice, stream));
+  ADAKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(upload_done_, stream));
+  return Status::ok();
+}
+
+Status DecodeAttention::run(const PagedKvView& kv, const void* q, int64_t q_seq_stride, __nv_bfloat16* out,
+                            int64_t out_seq_stride, float* lse, float softmax_scale, cudaStream_t stream) {
+  const std::string where = "decode attention: ";
+  if (kv.num_rows != plan_.num_rows)
+    return invalid_argument(where + "view has " + std::to_string(kv.num_rows) + " rows, the plan " +
+                            std::to_string(plan_.num_rows));
+  if (kv.head_dim != options_.head_dim || kv.num_kv_heads != options_.num_kv_heads)
+    return invalid_argument(where + "view shape (head_dim " + std::to_string(kv.head_dim) + ", kv heads " +
+                            std::to_string(kv.num_kv_heads) + ") differs from the options");
+  if (kv.num_rows % kv.num_kv_heads != 0)
+    return invalid_argument(where + "rows are not a whole number of sequences");
+  if (kv.page_stride < int64_t{kPageSize} * kv.head_dim || kv.page_stride % 8 != 0)
+    return invalid_argument(where + "page_stride " + std::to_string(kv.page_stride) +
+                            " is below a page or not a multiple of 8 elements");
+  if (!aligned16(kv.k_pool) || !aligned16(kv.v_pool) || !aligned16(q) || !aligned16(out))
+    return invalid_argument(where + "K/V pools, q and out must be 16-byte aligned");
+  if (q_seq_stride % 8 != 0 || out_seq_stride % 8 != 0)
+    return invalid_argument(where + "q and out sequence strides must be multiples of 8 elements");
+
+  DecodeParams p;
+  p.kv = kv;
+  p.q = q;
+  p.q_seq_stride = q_seq_stride;
+  p.out = out;
+  p.out_seq_stride = out_seq_stride;
+  p.lse = lse;
+  p.num_qo_heads = options_.num_qo_heads;
+  p.group_size = group_size_;
+  p.scale_log2 = softmax_scale * 1.4426950408889634f;
+  const PlanLayout layout = plan_layout(max_warps_, options_.max_rows, max_items_);
+  auto* d = static_cast<char*>(d_plan_);
+  p.warp_item_offsets = reinterpret_cast<const int32_t*>(d + layout.offsets);
+  p.row_merge = reinterpret_cast<const int2*>(d + layout.merge);
+  p.items = reinterpret_cast<const int4*>(d + layout.items);
+  p.num_warps = plan_.num_warps;
+  p.partial_o = d_partial_o_;
+  p.partial_lse = d_partial_lse_;
+
+  const bool q_f32 = options_.q_dtype == DType::kF32;
+  const cudaError_t err =
+      options_.head_dim == 64
+          ? decode_detail::decode_attention_launch<64>(p, q_f32, options_.pages_per_iter, dependent_launch_, stream)
+          : decode_detail::decode_attention_launch<128>(p, q_f32, options_.pages_per_iter, dependent_launch_, stream);
+  ADAKV_CUDA_RETURN_IF_ERROR(err);
+  return Status::ok();
+}
+
+}  // namespace adakv::cuda

@@ -1,0 +1,485 @@
+// Decode attention kernels over per-head pages (see decode_attention.h for the algorithm and the
+// plan). Include only from the per-head-dim instance files.
+//
+// Variants (template parameters) and why they exist:
+//   kHeadDim 64 / 128     the head dims of the supported checkpoints
+//   QT bf16 / float       the query as the model produced it (fp32 is rounded to bf16 on load)
+//   kPagesPerIter 1/2/4   pages whose K/V loads are all issued before the first is used: more
+//                         bytes in flight per warp against more registers (fewer resident warps);
+//                         4 only at head dim 64 (at 128 it would spill)
+//
+// Work split: one warp per work item (a run of pages of one row); the warp computes all g <= 8
+// query heads of the row's kv head, so K/V is read once per group. No shared memory and no
+// block-level synchronisation: the 4 warps of a block are independent.
+//
+// Tensor cores on register fragments loaded straight from global memory (16-byte loads), with
+// the KV entries (tokens) as the M dimension so that all g heads fit one n8 tile:
+//   scores  S^T[16 tok][8 heads] = K[16 tok][d] . Q^T[d][8 heads]  (mma m16n8k16, d/16 steps)
+//   output  O^T[d][8 heads]     += V^T[d][16 tok] . P^T[16 tok][8 heads]  (d/16 m-tiles)
+// Both dot products run over an index the hardware never sees in order (dims for S, tokens for
+// O), so each thread loads contiguous 16-byte pieces and the fragments use a fixed permutation
+// of that index; the A fragment of V^T pairs two tokens per register with one byte-permute.
+// P goes from the C layout of S^T to the B layout of P^T with movmatrix (an in-register 8x8
+// transpose), and each thread keeps the softmax state of the same two heads (2c, 2c+1) in S^T,
+// P^T and O^T, so the online-softmax rescale needs no data exchange beyond the max reduction.
+//
+// Thread (lane) roles: r = lane / 4, c = lane % 4.
+//   K loads: tokens r and r + 8, dims [32j + 8c, +8) for j < d/32 (8 tokens x 64 contiguous bytes
+//            per warp instruction).
+//   V loads: tokens 2c, 2c+1, 2c+8, 2c+9, dims [64q + 8r, +8) for q < d/64 (4 tokens x 128
+//            contiguous bytes per warp instruction). No byte is loaded twice.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "backends/cuda/decode_attention.h"
+#include "backends/cuda/decode_attention_kernels.h"
+
+namespace adakv::cuda::decode_detail {
+
+constexpr float kNegInf = -__builtin_huge_valf();
+constexpr float kLn2 = 0.693147180559945309f;
+constexpr unsigned kFullMask = 0xffffffffu;
+
+// --- small device helpers ---------------------------------------------------------------------
+
+// Streaming 16-byte load: every byte of K/V is read once, so do not keep it in L1.
+__device__ __forceinline__ uint4 load_stream(const __nv_bfloat16* p) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+}
+
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
+__device__ __forceinline__ uint32_t word_of(const uint4& v, int w) {
+  return w == 0 ? v.x : (w == 1 ? v.y : (w == 2 ? v.z : v.w));
+}
+
+// Element e (0..7) of x and of y as one bf16 pair: x's in the low half.
+__device__ __forceinline__ uint32_t pair_at(const uint4& x, const uint4& y, int e) {
+  return __byte_perm(word_of(x, e >> 1), word_of(y, e >> 1), (e & 1) ? 0x7632 : 0x5410);
+}
+
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+
+// D[16x8] += A[16x16] . B[16x8], bf16 inputs, fp32 accumulators.
+__device__ __forceinline__ void mma_16816(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                          uint32_t b0, uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+      "{%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// In-register transpose of an 8x8 b16 matrix held in the mma fragment layout.
+__device__ __forceinline__ uint32_t transpose_8x8(uint32_t x) {
+  uint32_t y;
+  asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;\n" : "=r"(y) : "r"(x));
+  return y;
+}
+
+// --- fragments ----------------------------------------------------------------------------------
+
+template <int kHeadDim>
+struct PageFrag {
+  uint4 k[2][kHeadDim / 32];  // [token r, token r + 8][j] dims [32j + 8c, +8)
+  uint4 v[4][kHeadDim / 64];  // [token 2c, 2c+1, 2c+8, 2c+9][q] dims [64q + 8r, +8)
+};
+
+template <int kHeadDim>
+__device__ __forceinline__ void load_page(PageFrag<kHeadDim>& f, const __nv_bfloat16* kp,
+                                          const __nv_bfloat16* vp, int r, int c) {
+#pragma unroll
+  for (int j = 0; j < kHeadDim / 32; ++j) {
+    f.k[0][j] = load_stream(kp + r * kHeadDim + 32 * j + 8 * c);
+    f.k[1][j] = load_stream(kp + (r + 8) * kHeadDim + 32 * j + 8 * c);
+  }
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int tok = 2 * c + (i & 1) + 8 * (i >> 1);
+#pragma unroll
+    for (int q = 0; q < kHeadDim / 64; ++q) f.v[i][q] = load_stream(vp + tok * kHeadDim + 64 * q + 8 * r);
+  }
+}
+
+template <int kHeadDim>
+__device__ __forceinline__ void zero_page(PageFrag<kHeadDim>& f) {
+#pragma unroll
+  for (int j = 0; j < kHeadDim / 32; ++j) f.k[0][j] = f.k[1][j] = make_uint4(0, 0, 0, 0);
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int q = 0; q < kHeadDim / 64; ++q) f.v[i][q] = make_uint4(0, 0, 0, 0);
+}
+
+// Entries at or beyond `valid` may hold anything (NaN too): zero their V so that p = 0 times
+// them stays 0. Their scores are masked separately.
+template <int kHeadDim>
+__device__ __forceinline__ void mask_v(PageFrag<kHeadDim>& f, int valid, int c) {
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int tok = 2 * c + (i & 1) + 8 * (i >> 1);
+    if (tok >= valid) {
+#pragma unroll
+      for (int q = 0; q < kHeadDim / 64; ++q) f.v[i][q] = make_uint4(0, 0, 0, 0);
+    }
+  }
+}
+
+// Q^T as the B operand: head r (zero for r >= g), dims [32j + 8c, +8) as bf16.
+template <int kHeadDim, typename QT>
+__device__ __forceinline__ void load_q(uint4 (&qf)[kHeadDim / 32], const QT* qh, int c) {
+#pragma unroll
+  for (int j = 0; j < kHeadDim / 32; ++j) {
+    if constexpr (sizeof(QT) == 2) {
+      qf[j] = *reinterpret_cast<const uint4*>(qh + 32 * j + 8 * c);
+    } else {
+      const float4 a = *reinterpret_cast<const float4*>(qh + 32 * j + 8 * c);
+      const float4 b = *reinterpret_cast<const float4*>(qh + 32 * j + 8 * c + 4);
+      qf[j] = make_uint4(pack_bf16(a.x, a.y), pack_bf16(a.z, a.w), pack_bf16(b.x, b.y), pack_bf16(b.z, b.w));
+    }
+  }
+}
+
+// S^T for one page: s[0] (token r, head 2c), s[1] (token r, head 2c+1), s[2] (token r+8, head
+// 2c), s[3] (token r+8, head 2c+1). Mma step (j, h) takes logical k {2c, 2c+1 | 2c+8, 2c+9} =
+// dims 32j + 8c + 4h + {0, 1 | 2, 3}: words (2h, 2h+1) of both the K and the Q piece.
+template <int kHeadDim>
+__device__ __forceinline__ void page_scores(float (&s)[4], const PageFrag<kHeadDim>& f,
+                                            const uint4 (&qf)[kHeadDim / 32]) {
+  float s0[4] = {0.f, 0.f, 0.f, 0.f}, s1[4] = {0.f, 0.f, 0.f, 0.f};  // two chains for latency
+#pragma unroll
+  for (int j = 0; j < kHeadDim / 32; ++j) {
+    mma_16816(s0, f.k[0][j].x, f.k[1][j].x, f.k[0][j].y, f.k[1][j].y, qf[j].x, qf[j].y);
+    mma_16816(s1, f.k[0][j].z, f.k[1][j].z, f.k[0][j].w, f.k[1][j].w, qf[j].z, qf[j].w);
+  }
+#pragma unroll
+  for (int e = 0; e < 4; ++e) s[e] = s0[e] + s1[e];
+}
+
+// O^T m-tile t: logical row r is dim S_r[t], row r + 8 is dim S_r[T + t], where S_r[i] =
+// 64 (i / 8) + 8r + i % 8 is the i-th dim of the thread's V pieces (T = d / 16).
+template <int kHeadDim>
+__device__ __forceinline__ void page_pv(float (&o)[kHeadDim / 16][4], const PageFrag<kHeadDim>& f,
+                                        uint32_t b0, uint32_t b1) {
+  constexpr int T = kHeadDim / 16;
+#pragma unroll
+  for (int t = 0; t < T; ++t) {
+    const int lo = t, hi = T + t;
+    mma_16816(o[t], pair_at(f.v[0][lo / 8], f.v[1][lo / 8], lo % 8), pair_at(f.v[0][hi / 8], f.v[1][hi / 8], hi % 8),
+              pair_at(f.v[2][lo / 8], f.v[3][lo / 8], lo % 8), pair_at(f.v[2][hi / 8], f.v[3][hi / 8], hi % 8), b0, b1);
+  }
+}
+
+// --- the attention kernel -----------------------------------------------------------------------
+
+template <int kHeadDim, typename QT, int kPagesPerIter>
+__global__ void __launch_bounds__(kDecodeWarpsPerBlock * 32)
+    decode_attention_kernel(const __grid_constant__ DecodeParams p) {
+  constexpr int T = kHeadDim / 16;
+  const int lane = threadIdx.x & 31;
+  const int warp = blockIdx.x * kDecodeWarpsPerBlock + (threadIdx.x >> 5);
+  if (warp >= p.num_warps) return;  // whole warps only
+  const int r = lane >> 2, c = lane & 3;
+  const int g = p.group_size;
+  const int item_end = p.warp_item_offsets[warp + 1];
+
+  for (int it = p.warp_item_offsets[warp]; it < item_end; ++it) {
+    const int4 item = p.items[it];  // {row, page_begin, page_end, partial}
+    const int row = item.x;
+    const int seq = row / p.kv.num_kv_heads;
+    const int head0 = (row - seq * p.kv.num_kv_heads) * g;
+    const int len = p.kv.row_lengths[row];
+    const int32_t* ids = p.kv.page_ids + p.kv.row_page_offsets[row] + item.y;
+    const int n = item.z - item.y;
+
+    uint4 qf[kHeadDim / 32];
+    if (r < g) {
+      load_q<kHeadDim>(qf, static_cast<const QT*>(p.q) + seq * p.q_seq_stride + int64_t{head0 + r} * kHeadDim, c);
+    } else {
+#pragma unroll
+      for (int j = 0; j < kHeadDim / 32; ++j) qf[j] = make_uint4(0, 0, 0, 0);
+    }
+
+    float o[T][4];
+#pragma unroll
+    for (int t = 0; t < T; ++t) o[t][0] = o[t][1] = o[t][2] = o[t][3] = 0.f;
+    float m[2] = {kNegInf, kNegInf};  // running max of heads 2c, 2c+1 (log2 units), warp-uniform per c
+    float l[2] = {0.f, 0.f};          // this thread's share of the running sums
+
+    // Page ids travel one per lane, 32 at a time; the next 32 are loaded a batch ahead.
+    int cur = lane < n ? ids[lane] : 0;
+    for (int base = 0; base < n; base += 32) {
+      const int nxt = base + 32 + lane < n ? ids[base + 32 + lane] : 0;
+      const int cnt = min(32, n - base);
+      for (int i = 0; i < cnt; i += kPagesPerIter) {
+        PageFrag<kHeadDim> f[kPagesPerIter];
+        int valid[kPagesPerIter];
+#pragma unroll
+        for (int u = 0; u < kPagesPerIter; ++u) {
+          const int pid = __shfl_sync(kFullMask, cur, i + u);  // i + u < 32: kPagesPerIter divides 32
+          valid[u] = i + u < cnt ? min(kPageSize, len - (item.y + base + i + u) * kPageSize) : 0;
+          if (valid[u] > 0) {
+            const int64_t off = int64_t{pid} * p.kv.page_stride;
+            load_page<kHeadDim>(f[u], p.kv.k_pool + off, p.kv.v_pool + off, r, c);
+          } else {
+            zero_page<kHeadDim>(f[u]);
+          }
+        }
+        float t[kPagesPerIter][4];
+        float mx0 = kNegInf, mx1 = kNegInf;
+#pragma unroll
+        for (int u = 0; u < kPagesPerIter; ++u) {
+          float s[4];
+          page_scores<kHeadDim>(s, f[u], qf);
+          const bool lo_ok = r < valid[u], hi_ok = r + 8 < valid[u];
+          t[u][0] = lo_ok ? s[0] * p.scale_log2 : kNegInf;
+          t[u][1] = lo_ok ? s[1] * p.scale_log2 : kNegInf;
+          t[u][2] = hi_ok ? s[2] * p.scale_log2 : kNegInf;
+          t[u][3] = hi_ok ? s[3] * p.scale_log2 : kNegInf;
+          mx0 = fmaxf(mx0, fmaxf(t[u][0], t[u][2]));
+          mx1 = fmaxf(mx1, fmaxf(t[u][1], t[u][3]));
+          if (valid[u] < kPageSize) mask_v<kHeadDim>(f[u], valid[u], c);
+        }
+#pragma unroll
+        for (int off = 4; off < 32; off <<= 1) {
+          mx0 = fmaxf(mx0, __shfl_xor_sync(kFullMask, mx0, off));
+          mx1 = fmaxf(mx1, __shfl_xor_sync(kFullMask, mx1, off));
+        }
+        const float mn0 = fmaxf(m[0], mx0), mn1 = fmaxf(m[1], mx1);
+        // A max of -inf means nothing valid yet; subtracting 0 then keeps exp2 away from NaN.
+        const float ref0 = mn0 == kNegInf ? 0.f : mn0, ref1 = mn1 == kNegInf ? 0.f : mn1;
+        const float alpha0 = fast_exp2(m[0] - ref0), alpha1 = fast_exp2(m[1] - ref1);
+        m[0] = mn0;
+        m[1] = mn1;
+        l[0] *= alpha0;
+        l[1] *= alpha1;
+#pragma unroll
+        for (int tt = 0; tt < T; ++tt) {
+          o[tt][0] *= alpha0;
+          o[tt][1] *= alpha1;
+          o[tt][2] *= alpha0;
+          o[tt][3] *= alpha1;
+        }
+#pragma unroll
+        for (int u = 0; u < kPagesPerIter; ++u) {
+          const float p0 = fast_exp2(t[u][0] - ref0), p1 = fast_exp2(t[u][1] - ref1);
+          const float p2 = fast_exp2(t[u][2] - ref0), p3 = fast_exp2(t[u][3] - ref1);
+          l[0] += p0 + p2;
+          l[1] += p1 + p3;
+          // C layout of S^T (token r, heads 2c/2c+1) -> B layout of P^T (tokens 2c/2c+1, head r).
+          const uint32_t b0 = transpose_8x8(pack_bf16(p0, p1));
+          const uint32_t b1 = transpose_8x8(pack_bf16(p2, p3));
+          page_pv<kHeadDim>(o, f[u], b0, b1);
+        }
+      }
+      cur = nxt;
+    }
+
+    // Epilogue: full sums over the 8 lanes holding the same heads; write o / l and the lse.
+#pragma unroll
+    for (int off = 4; off < 32; off <<= 1) {
+      l[0] += __shfl_xor_sync(kFullMask, l[0], off);
+      l[1] += __shfl_xor_sync(kFullMask, l[1], off);
+    }
+    const int partial = item.w;
+#pragma unroll
+    for (int b = 0; b < 2; ++b) {
+      const int hh = 2 * c + b;
+      if (hh >= g) continue;
+      const float inv = 1.f / l[b];
+      const float lse2 = m[b] + __log2f(l[b]);
+#pragma unroll
+      for (int q = 0; q < kHeadDim / 64; ++q) {
+        float v[8];
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+          const int i = 8 * q + e;  // position in the thread's dims S_r
+          v[e] = (i < T ? o[i % T][b] : o[i % T][2 + b]) * inv;
+        }
+        const int dim = 64 * q + 8 * r;
+        if (partial < 0) {
+          __nv_bfloat16* dst = p.out + seq * p.out_seq_stride + int64_t{head0 + hh} * kHeadDim + dim;
+          *reinterpret_cast<uint4*>(dst) =
+              make_uint4(pack_bf16(v[0], v[1]), pack_bf16(v[2], v[3]), pack_bf16(v[4], v[5]), pack_bf16(v[6], v[7]));
+        } else {
+          float* dst = p.partial_o + (int64_t{partial} * g + hh) * kHeadDim + dim;
+          reinterpret_cast<float4*>(dst)[0] = make_float4(v[0], v[1], v[2], v[3]);
+          reinterpret_cast<float4*>(dst)[1] = make_float4(v[4], v[5], v[6], v[7]);
+        }
+      }
+      if (r == 0) {
+        if (partial >= 0) {
+          p.partial_lse[int64_t{partial} * g + hh] = lse2;
+        } else if (p.lse != nullptr) {
+          p.lse[int64_t{seq} * p.num_qo_heads + head0 + hh] = lse2 * kLn2;
+        }
+      }
+    }
+  }
+}
+
+// --- the merge kernel ---------------------------------------------------------------------------
+
+// One block per (row, query head of the group): combines the row's partials through their
+// log-sum-exp, or writes zeros for an empty row. Rows written directly return at once. A row of
+// one long sequence can have a few hundred partials, so 8 warps each load several at once.
+constexpr int kMergeWarps = 8;
+
+template <int kHeadDim>
+__global__ void __launch_bounds__(kMergeWarps * 32) decode_merge_kernel(const __grid_constant__ DecodeParams p) {
+  constexpr int kPerLane = kHeadDim / 32;  // floats of o per lane
+#if __CUDA_ARCH__ >= 900
+  // Launched as a programmatic dependent of the attention kernel (sm_90): the launch overlaps the
+  // attention kernel's tail; this waits until that grid has finished and its writes are visible.
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+  const int row = blockIdx.x, hh = blockIdx.y;
+  const int2 rm = p.row_merge[row];  // {partial_begin, partial_count}
+  if (rm.y < 0) return;
+  const int g = p.group_size;
+  const int seq = row / p.kv.num_kv_heads;
+  const int head = (row - seq * p.kv.num_kv_heads) * g + hh;
+  __nv_bfloat16* dst = p.out + seq * p.out_seq_stride + int64_t{head} * kHeadDim;
+  const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5;
+  if (rm.y == 0) {
+    for (int i = tid; i < kHeadDim; i += blockDim.x) dst[i] = __float2bfloat16(0.f);
+    if (tid == 0 && p.lse != nullptr) p.lse[int64_t{seq} * p.num_qo_heads + head] = kNegInf;
+    return;
+  }
+  __shared__ float s_max[kMergeWarps];
+  __shared__ float s_sum[kMergeWarps];
+  __shared__ float s_acc[kMergeWarps][kHeadDim];
+
+  float mx = kNegInf;
+  for (int i = tid; i < rm.y; i += blockDim.x) mx = fmaxf(mx, p.partial_lse[int64_t{rm.x + i} * g + hh]);
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(kFullMask, mx, off));
+  if (lane == 0) s_max[w] = mx;
+  __syncthreads();
+  float big = s_max[0];
+#pragma unroll
+  for (int i = 1; i < kMergeWarps; ++i) big = fmaxf(big, s_max[i]);
+
+  float acc[kPerLane];
+#pragma unroll
+  for (int e = 0; e < kPerLane; ++e) acc[e] = 0.f;
+  float sum = 0.f;
+#pragma unroll 8
+  for (int i = w; i < rm.y; i += kMergeWarps) {
+    const int64_t pi = int64_t{rm.x + i} * g + hh;
+    const float wgt = fast_exp2(p.partial_lse[pi] - big);
+    const float* src = p.partial_o + pi * kHeadDim + lane * kPerLane;
+    if constexpr (kPerLane == 4) {
+      const float4 v = *reinterpret_cast<const float4*>(src);
+      acc[0] += wgt * v.x;
+      acc[1] += wgt * v.y;
+      acc[2] += wgt * v.z;
+      acc[3] += wgt * v.w;
+    } else {
+      const float2 v = *reinterpret_cast<const float2*>(src);
+      acc[0] += wgt * v.x;
+      acc[1] += wgt * v.y;
+    }
+    sum += wgt;
+  }
+#pragma unroll
+  for (int e = 0; e < kPerLane; ++e) s_acc[w][lane * kPerLane + e] = acc[e];
+  if (lane == 0) s_sum[w] = sum;
+  __syncthreads();
+  float total = 0.f;
+#pragma unroll
+  for (int i = 0; i < kMergeWarps; ++i) total += s_sum[i];
+  for (int i = tid; i < kHeadDim; i += blockDim.x) {
+    float v = 0.f;
+#pragma unroll
+    for (int k = 0; k < kMergeWarps; ++k) v += s_acc[k][i];
+    dst[i] = __float2bfloat16(v / total);
+  }
+  if (tid == 0 && p.lse != nullptr) p.lse[int64_t{seq} * p.num_qo_heads + head] = (big + __log2f(total)) * kLn2;
+}
+
+// --- launch -------------------------------------------------------------------------------------
+
+// Calls f.template operator()<V>() for the V in the list equal to v; false if none is.
+template <int... kValues, typename F>
+bool dispatch_int(int v, F&& f) {
+  return ((v == kValues ? (f.template operator()<kValues>(), true) : false) || ...);
+}
+
+// kPagesPerIter 4 at head dim 128 would need more than 255 registers (it spills): not built.
+template <int kHeadDim, typename F>
+bool dispatch_pages_per_iter(int v, F&& f) {
+  if constexpr (kHeadDim == 128) {
+    return dispatch_int<1, 2>(v, f);
+  } else {
+    return dispatch_int<1, 2, 4>(v, f);
+  }
+}
+
+template <typename F>
+void dispatch_q(bool q_f32, F&& f) {
+  if (q_f32) {
+    f.template operator()<float>();
+  } else {
+    f.template operator()<__nv_bfloat16>();
+  }
+}
+
+template <int kHeadDim>
+cudaError_t decode_attention_launch(const DecodeParams& p, bool q_f32, int pages_per_iter, bool dependent_launch,
+                                    cudaStream_t stream) {
+  cudaError_t err = cudaErrorInvalidValue;
+  dispatch_q(q_f32, [&]<typename QT>() {
+    dispatch_pages_per_iter<kHeadDim>(pages_per_iter, [&]<int kPpi>() {
+      const int blocks = (p.num_warps + kDecodeWarpsPerBlock - 1) / kDecodeWarpsPerBlock;
+      if (blocks > 0) {
+        decode_attention_kernel<kHeadDim, QT, kPpi><<<blocks, kDecodeWarpsPerBlock * 32, 0, stream>>>(p);
+        err = cudaGetLastError();
+        if (err != cudaSuccess) return;
+      }
+      if (p.kv.num_rows > 0) {
+        cudaLaunchConfig_t cfg = {};
+        cfg.gridDim = dim3(p.kv.num_rows, p.group_size);
+        cfg.blockDim = dim3(kMergeWarps * 32);
+        cfg.stream = stream;
+        cudaLaunchAttribute attr[1];
+        attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+        attr[0].val.programmaticStreamSerializationAllowed = 1;
+        cfg.attrs = attr;
+        cfg.numAttrs = dependent_launch ? 1 : 0;
+        err = cudaLaunchKernelEx(&cfg, decode_merge_kernel<kHeadDim>, p);
+        if (err != cudaSuccess) return;
+      }
+      err = cudaGetLastError();
+    });
+  });
+  return err;
+}
+
+template <int kHeadDim>
+cudaError_t decode_attention_occupancy(bool q_f32, int pages_per_iter, int* blocks_per_sm) {
+  cudaError_t err = cudaErrorInvalidValue;
+  dispatch_q(q_f32, [&]<typename QT>() {
+    dispatch_pages_per_iter<kHeadDim>(pages_per_iter, [&]<int kPpi>() {
+      err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+          blocks_per_sm, decode_attention_kernel<kHeadDim, QT, kPpi>, kDecodeWarpsPerBlock * 32, 0);
+    });
+  });
+  return err;
+}
+
+}  // namespace adakv::cuda::decode_detail

@@ -1,0 +1,150 @@
+// Decode attention over per-head pages: one query token per sequence against every cached entry
+// of its rows, where each (sequence, kv head) row has its own length.
+//
+// Why a plan: with Ada-KV's skew (longest head 3-20x the mean) a kernel that walks each row in
+// one thread-block chain leaves most SMs idle while the long rows finish. Here the host splits
+// the total work (pages of all rows) into equal shares, one per resident warp of the device;
+// a share may end in the middle of a row and cover several rows. Each (warp, row piece) is a
+// work item; a piece that is a whole row writes the output directly, the others write a partial
+// result (normalised o and its log-sum-exp) that a second kernel merges through the softmax state.
+//
+// Computation, per row (seq s, kv head k) and each of its g = H / Hkv query heads h:
+//   out[s][h] = softmax_j(scale * q[s][h] . K[j]) V[j]      over the row's valid entries j
+//   lse[s][h] = ln sum_j exp(scale * q[s][h] . K[j])        (optional output)
+// bf16 K/V/out, q bf16 or fp32 (rounded to bf16 for the tensor cores), fp32 accumulation and
+// softmax. A row of length 0 yields out = 0 and lse = -inf (an empty softmax has no value; zeros
+// keep the following projection finite, and a decode step never attends to an empty row anyway).
+//
+// Use: create() once (allocates every device buffer: no allocation per step), then each step
+// plan(row lengths on the host) and run() on the same stream. plan() does the host work and one
+// small asynchronous upload; run() reads only plain device parameters (CUDA-graph friendly: the
+// grid of the attention kernel depends only on the device and the split mode, the merge grid only
+// on the number of rows).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <vector>
+
+#include "backends/cuda/paged_kv_view.h"
+#include "core/dtype.h"
+#include "core/status.h"
+
+namespace adakv::cuda {
+
+// --- the plan (host side; pure functions, testable without a GPU) -----------------------------
+
+// One contiguous run of pages of one row, processed by one warp.
+struct DecodeWorkItem {
+  int32_t row = 0;
+  int32_t page_begin = 0;  // first page of the piece, relative to the row
+  int32_t page_end = 0;    // one past the last page
+  int32_t partial = -1;    // index of its partial result; -1: the piece is the whole row
+};
+
+// How a row's output is produced: partial_count -1 = written directly by its single work item,
+// 0 = empty row (zeros), >= 2 = merged from partials [partial_begin, partial_begin + count).
+struct DecodeRowMerge {
+  int32_t partial_begin = 0;
+  int32_t partial_count = 0;
+};
+
+enum class DecodeSplit {
+  kBalanced,        // equal shares of pages over all warp slots (the fast path)
+  kOneBlockPerRow,  // baseline: one 4-warp block per row, each warp a quarter of the row
+};
+
+struct DecodePlanOptions {
+  DecodeSplit split = DecodeSplit::kBalanced;
+  // A warp's share is at least this many pages, so small steps use fewer warps and fewer partials.
+  int32_t min_pages_per_warp = 4;
+  // Fixed cost of starting a work item (loads of the item, the row's page-table offset, q; the
+  // epilogue's stores), in page-equivalents; keeps warps given many short rows from finishing last.
+  int32_t item_cost_pages = 2;
+};
+
+struct DecodePlan {
+  int32_t num_rows = 0;
+  int32_t num_warps = 0;     // warp slots of the attention launch (warp_item_offsets has +1)
+  int32_t num_partials = 0;
+  int64_t total_pages = 0;
+  std::vector<DecodeWorkItem> items;       // [items] grouped by warp, in warp order
+  std::vector<int32_t> warp_item_offsets;  // [num_warps + 1] CSR: items of warp w
+  std::vector<DecodeRowMerge> row_merge;   // [num_rows]
+};
+
+inline constexpr int kDecodeWarpsPerBlock = 4;
+
+// Splits rows of the given lengths (entries, >= 0) over `num_warp_slots` warps (balanced split)
+// or over one block per row. Fails on a negative length or a row count above 2^31 / 4.
+Expected<DecodePlan> decode_attention_plan(std::span<const int32_t> row_lengths,
+                                           int32_t num_warp_slots, const DecodePlanOptions& options);
+
+// --- the runner (device side) -----------------------------------------------------------------
+
+struct DecodeAttentionOptions {
+  int32_t num_qo_heads = 0;
+  int32_t num_kv_heads = 0;
+  int32_t head_dim = 0;          // 64 or 128
+  DType q_dtype = DType::kBF16;  // kBF16 or kF32
+  int32_t max_rows = 0;          // most rows (num_seqs * num_kv_heads) one step may have
+  // Kernel variant: pages whose loads are issued together before any of them is used (1, 2; 4 at
+  // head_dim 64 only).
+  int32_t pages_per_iter = 2;
+  // 0: as many warps per SM as the kernel's occupancy allows; else at most this many.
+  int32_t max_warps_per_sm = 0;
+  // sm_90+: launch the merge kernel as a programmatic dependent of the attention kernel.
+  bool dependent_launch = true;
+  DecodePlanOptions plan;
+};
+
+class DecodeAttention {
+ public:
+  // Checks the shapes (g = H / Hkv in 1..8, head_dim 64/128) and allocates the workspace on the
+  // current device; plan() and run() must be called with that device current.
+  static Expected<std::unique_ptr<DecodeAttention>> create(const DecodeAttentionOptions& options);
+  ~DecodeAttention();
+  DecodeAttention(const DecodeAttention&) = delete;
+  DecodeAttention& operator=(const DecodeAttention&) = delete;
+
+  // Builds the plan for this step's row lengths (host copy, [num_rows], row = seq * Hkv + kv
+  // head) and uploads it on `stream`. The next run() on the same stream uses it.
+  Status plan(std::span<const int32_t> row_lengths, cudaStream_t stream);
+
+  // q:   [num_seqs][num_qo_heads][head_dim] (bf16 or fp32 per options), sequences q_seq_stride
+  //      elements apart; query head h belongs to kv head h / g.
+  // out: [num_seqs][num_qo_heads][head_dim] bf16, sequences out_seq_stride elements apart.
+  // lse: optional [num_seqs][num_qo_heads] fp32 (natural log), or nullptr.
+  // kv.num_rows must equal the row count of the last plan(). Asynchronous on `stream`.
+  Status run(const PagedKvView& kv, const void* q, int64_t q_seq_stride, __nv_bfloat16* out,
+             int64_t out_seq_stride, float* lse, float softmax_scale, cudaStream_t stream);
+
+  const DecodePlan& last_plan() const { return plan_; }
+  int32_t device_warp_slots() const { return device_warp_slots_; }
+  const DecodeAttentionOptions& options() const { return options_; }
+
+ private:
+  DecodeAttention() = default;
+
+  DecodeAttentionOptions options_;
+  int32_t group_size_ = 0;
+  bool dependent_launch_ = false;
+  int32_t device_warp_slots_ = 0;  // resident warps of the attention kernel on the whole device
+  int64_t max_warps_ = 0;          // warp slots the workspace holds (balanced or one-block-per-row)
+  int64_t max_items_ = 0;          // == max partials
+
+  DecodePlan plan_;
+  // Device workspace: one allocation, laid out as the staging buffer below.
+  void* d_plan_ = nullptr;         // items | warp offsets | row merge
+  size_t plan_bytes_ = 0;
+  void* h_plan_ = nullptr;         // pinned staging copy of the same layout
+  cudaEvent_t upload_done_ = nullptr;  // the staging buffer may be rewritten once this fired
+  float* d_partial_o_ = nullptr;   // [max_items][g][head_dim]
+  float* d_partial_lse_ = nullptr; // [max_items][g] log2 units
+};
+
+}  // namespace adakv::cuda

@@ -1,0 +1,9 @@
+// Decode attention kernels for head dim 64 (one file per head dim so that they compile in parallel).
+#include "backends/cuda/decode_attention.cuh"
+
+namespace adakv::cuda::decode_detail {
+
+template cudaError_t decode_attention_launch<64>(const DecodeParams&, bool, int, bool, cudaStream_t);
+template cudaError_t decode_attention_occupancy<64>(bool, int, int*);
+
+}  // namespace adakv::cuda::decode_detail

@@ -1,0 +1,52 @@
+// Host-visible declarations of the decode attention kernels (bodies in decode_attention.cuh,
+// instantiated per head dim in decode_attention_d{64,128}.cu so the two compile in parallel).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "backends/cuda/paged_kv_view.h"
+
+namespace adakv::cuda::decode_detail {
+
+// Everything both kernels read; passed by value (__grid_constant__).
+struct DecodeParams {
+  PagedKvView kv;
+  const void* q = nullptr;          // [num_seqs][num_qo_heads][head_dim] bf16 or fp32
+  int64_t q_seq_stride = 0;         // elements
+  __nv_bfloat16* out = nullptr;     // [num_seqs][num_qo_heads][head_dim]
+  int64_t out_seq_stride = 0;       // elements
+  float* lse = nullptr;             // [num_seqs][num_qo_heads] natural log, optional
+  int32_t num_qo_heads = 0;
+  int32_t group_size = 0;           // query heads per kv head, 1..8
+  float scale_log2 = 0.f;           // softmax scale * log2(e)
+  // The plan (device copies of DecodePlan's arrays).
+  const int4* items = nullptr;              // [items] {row, page_begin, page_end, partial}
+  const int32_t* warp_item_offsets = nullptr;  // [num_warps + 1]
+  const int2* row_merge = nullptr;          // [num_rows] {partial_begin, partial_count}
+  int32_t num_warps = 0;
+  float* partial_o = nullptr;               // [partials][group_size][head_dim] normalised o
+  float* partial_lse = nullptr;             // [partials][group_size] log2-sum-exp2 of scaled scores
+};
+
+// Launches the attention kernel (grid: num_warps / 4 blocks of 128 threads) and the merge kernel
+// (grid: num_rows x group_size blocks of 256 threads) on `stream`. pages_per_iter is 1, 2 or 4
+// (4 at head dim 64 only).
+// dependent_launch (sm_90 only): the merge kernel is a programmatic dependent launch, so its
+// launch overlaps the attention kernel's tail.
+template <int kHeadDim>
+cudaError_t decode_attention_launch(const DecodeParams& p, bool q_f32, int pages_per_iter, bool dependent_launch,
+                                    cudaStream_t stream);
+
+// Resident 128-thread blocks per SM of the attention kernel variant.
+template <int kHeadDim>
+cudaError_t decode_attention_occupancy(bool q_f32, int pages_per_iter, int* blocks_per_sm);
+
+extern template cudaError_t decode_attention_launch<64>(const DecodeParams&, bool, int, bool, cudaStream_t);
+extern template cudaError_t decode_attention_launch<128>(const DecodeParams&, bool, int, bool, cudaStream_t);
+extern template cudaError_t decode_attention_occupancy<64>(bool, int, int*);
+extern template cudaError_t decode_attention_occupancy<128>(bool, int, int*);
+
+}  // namespace adakv::cuda::decode_detail

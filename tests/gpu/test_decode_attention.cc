@@ -1,0 +1,606 @@
+// Decode attention over per-head pages (src/backends/cuda/decode_attention.h):
+//   - the host planner (no GPU needed): every page of every row in exactly one work item, rows
+//     split into consecutive partials, warps balanced within one item's cost;
+//   - the kernels against a CPU fp64 reference computed from the same bf16 values, on fresh random
+//     data each run (seed printed; ADAKV_TEST_SEED reproduces a run): row lengths 0, 1, 15, 16,
+//     17, ... and long skewed rows, shuffled page ids, NaN in the unused tail of every last page,
+//     output poisoned before each run and every element checked.
+// Without a CUDA device the GPU cases skip with a message. Built with GoogleTest, or with its own
+// main() (ADAKV_PLAIN_TEST_MAIN) on a machine that has no GoogleTest libraries.
+#if !ADAKV_PLAIN_TEST_MAIN
+#include <gtest/gtest.h>
+#endif
+
+#include <cstdio>
+#include <cstdlib>
+#include <functional>
+#include <string>
+#include <vector>
+
+namespace {
+// Outcome of one check: skipped with a reason, or failed with a message, or passed.
+struct CheckResult {
+  bool skipped = false;
+  std::string message;  // the skip reason or the failure; empty on a pass
+  std::string info;     // printed in any case (errors measured, seed)
+  bool passed() const { return !skipped && message.empty(); }
+};
+struct NamedCheck {
+  const char* name;
+  std::function<CheckResult()> fn;
+};
+}  // namespace
+
+#if ADAKV_HAVE_CUDA
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <numeric>
+#include <random>
+#include <sstream>
+
+#include "backends/cuda/decode_attention.h"
+#include "core/dtype.h"
+
+namespace {
+
+using adakv::bf16_to_f32;
+using adakv::f32_to_bf16;
+using adakv::cuda::DecodeAttention;
+using adakv::cuda::DecodeAttentionOptions;
+using adakv::cuda::DecodePlan;
+using adakv::cuda::DecodePlanOptions;
+using adakv::cuda::DecodeSplit;
+using adakv::cuda::kPageSize;
+using adakv::cuda::PagedKvView;
+
+uint64_t test_seed() {
+  static const uint64_t seed = []() -> uint64_t {
+    if (const char* s = std::getenv("ADAKV_TEST_SEED")) return std::strtoull(s, nullptr, 10);
+    return (uint64_t{std::random_device{}()} << 32) ^ std::random_device{}();
+  }();
+  return seed;
+}
+
+std::string gpu_unavailable() {
+  int n = 0;
+  const cudaError_t err = cudaGetDeviceCount(&n);
+  if (err != cudaSuccess) {
+    cudaGetLastError();
+    return std::string("no CUDA device (cudaGetDeviceCount: ") + cudaGetErrorName(err) + ")";
+  }
+  if (n == 0) return "no CUDA device";
+  return "";
+}
+
+int32_t pages_of(int32_t len) { return (len + kPageSize - 1) / kPageSize; }
+
+// --- planner checks (host only) ------------------------------------------------------------------
+
+// Returns the first violated property of `plan` for `lengths`, or "".
+std::string plan_problem(const DecodePlan& plan, const std::vector<int32_t>& lengths, const DecodePlanOptions& opt,
+                         int32_t slots) {
+  std::ostringstream err;
+  const int32_t rows = static_cast<int32_t>(lengths.size());
+  if (plan.num_rows != rows) return "num_rows mismatch";
+  if (static_cast<int32_t>(plan.warp_item_offsets.size()) != plan.num_warps + 1) return "offsets size";
+  if (plan.warp_item_offsets.front() != 0 || plan.warp_item_offsets.back() != static_cast<int32_t>(plan.items.size()))
+    return "offsets do not span the items";
+  for (int32_t w = 0; w < plan.num_warps; ++w)
+    if (plan.warp_item_offsets[w] > plan.warp_item_offsets[w + 1]) return "offsets not monotone";
+  // Items of a row: consecutive, tiling [0, pages) in order.
+  std::vector<int32_t> first_item(rows, -1), next_page(rows, 0), seen(rows, 0);
+  int32_t prev_row = -1;
+  for (size_t i = 0; i < plan.items.size(); ++i) {
+    const auto& it = plan.items[i];
+    if (it.row < 0 || it.row >= rows) return "item row out of range";
+    if (it.row != prev_row && first_item[it.row] >= 0) {
+      err << "row " << it.row << " items not consecutive";
+      return err.str();
+    }
+    if (first_item[it.row] < 0) first_item[it.row] = static_cast<int32_t>(i);
+    prev_row = it.row;
+    if (it.page_begin != next_page[it.row] || it.page_end <= it.page_begin) {
+      err << "row " << it.row << " piece [" << it.page_begin << ", " << it.page_end << ") does not continue at "
+          << next_page[it.row];
+      return err.str();
+    }
+    next_page[it.row] = it.page_end;
+    ++seen[it.row];
+  }
+  std::vector<int32_t> partial_used(plan.num_partials, 0);
+  for (int32_t r = 0; r < rows; ++r) {
+    if (next_page[r] != pages_of(lengths[r])) {
+      err << "row " << r << " covers " << next_page[r] << " of " << pages_of(lengths[r]) << " pages";
+      return err.str();
+    }
+    const auto& m = plan.row_merge[r];
+    if (seen[r] == 0 && m.partial_count != 0) return "empty row not marked empty";
+    if (seen[r] == 1 && (m.partial_count != -1 || plan.items[first_item[r]].partial != -1))
+      return "single-piece row not written directly";
+    if (seen[r] >= 2) {
+      if (m.partial_count != seen[r]) return "partial count differs from the pieces";
+      for (int32_t k = 0; k < seen[r]; ++k) {
+        const int32_t p = plan.items[first_item[r] + k].partial;
+        if (p != m.partial_begin + k) return "partials not consecutive in page order";
+        if (p < 0 || p >= plan.num_partials || partial_used[p]++) return "partial reused or out of range";
+      }
+    }
+  }
+  for (int32_t p = 0; p < plan.num_partials; ++p)
+    if (!partial_used[p]) return "partial slot unused";
+  // Balance: no warp's cost (pages + item cost per item) above the mean by more than an item.
+  if (opt.split == DecodeSplit::kBalanced) {
+    if (plan.num_warps != slots) return "balanced plan does not use the warp slots";
+    int64_t total_cost = 0, worst = 0;
+    for (int32_t w = 0; w < plan.num_warps; ++w) {
+      int64_t cost = 0;
+      for (int32_t i = plan.warp_item_offsets[w]; i < plan.warp_item_offsets[w + 1]; ++i)
+        cost += plan.items[i].page_end - plan.items[i].page_begin + opt.item_cost_pages;
+      total_cost += cost;
+      worst = std::max(worst, cost);
+    }
+    const int64_t want_workers =
+        std::min<int64_t>(slots, std::max<int64_t>(1, (plan.total_pages + opt.min_pages_per_warp - 1) /
+                                                          std::max(1, opt.min_pages_per_warp)));
+    if (plan.total_pages > 0) {
+      const int64_t bound = (total_cost + want_workers - 1) / want_workers + 2 * opt.item_cost_pages + 1;
+      if (worst > bound) {
+        err << "worst warp cost " << worst << " above bound " << bound;
+        return err.str();
+      }
+    }
+  } else {
+    if (plan.num_warps != rows * adakv::cuda::kDecodeWarpsPerBlock) return "one-block plan warp count";
+    for (int32_t w = 0; w < plan.num_warps; ++w)
+      for (int32_t i = plan.warp_item_offsets[w]; i < plan.warp_item_offsets[w + 1]; ++i)
+        if (plan.items[i].row != w / adakv::cuda::kDecodeWarpsPerBlock) return "one-block plan: warp off its row";
+  }
+  return "";
+}
+
+std::vector<int32_t> random_lengths(std::mt19937_64& rng, int rows, int kind) {
+  std::vector<int32_t> len(rows);
+  std::uniform_int_distribution<int> small(0, 40), mid(1, 3000);
+  std::lognormal_distribution<double> skew(5.0, 1.6);
+  for (int r = 0; r < rows; ++r) {
+    switch (kind) {
+      case 0: len[r] = small(rng); break;
+      case 1: len[r] = mid(rng); break;
+      default: len[r] = static_cast<int32_t>(std::min(200000.0, skew(rng))); break;
+    }
+  }
+  return len;
+}
+
+CheckResult check_plan_random(DecodeSplit split) {
+  CheckResult res;
+  std::mt19937_64 rng(test_seed());
+  int cases = 0;
+  for (int kind = 0; kind < 3; ++kind) {
+    for (int rows : {1, 3, 8, 64, 512}) {
+      for (int32_t slots : {1, 7, 528, 2112}) {
+        for (int32_t item_cost : {0, 2}) {
+          DecodePlanOptions opt;
+          opt.split = split;
+          opt.item_cost_pages = item_cost;
+          const std::vector<int32_t> len = random_lengths(rng, rows, kind);
+          auto plan = adakv::cuda::decode_attention_plan(len, slots, opt);
+          if (!plan) return {false, "plan failed: " + plan.status().message(), ""};
+          const std::string problem = plan_problem(*plan, len, opt, slots);
+          ++cases;
+          if (!problem.empty()) {
+            std::ostringstream m;
+            m << problem << " (kind " << kind << ", rows " << rows << ", slots " << slots << ", item cost "
+              << item_cost << ", seed " << test_seed() << ")";
+            return {false, m.str(), ""};
+          }
+        }
+      }
+    }
+  }
+  res.info = std::to_string(cases) + " random plans consistent";
+  return res;
+}
+
+CheckResult check_plan_edges() {
+  DecodePlanOptions opt;
+  // Hand-checked: 3 rows of 1, 0 and 40 pages over 2 warps with item cost 2: total cost
+  // 41 + 2 * (2 + 1) = 47, targets 23 and 47. Warp 0 takes row 0 (1 page, cum 3) and 18 pages of
+  // row 2 (cum 23); warp 1 the remaining 22.
+  const std::vector<int32_t> len = {16, 0, 40 * 16};
+  auto plan = adakv::cuda::decode_attention_plan(len, 2, opt);
+  if (!plan) return {false, plan.status().message(), ""};
+  const auto& it = plan->items;
+  if (it.size() != 3 || it[0].row != 0 || it[0].page_end != 1 || it[0].partial != -1 || it[1].row != 2 ||
+      it[1].page_begin != 0 || it[1].page_end != 18 || it[1].partial != 0 || it[2].row != 2 || it[2].page_begin != 18 ||
+      it[2].page_end != 40 || it[2].partial != 1 || plan->warp_item_offsets != std::vector<int32_t>{0, 2, 3} ||
+      plan->row_merge[1].partial_count != 0 || plan->row_merge[2].partial_count != 2)
+    return {false, "hand-checked 3-row plan differs", ""};
+  // All rows empty: no items, every row marked empty.
+  auto empty = adakv::cuda::decode_attention_plan(std::vector<int32_t>{0, 0, 0}, 4, opt);
+  if (!empty || !empty->items.empty() || empty->row_merge[2].partial_count != 0)
+    return {false, "empty rows produce work", ""};
+  // Negative length and no warps are rejected.
+  if (adakv::cuda::decode_attention_plan(std::vector<int32_t>{3, -1}, 4, opt))
+    return {false, "negative length accepted", ""};
+  if (adakv::cuda::decode_attention_plan(std::vector<int32_t>{3}, 0, opt)) return {false, "zero slots accepted", ""};
+  return {};
+}
+
+// --- GPU checks ----------------------------------------------------------------------------------
+
+template <typename T>
+struct DeviceArray {
+  T* ptr = nullptr;
+  size_t n = 0;
+  explicit DeviceArray(size_t count) : n(count) {
+    if (cudaMalloc(&ptr, std::max<size_t>(1, count) * sizeof(T)) != cudaSuccess) ptr = nullptr;
+  }
+  ~DeviceArray() { cudaFree(ptr); }
+  DeviceArray(const DeviceArray&) = delete;
+  DeviceArray& operator=(const DeviceArray&) = delete;
+  bool upload(const std::vector<T>& h) {
+    return cudaMemcpy(ptr, h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice) == cudaSuccess;
+  }
+  bool download(std::vector<T>* h) const {
+    h->resize(n);
+    return cudaMemcpy(h->data(), ptr, n * sizeof(T), cudaMemcpyDeviceToHost) == cudaSuccess;
+  }
+};
+
+struct GpuCase {
+  int num_kv_heads = 8;
+  int group = 4;
+  int head_dim = 128;
+  bool q_f32 = false;
+  int pages_per_iter = 2;
+  DecodeSplit split = DecodeSplit::kBalanced;
+  int max_warps_per_sm = 0;  // small: few warps, long pieces; 0: every resident warp, many partials
+  int min_pages_per_warp = 4;
+  float q_sigma = 1.f;  // 3: peaky softmax
+  bool dependent_launch = true;
+  bool default_stream = false;  // the legacy default stream instead of a created one
+  std::vector<int32_t> lengths;  // [rows], rows a multiple of num_kv_heads
+};
+
+constexpr uint16_t kBf16NaN = 0x7fc0;
+
+#define CUDA_OK(expr)                                                                               \
+  do {                                                                                              \
+    const cudaError_t e_ = (expr);                                                                  \
+    if (e_ != cudaSuccess) return std::string(#expr) + ": " + cudaGetErrorString(e_);               \
+  } while (0)
+
+// One step: fresh random pool, page table, q; plan, run, compare. Returns "" or the failure.
+std::string run_step(DecodeAttention& attn, const GpuCase& cs, const std::vector<int32_t>& lengths,
+                     std::mt19937_64& rng, double* max_rel, double* max_lse_err) {
+  const int hkv = cs.num_kv_heads, g = cs.group, d = cs.head_dim, H = hkv * g;
+  const int rows = static_cast<int>(lengths.size());
+  const int seqs = rows / hkv;
+  // Page table: every row's pages drawn from a shuffled pool with spare pages.
+  std::vector<int32_t> offsets(rows + 1, 0);
+  for (int r = 0; r < rows; ++r) offsets[r + 1] = offsets[r] + pages_of(lengths[r]);
+  const int32_t used_pages = offsets[rows];
+  const int32_t pool_pages = used_pages + 37;
+  std::vector<int32_t> perm(pool_pages);
+  std::iota(perm.begin(), perm.end(), 0);
+  std::shuffle(perm.begin(), perm.end(), rng);
+  std::vector<int32_t> page_ids(perm.begin(), perm.begin() + used_pages);
+
+  // K/V pool: N(0, 1) in bf16; NaN in every slot no row holds (unused pages, tails of last pages).
+  const size_t page_elems = size_t{kPageSize} * d;
+  std::vector<uint16_t> hk(size_t(pool_pages) * page_elems, kBf16NaN), hv(hk.size(), kBf16NaN);
+  std::normal_distribution<float> normal(0.f, 1.f);
+  for (int r = 0; r < rows; ++r)
+    for (int e = 0; e < lengths[r]; ++e) {
+      const size_t base = size_t(page_ids[offsets[r] + e / kPageSize]) * page_elems + size_t(e % kPageSize) * d;
+      for (int i = 0; i < d; ++i) {
+        hk[base + i] = f32_to_bf16(normal(rng));
+        hv[base + i] = f32_to_bf16(normal(rng));
+      }
+    }
+  // q inside a wider per-sequence row (as in a fused QKV buffer): stride H*d + 2*hkv*d.
+  const int64_t q_stride = int64_t{H} * d + 2 * int64_t{hkv} * d;
+  std::vector<float> qf(size_t(seqs) * q_stride);  // uploaded as the fp32 query
+  for (auto& x : qf) x = normal(rng) * cs.q_sigma;
+  std::vector<uint16_t> qb(qf.size());
+  // The kernel's contract rounds an fp32 query to bf16 for the tensor cores (FlashInfer does the
+  // same); the reference uses the rounded values, so this checks the fp32 load and rounding path.
+  std::vector<float> qref(qf.size());
+  for (size_t i = 0; i < qf.size(); ++i) {
+    qb[i] = f32_to_bf16(qf[i]);
+    qref[i] = bf16_to_f32(qb[i]);
+  }
+  // Output with 8 padding elements per sequence that must stay untouched.
+  const int64_t out_stride = int64_t{H} * d + 8;
+
+  DeviceArray<uint16_t> dk(hk.size()), dv(hv.size());
+  DeviceArray<int32_t> doff(offsets.size()), dids(page_ids.size()), dlen(lengths.size());
+  DeviceArray<float> dqf(qf.size());
+  DeviceArray<uint16_t> dqb(qb.size()), dout(size_t(seqs) * out_stride);
+  DeviceArray<float> dlse(size_t(seqs) * H);
+  if (!dk.ptr || !dv.ptr || !doff.ptr || !dids.ptr || !dlen.ptr || !dqf.ptr || !dqb.ptr || !dout.ptr || !dlse.ptr)
+    return "cudaMalloc failed";
+  if (!dk.upload(hk) || !dv.upload(hv) || !doff.upload(offsets) || !dids.upload(page_ids) || !dlen.upload(lengths) ||
+      !dqf.upload(qf) || !dqb.upload(qb))
+    return "upload failed";
+  // Synchronous copies from pageable memory may still be in flight when they return, and the
+  // created stream below does not wait for the legacy stream.
+  CUDA_OK(cudaDeviceSynchronize());
+
+  PagedKvView view;
+  view.k_pool = reinterpret_cast<const __nv_bfloat16*>(dk.ptr);
+  view.v_pool = reinterpret_cast<const __nv_bfloat16*>(dv.ptr);
+  view.row_page_offsets = doff.ptr;
+  view.page_ids = dids.ptr;
+  view.row_lengths = dlen.ptr;
+  view.num_rows = rows;
+  view.num_kv_heads = hkv;
+  view.head_dim = d;
+  view.page_stride = int64_t(page_elems);
+
+  cudaStream_t stream = nullptr;
+  if (!cs.default_stream) CUDA_OK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  struct StreamGuard {
+    cudaStream_t s;
+    ~StreamGuard() {
+      if (s != nullptr) cudaStreamDestroy(s);
+    }
+  } guard{stream};
+  const float scale = 1.f / std::sqrt(float(d));
+  const void* q = cs.q_f32 ? static_cast<const void*>(dqf.ptr) : static_cast<const void*>(dqb.ptr);
+  std::vector<uint16_t> out1, out2;
+  std::vector<float> lse1;
+  for (int run = 0; run < 2; ++run) {  // twice: the result must be bitwise the same (no races)
+    CUDA_OK(cudaMemsetAsync(dout.ptr, 0xff, dout.n * sizeof(uint16_t), stream));  // bf16 NaN everywhere
+    CUDA_OK(cudaMemsetAsync(dlse.ptr, 0xff, dlse.n * sizeof(float), stream));     // fp32 NaN
+    const adakv::Status st = attn.plan(lengths, stream);
+    if (!st) return "plan: " + st.message();
+    const adakv::Status rs =
+        attn.run(view, q, q_stride, reinterpret_cast<__nv_bfloat16*>(dout.ptr), out_stride, dlse.ptr, scale, stream);
+    if (!rs) return "run: " + rs.message();
+    CUDA_OK(cudaStreamSynchronize(stream));
+    CUDA_OK(cudaGetLastError());
+    if (!dout.download(run == 0 ? &out1 : &out2)) return "download failed";
+    if (run == 0 && !dlse.download(&lse1)) return "download failed";
+  }
+  if (out1 != out2) return "two runs on the same inputs differ (a race?)";
+
+  std::ostringstream err;
+  std::vector<double> s, ref(d);
+  for (int seq = 0; seq < seqs; ++seq) {
+    for (int i = H * d; i < out_stride; ++i)
+      if (out1[size_t(seq) * out_stride + i] != 0xffff) return "padding after a sequence's output was written";
+    for (int kvh = 0; kvh < hkv; ++kvh) {
+      const int r = seq * hkv + kvh, len = lengths[r];
+      for (int j = 0; j < g; ++j) {
+        const int h = kvh * g + j;
+        const uint16_t* o = &out1[size_t(seq) * out_stride + size_t(h) * d];
+        const float lse = lse1[size_t(seq) * H + h];
+        for (int i = 0; i < d; ++i) {
+          if (!std::isfinite(bf16_to_f32(o[i]))) {
+            err << "row " << r << " (length " << len << ") head " << h << " dim " << i << " not written or not finite";
+            return err.str();
+          }
+        }
+        if (len == 0) {
+          for (int i = 0; i < d; ++i)
+            if (o[i] != 0 && o[i] != 0x8000) return "empty row output not zero";
+          if (!(std::isinf(lse) && lse < 0)) return "empty row lse not -inf";
+          continue;
+        }
+        // Reference in fp64 from the same bf16 K/V (and the q values the case defines).
+        const float* qh = &qref[size_t(seq) * q_stride + size_t(h) * d];
+        s.assign(len, 0.0);
+        double mx = -INFINITY;
+        for (int e = 0; e < len; ++e) {
+          const size_t base = size_t(page_ids[offsets[r] + e / kPageSize]) * page_elems + size_t(e % kPageSize) * d;
+          double acc = 0;
+          for (int i = 0; i < d; ++i) acc += double(qh[i]) * bf16_to_f32(hk[base + i]);
+          s[e] = acc * scale;
+          mx = std::max(mx, s[e]);
+        }
+        double z = 0;
+        std::fill(ref.begin(), ref.end(), 0.0);
+        for (int e = 0; e < len; ++e) {
+          const double w = std::exp(s[e] - mx);
+          z += w;
+          const size_t base = size_t(page_ids[offsets[r] + e / kPageSize]) * page_elems + size_t(e % kPageSize) * d;
+          for (int i = 0; i < d; ++i) ref[i] += w * bf16_to_f32(hv[base + i]);
+        }
+        double num = 0, den = 0;
+        for (int i = 0; i < d; ++i) {
+          ref[i] /= z;
+          const double diff = bf16_to_f32(o[i]) - ref[i];
+          num += diff * diff;
+          den += ref[i] * ref[i];
+        }
+        const double rel = std::sqrt(num / std::max(den, 1e-30));
+        const double lse_err = std::abs(double(lse) - (mx + std::log(z)));
+        *max_rel = std::max(*max_rel, rel);
+        *max_lse_err = std::max(*max_lse_err, lse_err);
+        const double lse_tol = 1e-3;
+        if (!(rel < 1e-2) || !(lse_err < lse_tol)) {
+          err << "row " << r << " (length " << len << ") head " << h << ": relative error " << rel << ", lse error "
+              << lse_err;
+          return err.str();
+        }
+      }
+    }
+  }
+  return "";
+}
+
+CheckResult check_gpu(const GpuCase& cs) {
+  CheckResult res;
+  if (const std::string why = gpu_unavailable(); !why.empty()) return {true, why, ""};
+  DecodeAttentionOptions opt;
+  opt.num_qo_heads = cs.num_kv_heads * cs.group;
+  opt.num_kv_heads = cs.num_kv_heads;
+  opt.head_dim = cs.head_dim;
+  opt.q_dtype = cs.q_f32 ? adakv::DType::kF32 : adakv::DType::kBF16;
+  opt.max_rows = static_cast<int32_t>(cs.lengths.size());
+  opt.pages_per_iter = cs.pages_per_iter;
+  opt.max_warps_per_sm = cs.max_warps_per_sm;
+  opt.dependent_launch = cs.dependent_launch;
+  opt.plan.split = cs.split;
+  opt.plan.min_pages_per_warp = cs.min_pages_per_warp;
+  auto attn = DecodeAttention::create(opt);
+  if (!attn) return {false, "create: " + attn.status().message(), ""};
+  std::mt19937_64 rng(test_seed() ^ std::hash<std::string>{}(std::to_string(cs.head_dim) + std::to_string(cs.group)));
+  double max_rel = 0, max_lse = 0;
+  // Two decode steps on one workspace: the second appends an entry to every non-empty row.
+  std::vector<int32_t> lengths = cs.lengths;
+  for (int step = 0; step < 2; ++step) {
+    const std::string failure = run_step(**attn, cs, lengths, rng, &max_rel, &max_lse);
+    if (!failure.empty()) {
+      return {false, "step " + std::to_string(step) + ": " + failure + " (seed " + std::to_string(test_seed()) + ")", ""};
+    }
+    for (auto& l : lengths) l += l > 0;
+  }
+  std::ostringstream info;
+  info << "max relative error " << max_rel << ", max lse error " << max_lse << ", " << (*attn)->last_plan().items.size()
+       << " work items, " << (*attn)->last_plan().num_partials << " partials, seed " << test_seed();
+  res.info = info.str();
+  return res;
+}
+
+// Lengths covering the page edge cases, one long row (skew) and random rows.
+std::vector<int32_t> edge_lengths(int rows, int long_len, uint64_t salt) {
+  const int32_t fixed[] = {0, 1, 15, 16, 17, 31, 32, 33, 2, 100, 255, 256, 257, long_len, 1000, 4097};
+  std::vector<int32_t> len(rows);
+  std::mt19937_64 rng(test_seed() + salt);
+  std::uniform_int_distribution<int> rnd(1, 3000);
+  for (int r = 0; r < rows; ++r) len[r] = r < 16 ? fixed[r] : rnd(rng);
+  std::shuffle(len.begin(), len.end(), rng);
+  return len;
+}
+
+GpuCase make_case(int hkv, int g, int d, int seqs, int long_len) {
+  GpuCase cs;
+  cs.num_kv_heads = hkv;
+  cs.group = g;
+  cs.head_dim = d;
+  cs.lengths = edge_lengths(hkv * seqs, long_len, uint64_t(hkv * 1000 + g * 10 + d));
+  return cs;
+}
+
+std::vector<NamedCheck> all_checks() {
+  std::vector<NamedCheck> v;
+  v.push_back({"PlanBalancedRandom", [] { return check_plan_random(DecodeSplit::kBalanced); }});
+  v.push_back({"PlanOneBlockPerRowRandom", [] { return check_plan_random(DecodeSplit::kOneBlockPerRow); }});
+  v.push_back({"PlanEdges", [] { return check_plan_edges(); }});
+  // Llama-3-8B-like: Hkv 8, g 4, d 128; 3 sequences with one 20000-entry row.
+  v.push_back({"GpuD128G4Pages2", [] { return check_gpu(make_case(8, 4, 128, 3, 20000)); }});
+  v.push_back({"GpuD128G4Pages1", [] {
+                 GpuCase cs = make_case(8, 4, 128, 3, 20000);
+                 cs.pages_per_iter = 1;
+                 return check_gpu(cs);
+               }});
+  v.push_back({"GpuD128G4PeakyFp32Query", [] {
+                 GpuCase cs = make_case(8, 4, 128, 2, 9000);
+                 cs.q_f32 = true;
+                 cs.q_sigma = 3.f;
+                 return check_gpu(cs);
+               }});
+  // Few warps: long pieces crossing many 32-page id batches; odd page counts per warp.
+  v.push_back({"GpuD128G4FewWarps", [] {
+                 GpuCase cs = make_case(8, 4, 128, 2, 100000);
+                 cs.max_warps_per_sm = 1;
+                 cs.min_pages_per_warp = 1;
+                 return check_gpu(cs);
+               }});
+  v.push_back({"GpuD128G4OneBlockPerRow", [] {
+                 GpuCase cs = make_case(8, 4, 128, 2, 5000);
+                 cs.split = DecodeSplit::kOneBlockPerRow;
+                 return check_gpu(cs);
+               }});
+  v.push_back({"GpuD128G4NoDependentLaunch", [] {
+                 GpuCase cs = make_case(8, 4, 128, 2, 12000);
+                 cs.dependent_launch = false;
+                 return check_gpu(cs);
+               }});
+  v.push_back({"GpuD128G8DefaultStream", [] {
+                 GpuCase cs = make_case(4, 8, 128, 4, 6000);
+                 cs.default_stream = true;
+                 return check_gpu(cs);
+               }});
+  v.push_back({"GpuD128G1", [] { return check_gpu(make_case(16, 1, 128, 1, 6000)); }});
+  v.push_back({"GpuD64G4Pages4", [] {
+                 GpuCase cs = make_case(8, 4, 64, 3, 20000);
+                 cs.pages_per_iter = 4;
+                 return check_gpu(cs);
+               }});
+  v.push_back({"GpuD64G2Pages2", [] { return check_gpu(make_case(8, 2, 64, 2, 15000)); }});
+  v.push_back({"GpuD64G7Pages1", [] {
+                 GpuCase cs = make_case(2, 7, 64, 9, 7000);
+                 cs.pages_per_iter = 1;
+                 cs.q_sigma = 3.f;
+                 return check_gpu(cs);
+               }});
+  return v;
+}
+
+}  // namespace
+
+#else  // !ADAKV_HAVE_CUDA
+
+namespace {
+std::vector<NamedCheck> all_checks() {
+  return {{"BuiltWithoutCuda", [] { return CheckResult{true, "adakv was built without CUDA (no nvcc)", ""}; }}};
+}
+}  // namespace
+
+#endif  // ADAKV_HAVE_CUDA
+
+#if ADAKV_PLAIN_TEST_MAIN
+
+int main() {
+  int passed = 0, failed = 0, skipped = 0;
+  for (const NamedCheck& c : all_checks()) {
+    const CheckResult r = c.fn();
+    if (r.skipped) {
+      ++skipped;
+      std::printf("SKIP %s: %s\n", c.name, r.message.c_str());
+    } else if (!r.message.empty()) {
+      ++failed;
+      std::printf("FAIL %s: %s\n", c.name, r.message.c_str());
+    } else {
+      ++passed;
+      std::printf("PASS %s%s%s\n", c.name, r.info.empty() ? "" : ": ", r.info.c_str());
+    }
+    std::fflush(stdout);
+  }
+  std::printf("%d passed, %d failed, %d skipped\n", passed, failed, skipped);
+  return failed == 0 ? 0 : 1;
+}
+
+#else
+
+namespace {
+// One gtest per check, registered at start-up so that ctest lists them by name.
+const bool kRegistered = [] {
+  for (const NamedCheck& c : all_checks()) {
+    testing::RegisterTest("DecodeAttention", c.name, nullptr, nullptr, __FILE__, __LINE__, [c]() -> testing::Test* {
+      struct Body : testing::Test {
+        NamedCheck check;
+        explicit Body(NamedCheck nc) : check(std::move(nc)) {}
+        void TestBody() override {
+          const CheckResult r = check.fn();
+          if (r.skipped) GTEST_SKIP() << r.message;
+          if (!r.info.empty()) std::printf("  %s\n", r.info.c_str());
+          EXPECT_TRUE(r.message.empty()) << r.message;
+        }
+      };
+      return new Body(c);
+    });
+  }
+  return true;
+}();
+}  // namespace
+
+#endif

@@ -16,13 +16,18 @@ namespace adakv {
 
 class Tokenizer {
  public:
-  // Loads DIR/tokenizer.json and DIR/tokenizer_config.json (bos/eos tokens, add_bos_token).
+  // Loads DIR/tokenizer.json and DIR/tokenizer_config.json (bos/eos tokens, tokenizer class), as
+  // transformers 5 does; eos_ids also get eos_token_id of DIR/generation_config.json (else
+  // DIR/config.json) when present.
   static Expected<std::shared_ptr<Tokenizer>> load(const std::string& model_dir);
-  // From the text of tokenizer.json (and optionally tokenizer_config.json); `source` names the
-  // file in errors.
+  // From the text of tokenizer.json (and optionally tokenizer_config.json and the model's
+  // config.json, whose model_type can change the tokenizer class transformers uses); `source`
+  // names the file in errors. With both configs empty: tokenizer.json as the `tokenizers`
+  // library runs it.
   static Expected<std::shared_ptr<Tokenizer>> from_json(const std::string& tokenizer_json,
                                                         const std::string& tokenizer_config_json,
-                                                        const std::string& source);
+                                                        const std::string& source,
+                                                        const std::string& model_config_json = "");
   virtual ~Tokenizer() = default;
 
   // Token ids of `text`; with add_special, what transformers' tokenizer adds (e.g. BOS).
@@ -46,10 +51,15 @@ class StreamDecoder {
   std::string finish();
 
  private:
+  std::string flush(bool final);
+
   std::shared_ptr<const Tokenizer> tokenizer_;
   bool skip_special_;
   std::vector<int32_t> ids_;
-  size_t emitted_bytes_ = 0;
+  // ids_[prefix_offset_, read_offset_) were emitted already and give the context that the
+  // next ids are decoded in; ids_[read_offset_, end) are waiting for a complete character.
+  size_t prefix_offset_ = 0;
+  size_t read_offset_ = 0;
 };
 
 }  // namespace adakv

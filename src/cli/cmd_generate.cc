@@ -1,0 +1,124 @@
+// adakv generate: streams a completion of --prompt to stdout, token by token, and prints load
+// time, prompt / decode speed and the KV cache's size to stderr at the end. With --kv-policy the
+// cache is compressed (compress/kv_compressor.h); with --context FILE the file is prefilled and
+// compressed first and --prompt is appended to the compressed cache (question-agnostic use).
+#include <chrono>
+#include <cstdio>
+#include <filesystem>
+#include <memory>
+#include <string>
+
+#include "cli/commands.h"
+#include "cli/kv_flags.h"
+#include "core/mapped_file.h"
+#include "engine/generator.h"
+#include "io/tokenizer.h"
+#include "model/transformer.h"
+
+namespace adakv::cli {
+namespace {
+
+struct GenerateArgs {
+  std::string model_dir;
+  std::string prompt;
+  std::string context_file;
+  KvFlags kv;
+  int64_t max_new_tokens = 128;
+  float temperature = 0.0f;
+  float top_p = 1.0f;
+  int32_t top_k = 0;
+  uint64_t seed = 0;
+  bool ignore_eos = false;
+  CLI::Option* temperature_opt = nullptr;
+  CLI::Option* top_p_opt = nullptr;
+  CLI::Option* top_k_opt = nullptr;
+};
+
+void run_generate(const GenerateArgs& args) {
+  const CompressConfig compress = kv_config_or_fail(args.kv);
+  if (!std::filesystem::is_directory(args.model_dir)) {
+    fail(not_found(args.model_dir + ": no such model directory"));
+  }
+  const auto load_start = std::chrono::steady_clock::now();
+  std::unique_ptr<Transformer> model = value_or_fail(Transformer::load(args.model_dir));
+  std::shared_ptr<Tokenizer> tokenizer = value_or_fail(Tokenizer::load(args.model_dir));
+  const double load_seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - load_start).count();
+
+  GenerateOptions options;
+  options.max_new_tokens = args.max_new_tokens;
+  options.ignore_eos = args.ignore_eos;
+  options.sampling = value_or_fail(load_sampling_defaults(args.model_dir));
+  if (args.temperature_opt->count() > 0) options.sampling.temperature = args.temperature;
+  if (args.top_p_opt->count() > 0) options.sampling.top_p = args.top_p;
+  if (args.top_k_opt->count() > 0) options.sampling.top_k = args.top_k;
+  options.sampling.seed = args.seed;
+  options.eos_ids = model->config().eos_token_ids;
+  for (int32_t id : tokenizer->eos_ids()) options.eos_ids.push_back(id);
+
+  options.compress = &compress;
+  std::vector<int32_t> context;
+  if (!args.context_file.empty()) {
+    const std::string text = value_or_fail(read_text_file(args.context_file));
+    context = tokenizer->encode(text, /*add_special=*/true);
+    options.context = context;
+  }
+  // After a context, the prompt continues the same sequence: no second BOS.
+  const std::vector<int32_t> prompt = tokenizer->encode(args.prompt, /*add_special=*/context.empty());
+  StreamDecoder decoder(tokenizer, /*skip_special=*/true);
+  auto on_token = [&](int32_t id) {
+    const std::string text = decoder.push(id);
+    if (!text.empty()) std::fwrite(text.data(), 1, text.size(), stdout);
+    std::fflush(stdout);
+  };
+  GenerateResult result = value_or_fail(generate(*model, prompt, options, on_token));
+  const std::string rest = decoder.finish();
+  std::fwrite(rest.data(), 1, rest.size(), stdout);
+  std::fputc('\n', stdout);
+  std::fflush(stdout);
+
+  const GenerateStats& s = result.stats;
+  std::fprintf(stderr, "adakv: loaded %s in %.3f s\n", args.model_dir.c_str(), load_seconds);
+  if (s.context_tokens > 0) std::fprintf(stderr, "adakv: context: %lld tokens\n", static_cast<long long>(s.context_tokens));
+  std::fprintf(stderr, "adakv: prompt: %lld tokens in %.3f s (%.1f tokens/s)\n", static_cast<long long>(s.prompt_tokens),
+               s.prefill_seconds, s.prefill_seconds > 0 ? s.prompt_tokens / s.prefill_seconds : 0.0);
+  std::fprintf(stderr, "adakv: generated: %lld tokens%s; decode %lld steps in %.3f s (%.1f tokens/s)\n",
+               static_cast<long long>(s.generated_tokens), result.stopped_at_eos ? " (stopped at end token)" : "",
+               static_cast<long long>(s.decode_steps), s.decode_seconds,
+               s.decode_seconds > 0 ? s.decode_steps / s.decode_seconds : 0.0);
+  auto print_kv = [](const char* when, const KvCacheStats& k) {
+    std::fprintf(stderr, "adakv: kv %s: %lld / %lld entries kept, %lld / %lld pages used, compression %.2fx\n", when,
+                 static_cast<long long>(k.entries), static_cast<long long>(k.full_entries),
+                 static_cast<long long>(k.pages_used), static_cast<long long>(k.full_pages), k.compression_ratio());
+  };
+  std::fprintf(stderr, "adakv: kv policy: %s\n", kv_policy_name(compress.policy));
+  print_kv("after prefill", s.kv_after_prefill);
+  print_kv("at end", s.kv);
+}
+
+}  // namespace
+
+void register_generate(CLI::App& app) {
+  auto args = std::make_shared<GenerateArgs>();
+  CLI::App* cmd = app.add_subcommand("generate", "Generate a completion of a prompt, streamed to stdout");
+  cmd->add_option("--model", args->model_dir, "Hugging Face checkpoint folder")->required();
+  cmd->add_option("--prompt", args->prompt, "Prompt text (after --context: the question)");
+  cmd->add_option("--context", args->context_file, "Text file prefilled and compressed before the prompt")
+      ->check(CLI::ExistingFile);
+  cmd->add_option("-n,--max-new-tokens", args->max_new_tokens, "Most tokens to generate")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
+  args->temperature_opt = cmd->add_option("--temperature", args->temperature,
+                                          "0 = greedy (default: generation_config.json, greedy when it does not sample)");
+  args->top_p_opt = cmd->add_option("--top-p", args->top_p, "Nucleus sampling mass in (0, 1]; 1 = off (default: generation_config.json, else 1)");
+  args->top_k_opt = cmd->add_option("--top-k", args->top_k, "Keep the k most likely tokens; 0 = off (default: generation_config.json, else 50 as transformers)");
+  cmd->add_option("--seed", args->seed, "Sampling seed")->capture_default_str();
+  cmd->add_flag("--ignore-eos", args->ignore_eos, "Do not stop at end tokens");
+  add_kv_flags(cmd, args->kv);
+  cmd->callback([args] {
+    if (args->prompt.empty() && args->context_file.empty()) fail(invalid_argument("--prompt or --context is required"));
+    run_generate(*args);
+  });
+}
+
+}  // namespace adakv::cli

@@ -1,0 +1,67 @@
+// Single-sequence generation on the CPU: prefill the prompt, then sample and feed back one token
+// at a time over a per-head paged KV cache sized for the request; stops at an end token or after
+// max_new_tokens. The multi-request scheduler of the server will replace the loop, not the model.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "compress/compress_config.h"
+#include "core/status.h"
+#include "engine/compression_observer.h"
+#include "engine/sampler.h"
+#include "model/layer_observer.h"
+#include "model/transformer.h"
+
+namespace adakv {
+
+// Sampling defaults of a checkpoint, as transformers would use them: from
+// DIR/generation_config.json when present (do_sample false or absent -> greedy; with sampling,
+// temperature/top_k/top_p from the file, else transformers' defaults 1.0 / 50 / 1.0). A missing
+// file gives greedy defaults (top_k 50, top_p 1 for when a temperature is set later); a
+// malformed one is an error naming the file.
+Expected<SamplingParams> load_sampling_defaults(const std::string& model_dir);
+
+struct GenerateOptions {
+  int64_t max_new_tokens = 128;
+  SamplingParams sampling;
+  bool ignore_eos = false;
+  std::vector<int32_t> eos_ids;  // any of them ends generation (unless ignore_eos)
+  int32_t page_size = 16;
+  LayerObserver* observer = nullptr;  // passed to every forward step (after the compressor)
+  // KV-cache compression (null or policy full: the full cache). Must pass validate_compress_config.
+  const CompressConfig* compress = nullptr;
+  // Question-agnostic use: when not empty, these tokens are prefilled first (and compressed), then
+  // the prompt is appended to the compressed cache in one multi-token step, then generation.
+  std::span<const int32_t> context;
+};
+
+struct GenerateStats {
+  int64_t prompt_tokens = 0;
+  double prefill_seconds = 0.0;  // prompt forward + first token
+  int64_t generated_tokens = 0;
+  int64_t decode_steps = 0;      // single-token forward passes after the prefill
+  double decode_seconds = 0.0;
+  int64_t context_tokens = 0;
+  KvCacheStats kv;               // the cache at the end (before release)
+  KvCacheStats kv_after_prefill; // after the prefill (and the prompt append)
+};
+
+struct GenerateResult {
+  std::vector<int32_t> tokens;  // generated ids; the end token that stopped it is not included
+  bool stopped_at_eos = false;
+  GenerateStats stats;
+};
+
+// With options.context, the prompt may be empty (generation continues the context).
+// `on_token` (may be empty) is called with every generated id as soon as it is chosen, except
+// an end token that stops generation. Errors: empty prompt, prompt + max_new_tokens beyond the
+// model's context ("prompt of N tokens + M new tokens exceeds the model's context of C"),
+// invalid sampling parameters.
+Expected<GenerateResult> generate(const Transformer& model, std::span<const int32_t> prompt,
+                                  const GenerateOptions& options, const std::function<void(int32_t)>& on_token);
+
+}  // namespace adakv

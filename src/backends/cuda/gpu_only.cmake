@@ -5,19 +5,25 @@ include(${CMAKE_SOURCE_DIR}/src/backends/cuda/cuda_toolchain.cmake)
 find_package(Threads REQUIRED)
 add_subdirectory(${CMAKE_SOURCE_DIR}/src/backends/cuda ${CMAKE_BINARY_DIR}/cuda_kernels)
 
-# Kernel tests that need only adakv_cuda_kernels (tests/gpu/ may hold others that need more).
-# Built with GoogleTest when the machine has its libraries, else with the tests' own main().
-set(ADAKV_GPU_KERNEL_TESTS ${CMAKE_SOURCE_DIR}/tests/gpu/test_decode_attention.cc)
+# Kernel tests that need only adakv_cuda_kernels, one program each (each test file carries its
+# own fallback main()). Built with GoogleTest when the machine has its libraries.
 find_package(GTest QUIET)
-add_executable(adakv_gpu_kernel_tests ${ADAKV_GPU_KERNEL_TESTS})
-target_link_libraries(adakv_gpu_kernel_tests PRIVATE adakv_cuda_kernels Threads::Threads)
-target_compile_definitions(adakv_gpu_kernel_tests PRIVATE ADAKV_HAVE_CUDA=1)
+function(adakv_gpu_kernel_test name source)
+  add_executable(${name} ${CMAKE_SOURCE_DIR}/tests/gpu/${source})
+  target_link_libraries(${name} PRIVATE adakv_cuda_kernels Threads::Threads)
+  target_compile_definitions(${name} PRIVATE ADAKV_HAVE_CUDA=1)
+  if(GTest_FOUND)
+    target_link_libraries(${name} PRIVATE GTest::gtest GTest::gtest_main)
+  else()
+    target_compile_definitions(${name} PRIVATE ADAKV_PLAIN_TEST_MAIN=1)
+  endif()
+endfunction()
 if(GTest_FOUND)
-  target_link_libraries(adakv_gpu_kernel_tests PRIVATE GTest::gtest GTest::gtest_main)
   message(STATUS "adakv GPU-only build: tests use GoogleTest")
 else()
-  target_compile_definitions(adakv_gpu_kernel_tests PRIVATE ADAKV_PLAIN_TEST_MAIN=1)
   message(STATUS "adakv GPU-only build: GoogleTest not found, tests use their own main()")
 endif()
+adakv_gpu_kernel_test(adakv_gpu_kernel_tests test_decode_attention.cc)
+adakv_gpu_kernel_test(adakv_gpu_prefill_tests test_prefill_attention.cc)
 
 add_subdirectory(${CMAKE_SOURCE_DIR}/bench ${CMAKE_BINARY_DIR}/bench)

@@ -81,7 +81,8 @@ void run_generate(const GenerateArgs& args) {
   std::fprintf(stderr, "adakv: loaded %s in %.3f s\n", args.model_dir.c_str(), load_seconds);
   if (s.context_tokens > 0) std::fprintf(stderr, "adakv: context: %lld tokens\n", static_cast<long long>(s.context_tokens));
   std::fprintf(stderr, "adakv: prompt: %lld tokens in %.3f s (%.1f tokens/s)\n", static_cast<long long>(s.prompt_tokens),
-               s.prefill_seconds, s.prefill_seconds > 0 ? s.prompt_tokens / s.prefill_seconds : 0.0);
+               s.prefill_seconds,  // the prefill covers the context too
+               s.prefill_seconds > 0 ? (s.context_tokens + s.prompt_tokens) / s.prefill_seconds : 0.0);
   std::fprintf(stderr, "adakv: generated: %lld tokens%s; decode %lld steps in %.3f s (%.1f tokens/s)\n",
                static_cast<long long>(s.generated_tokens), result.stopped_at_eos ? " (stopped at end token)" : "",
                static_cast<long long>(s.decode_steps), s.decode_seconds,

@@ -24,5 +24,10 @@ T value_or_fail(Expected<T> e) {
 
 void register_tokenize(CLI::App& app);
 void register_generate(CLI::App& app);
+void register_inspect(CLI::App& app);
+// `adakv eval` (cmd_eval.cc) and its kinds, each registered from its own cmd_eval_<kind>.cc.
+void register_eval(CLI::App& app);
+void register_eval_fidelity(CLI::App& eval);
+void register_eval_tasks(CLI::App& eval);  // needle | ruler | longbench (cmd_eval_tasks.cc)
 
 }  // namespace adakv::cli

@@ -10,6 +10,8 @@ int main(int argc, char** argv) {
   app.require_subcommand(1);
   adakv::cli::register_tokenize(app);
   adakv::cli::register_generate(app);
+  adakv::cli::register_inspect(app);
+  adakv::cli::register_eval(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -28,6 +28,6 @@ void register_inspect(CLI::App& app);
 // `adakv eval` (cmd_eval.cc) and its kinds, each registered from its own cmd_eval_<kind>.cc.
 void register_eval(CLI::App& app);
 void register_eval_fidelity(CLI::App& eval);
-void register_eval_tasks(CLI::App& eval);  // needle | ruler | longbench (cmd_eval_tasks.cc)
+void register_eval_tasks(CLI::App& eval);  // needle | ruler | longbench | kvpress (cmd_eval_tasks.cc)
 
 }  // namespace adakv::cli

@@ -14,8 +14,12 @@ int main(int argc, char** argv) {
   adakv::cli::register_eval(app);
   try {
     app.parse(argc, argv);
-  } catch (const CLI::ParseError& e) {
+  } catch (const CLI::Success& e) {  // --help and friends
     return app.exit(e);
+  } catch (const CLI::ParseError& e) {
+    // Usage errors (missing --model, unknown flag, bad value) as one line like every other error.
+    std::fprintf(stderr, "adakv: error: %s (see adakv --help)\n", e.what());
+    return e.get_exit_code() != 0 ? e.get_exit_code() : 2;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "adakv: error: %s\n", e.what());
     return 1;

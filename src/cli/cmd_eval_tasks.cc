@@ -3,6 +3,7 @@
 // and protocol) and PREFIX.json (aggregates) with --out, draws a progress bar on stderr and
 // prints the mean score per policy x budget and protocol on stdout at the end.
 #include <chrono>
+#include <cinttypes>
 #include <cstdio>
 #include <ctime>
 #include <filesystem>
@@ -49,6 +50,7 @@ struct TaskArgs {
   std::string data;
   int64_t max_length = 0;
   int64_t max_new_tokens = 64;
+  std::string shard;  // "I/N": run items I, I+N, I+2N, ... (parallel sweeps in separate processes)
 };
 
 const char* kind_name(Kind k) {
@@ -228,14 +230,39 @@ void run_tasks(const TaskArgs& args) {
   options.max_length = args.max_length;
   const EvalRunner runner(*model, tokenizer, options);
 
-  const std::vector<EvalItem> items =
+  std::vector<EvalItem> items =
       (args.kind == Kind::kNeedle || args.kind == Kind::kRuler) ? synthetic_items(args, runner) : file_items(args);
+  if (!args.shard.empty()) {
+    int64_t index = -1, count = 0;
+    char tail = 0;
+    if (std::sscanf(args.shard.c_str(), "%" SCNd64 "/%" SCNd64 "%c", &index, &count, &tail) != 2 || count < 1 ||
+        index < 0 || index >= count) {
+      fail(invalid_argument("--shard must be I/N with 0 <= I < N, got '" + args.shard + "'"));
+    }
+    std::vector<EvalItem> mine;
+    for (size_t i = static_cast<size_t>(index); i < items.size(); i += static_cast<size_t>(count)) {
+      mine.push_back(std::move(items[i]));
+    }
+    items = std::move(mine);
+  }
   const int64_t total = static_cast<int64_t>(items.size() * configs.size() * protocols.size());
+  // Rows reach PREFIX.csv as each sample finishes, so a sweep that is stopped keeps what it did.
+  std::ofstream csv;
+  if (!args.out.empty()) {
+    csv.open(args.out + ".csv", std::ios::binary | std::ios::trunc);
+    csv << eval_csv_header() << std::flush;
+    if (!csv) fail(internal_error(args.out + ".csv: cannot write"));
+  }
   std::vector<EvalRow> rows;
   {
     ProgressBar bar(stderr, total, std::string("adakv eval ") + kind_name(args.kind));
     for (const EvalItem& item : items) {
       std::vector<EvalRow> r = value_or_fail(runner.run(item, configs, protocols, [&] { bar.tick(); }));
+      if (csv.is_open()) {
+        for (const EvalRow& row : r) csv << eval_csv_row(row);
+        csv << std::flush;
+        if (!csv) fail(internal_error(args.out + ".csv: cannot write"));
+      }
       rows.insert(rows.end(), std::make_move_iterator(r.begin()), std::make_move_iterator(r.end()));
     }
     bar.finish();
@@ -257,11 +284,11 @@ void run_tasks(const TaskArgs& args) {
                            {"chat", args.chat},
                            {"kv_window", args.kv.window},
                            {"items", items.size()}};
+    if (!args.shard.empty()) meta["shard"] = args.shard;
     if (args.kind == Kind::kNeedle || args.kind == Kind::kRuler) meta["lengths"] = args.lengths;
     if (args.kind == Kind::kNeedle) meta["depths"] = args.num_depths > 0 ? std::to_string(args.num_depths) : args.depths;
     if (args.kind == Kind::kRuler) meta["tasks"] = args.tasks;
     if (!args.data.empty()) meta["data"] = args.data;
-    write_file(args.out + ".csv", eval_rows_csv(rows));
     write_file(args.out + ".json", eval_rows_json(rows, meta.dump()));
     std::fprintf(stderr, "adakv: wrote %s.csv and %s.json\n", args.out.c_str(), args.out.c_str());
   }
@@ -278,6 +305,7 @@ CLI::App* add_task_command(CLI::App& eval, Kind kind, const std::string& help, s
       ->capture_default_str();
   cmd->add_option("--seed", args->seed, "Seed of the generated samples")->capture_default_str();
   cmd->add_option("--out", args->out, "Write PREFIX.csv (every run) and PREFIX.json (aggregates)");
+  cmd->add_option("--shard", args->shard, "Run only items I, I+N, ... of the sweep (I/N), for parallel processes");
   cmd->add_flag("--chat", args->chat, "Wrap prompts in the chat template (adakv-tiny-v1's)");
   add_kv_flags(cmd, args->kv, /*with_policy=*/false);
   cmd->callback([args] { run_tasks(*args); });

@@ -151,18 +151,23 @@ std::vector<ConfigKey> configs_in_order(const std::vector<EvalRow>& rows) {
 
 }  // namespace
 
+std::string eval_csv_header() {
+  return "task,id,length,depth,sample,policy,budget,protocol,prompt_tokens,question_tokens,kept_fraction,score,seconds,"
+         "prediction\n";
+}
+
+std::string eval_csv_row(const EvalRow& r) {
+  return csv_quote(r.task) + "," + csv_quote(r.id) + "," + std::to_string(r.length) + "," +
+         (r.depth < 0 ? std::string() : fmt("%.4g", r.depth)) + "," + std::to_string(r.index) + "," +
+         csv_quote(r.policy) + "," + std::to_string(r.budget) + "," + eval_protocol_name(r.protocol) + "," +
+         std::to_string(r.prompt_tokens) + "," + std::to_string(r.question_tokens) + "," +
+         fmt("%.6f", r.kept_fraction) + "," + fmt("%.6f", r.score) + "," + fmt("%.3f", r.seconds) + "," +
+         csv_quote(r.prediction) + "\n";
+}
+
 std::string eval_rows_csv(const std::vector<EvalRow>& rows) {
-  std::string out =
-      "task,id,length,depth,sample,policy,budget,protocol,prompt_tokens,question_tokens,kept_fraction,score,seconds,"
-      "prediction\n";
-  for (const EvalRow& r : rows) {
-    out += csv_quote(r.task) + "," + csv_quote(r.id) + "," + std::to_string(r.length) + "," +
-           (r.depth < 0 ? std::string() : fmt("%.4g", r.depth)) + "," + std::to_string(r.index) + "," +
-           csv_quote(r.policy) + "," + std::to_string(r.budget) + "," + eval_protocol_name(r.protocol) + "," +
-           std::to_string(r.prompt_tokens) + "," + std::to_string(r.question_tokens) + "," +
-           fmt("%.6f", r.kept_fraction) + "," + fmt("%.6f", r.score) + "," + fmt("%.3f", r.seconds) + "," +
-           csv_quote(r.prediction) + "\n";
-  }
+  std::string out = eval_csv_header();
+  for (const EvalRow& r : rows) out += eval_csv_row(r);
   return out;
 }
 

@@ -90,8 +90,11 @@ class EvalRunner {
   std::vector<int32_t> eos_ids_;
 };
 
-// CSV of the rows (header first); text fields quoted as RFC 4180.
+// CSV of the rows (header first); text fields quoted as RFC 4180. The header and single rows
+// separately, for writers that append rows as runs finish.
 std::string eval_rows_csv(const std::vector<EvalRow>& rows);
+std::string eval_csv_header();
+std::string eval_csv_row(const EvalRow& row);
 // {"meta": meta, "aggregates": [{task, policy, budget, protocol, n, mean_score, mean_kept}...],
 //  "overall": [{policy, budget, protocol, n, mean_score}...]} as text. `meta_json` must be a
 // JSON object (the command line, date, model).

@@ -1,0 +1,129 @@
+// The whole forward pass of a Llama-family model (Llama 2/3, Mistral, Qwen2, Qwen3: the CPU
+// forward's families, src/model/transformer.h) on one CUDA device, over the per-head paged KV
+// cache, for a batch of sequences per step.
+//
+// Memory, all allocated by create(): bf16 weights (fp32/fp16 checkpoints converted at upload;
+// norms, biases and RoPE frequencies in fp32), a workspace for max_step_tokens tokens, and one KV
+// pool of bf16 K/V pages (16 entries of one (sequence, layer, kv head) row each) sized by
+// gpu_memory_fraction of the memory left free. A step allocates nothing.
+//
+// The KvCacheManager stays the host-side source of truth: the caller creates it with
+// kv_layout() and num_pages(); step() reserves and commits the step's entries there, mirrors the
+// rows' page lists into a dense device table ([max_seqs * layers * Hkv][max_pages_per_row], the
+// manager's row ids), and for compression downloads the device's keep lists, calls
+// keep_entries, and applies the same moves on the device (compact_kv_rows).
+//
+// A step: embed -> per layer [fused add+RMSNorm -> qkv GEMM -> bias/q-k norm/RoPE -> K/V append
+// into pages -> attention -> (compression scores + selection + compaction, once after a fresh
+// prefill) -> o GEMM -> fused add+RMSNorm -> gate/up GEMM -> SwiGLU -> down GEMM] -> final norm of
+// the rows that need logits -> lm_head GEMM (fp32 logits) -> optional device sampling.
+// Attention: one-token steps through decode_attention over pages (all such sequences in one
+// launch); longer steps through prefill_attention on the step's contiguous K/V, or on a gather of
+// the rows when they already held entries; head dims other than 64/128 (the fixtures) through
+// attention_generic.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "compress/compress_config.h"
+#include "core/status.h"
+#include "kv/kv_cache_manager.h"
+#include "model/model_config.h"
+
+namespace adakv::cuda {
+
+struct CudaModelOptions {
+  int32_t max_seqs = 8;             // sequence ids 0 .. max_seqs-1 may be used with the manager
+  int32_t max_step_tokens = 4096;   // tokens of one step, summed over its sequences
+  int32_t max_logit_rows = 0;       // logit rows one step may return; 0 = max(max_seqs, 1)
+  int64_t max_context = 0;          // longest sequence; 0 = the config's context length
+  double gpu_memory_fraction = 0.9; // of the free memory after weights and workspace, for the pool
+  int64_t num_pages = 0;            // > 0: exactly this many pages instead of the fraction
+  // Compression after a fresh prefill (window policies and streamingllm); null or full: none.
+  const CompressConfig* compress = nullptr;
+  // Keep each compressed layer's GPU scores and inputs on the host for tests (compression_audit()).
+  bool audit_compression = false;
+};
+
+// Sampling of one sequence's next token on the device (engine/sampler.h's semantics).
+struct StepSampling {
+  float temperature = 0.f;  // 0: greedy
+  int32_t top_k = 0;
+  float top_p = 1.f;
+  double u = 0.0;           // uniform [0, 1) for the draw (see sampling.h)
+};
+
+struct SeqStep {
+  SeqId seq = -1;
+  std::span<const int32_t> tokens;  // >= 1 new tokens
+  bool all_logits = false;          // logits of every token, else of the last one
+  bool compress = false;            // compress after this step when it is the sequence's first
+  const StepSampling* sampling = nullptr;  // sample the next token on the device, or null
+};
+
+struct StepResult {
+  std::vector<float> logits;      // [rows][vocab], rows in the order of the steps (when asked)
+  std::vector<int32_t> sampled;   // [steps] next token of each step with sampling, else -1
+};
+
+// What the compression of one (sequence, layer) saw and decided (audit_compression).
+struct CompressionAuditLayer {
+  SeqId seq = -1;
+  int32_t layer = 0;
+  int32_t length = 0;                 // L of every row
+  int32_t selection_budget = 0;
+  std::vector<float> scores;          // [Hkv][L - w] GPU scores
+  std::vector<uint16_t> queries;      // [w][H][d] bf16 bits: the window's post-RoPE queries
+  std::vector<uint16_t> keys;         // [L][Hkv][d] bf16 bits: the layer's keys
+  std::vector<std::vector<int32_t>> keep;  // [Hkv] the GPU's keep lists
+};
+
+class CudaModel {
+ public:
+  // From a checkpoint folder (config.json + safetensors).
+  static Expected<std::unique_ptr<CudaModel>> load(const std::string& model_dir, const CudaModelOptions& options);
+  // Random bf16 weights generated on the device for `config` (benchmarks: no file).
+  static Expected<std::unique_ptr<CudaModel>> random(const ModelConfig& config, uint64_t seed,
+                                                     const CudaModelOptions& options);
+  ~CudaModel();
+  CudaModel(const CudaModel&) = delete;
+  CudaModel& operator=(const CudaModel&) = delete;
+
+  const ModelConfig& config() const;
+  KvLayout kv_layout() const;        // page size 16
+  int64_t num_pages() const;         // size the KvCacheManager with this
+  int64_t context_length() const;    // as Transformer::context_length
+  int64_t weight_bytes() const;
+  int64_t kv_pool_bytes() const;
+  std::string memory_summary() const;
+
+  // Runs one step for `steps` (distinct sequences of `manager`, ids < max_seqs): reserves and
+  // commits their entries (kResourceExhausted naming the pages when they do not fit: nothing is
+  // changed then), runs the forward, compresses, advances the logical lengths. `want_logits`
+  // copies the logits to the host. Synchronises with the device before returning.
+  Status step(std::span<const SeqStep> steps, KvCacheManager& manager, bool want_logits, StepResult* result);
+
+  // StreamingLLM's continual compression of one sequence now (every `interval` decode steps).
+  Status compress_streaming(SeqId seq, KvCacheManager& manager);
+  // Forget the device mirror of a released sequence's rows (call with manager.release(seq)).
+  void on_release(SeqId seq);
+
+  const std::vector<CompressionAuditLayer>& compression_audit() const;
+  // Device time of the last step's forward (CUDA events), milliseconds.
+  float last_step_ms() const;
+
+  struct Impl;
+
+ private:
+  CudaModel() = default;
+  std::unique_ptr<Impl> impl_;
+};
+
+// Whether a CUDA device is usable; the reason otherwise ("no CUDA device", driver errors).
+Status cuda_device_available();
+
+}  // namespace adakv::cuda

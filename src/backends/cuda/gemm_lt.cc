@@ -1,0 +1,99 @@
+// GemmLt (gemm_lt.h): descriptor cache and dispatch over cuBLASLt.
+#include "backends/cuda/gemm_lt.h"
+
+#include <cublasLt.h>
+
+#include <string>
+
+#include "backends/cuda/cuda_check.h"
+
+namespace adakv::cuda {
+
+namespace {
+Status lt_status(cublasStatus_t s, const char* what) {
+  if (s == CUBLAS_STATUS_SUCCESS) return Status::ok();
+  return internal_error(std::string("cuBLASLt: ") + what + " failed with status " + std::to_string(static_cast<int>(s)));
+}
+#define ADAKV_LT(expr) ADAKV_RETURN_IF_ERROR(lt_status((expr), #expr))
+}  // namespace
+
+struct GemmLt::Plan {
+  cublasLtMatmulDesc_t desc = nullptr;
+  cublasLtMatrixLayout_t a = nullptr, b = nullptr, d = nullptr;
+  cublasLtMatmulAlgo_t algo{};
+  ~Plan() {
+    if (a) cublasLtMatrixLayoutDestroy(a);
+    if (b) cublasLtMatrixLayoutDestroy(b);
+    if (d) cublasLtMatrixLayoutDestroy(d);
+    if (desc) cublasLtMatmulDescDestroy(desc);
+  }
+};
+
+Expected<std::unique_ptr<GemmLt>> GemmLt::create(size_t workspace_bytes) {
+  std::unique_ptr<GemmLt> g(new GemmLt());
+  cublasLtHandle_t h = nullptr;
+  ADAKV_LT(cublasLtCreate(&h));
+  g->handle_ = h;
+  g->workspace_bytes_ = workspace_bytes;
+  if (workspace_bytes > 0) {
+    const cudaError_t err = cudaMalloc(&g->workspace_, workspace_bytes);
+    if (err != cudaSuccess)
+      return resource_exhausted("cuBLASLt workspace of " + std::to_string(workspace_bytes >> 20) +
+                                " MiB: " + cudaGetErrorString(err));
+  }
+  return g;
+}
+
+GemmLt::~GemmLt() {
+  plans_.clear();
+  if (workspace_ != nullptr) cudaFree(workspace_);
+  if (handle_ != nullptr) cublasLtDestroy(static_cast<cublasLtHandle_t>(handle_));
+}
+
+Expected<GemmLt::Plan*> GemmLt::plan(int64_t m, int64_t n, int64_t k, int64_t ldx, int64_t ldy, DType y_dtype) {
+  const auto key = std::make_tuple(m, n, k, ldx, ldy, static_cast<int>(y_dtype));
+  auto it = plans_.find(key);
+  if (it != plans_.end()) return it->second.get();
+  auto p = std::make_unique<Plan>();
+  const cudaDataType_t dt = y_dtype == DType::kF32 ? CUDA_R_32F : CUDA_R_16BF;
+  ADAKV_LT(cublasLtMatmulDescCreate(&p->desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+  const cublasOperation_t trans_a = CUBLAS_OP_T, trans_b = CUBLAS_OP_N;
+  ADAKV_LT(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_TRANSA, &trans_a, sizeof(trans_a)));
+  ADAKV_LT(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_TRANSB, &trans_b, sizeof(trans_b)));
+  // Column-major: A = w as [k][n] (ld k), op(A) = A^T [n][k]; B = x as [k][m] (ld ldx); D = y^T [n][m].
+  ADAKV_LT(cublasLtMatrixLayoutCreate(&p->a, CUDA_R_16BF, static_cast<uint64_t>(k), static_cast<uint64_t>(n), k));
+  ADAKV_LT(cublasLtMatrixLayoutCreate(&p->b, CUDA_R_16BF, static_cast<uint64_t>(k), static_cast<uint64_t>(m), ldx));
+  ADAKV_LT(cublasLtMatrixLayoutCreate(&p->d, dt, static_cast<uint64_t>(n), static_cast<uint64_t>(m), ldy));
+  cublasLtMatmulPreference_t pref = nullptr;
+  ADAKV_LT(cublasLtMatmulPreferenceCreate(&pref));
+  cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &workspace_bytes_,
+                                       sizeof(workspace_bytes_));
+  cublasLtMatmulHeuristicResult_t result{};
+  int found = 0;
+  const cublasStatus_t hs = cublasLtMatmulAlgoGetHeuristic(static_cast<cublasLtHandle_t>(handle_), p->desc, p->a,
+                                                           p->b, p->d, p->d, pref, 1, &result, &found);
+  cublasLtMatmulPreferenceDestroy(pref);
+  if (hs != CUBLAS_STATUS_SUCCESS || found == 0)
+    return unimplemented("cuBLASLt has no algorithm for a bf16 GEMM of m " + std::to_string(m) + ", n " +
+                         std::to_string(n) + ", k " + std::to_string(k));
+  p->algo = result.algo;
+  Plan* raw = p.get();
+  plans_.emplace(key, std::move(p));
+  return raw;
+}
+
+Status GemmLt::linear(const __nv_bfloat16* x, const __nv_bfloat16* w, void* y, DType y_dtype, int64_t m, int64_t n,
+                      int64_t k, cudaStream_t stream, int64_t ldx, int64_t ldy) {
+  if (m == 0) return Status::ok();
+  if (m < 0 || n <= 0 || k <= 0) return invalid_argument("gemm: bad sizes");
+  if (y_dtype != DType::kBF16 && y_dtype != DType::kF32) return unimplemented("gemm: output must be BF16 or F32");
+  if (ldx == 0) ldx = k;
+  if (ldy == 0) ldy = n;
+  ADAKV_ASSIGN_OR_RETURN(Plan * p, plan(m, n, k, ldx, ldy, y_dtype));
+  const float alpha = 1.f, beta = 0.f;
+  ADAKV_LT(cublasLtMatmul(static_cast<cublasLtHandle_t>(handle_), p->desc, &alpha, w, p->a, x, p->b, &beta, y, p->d,
+                          y, p->d, &p->algo, workspace_, workspace_bytes_, stream));
+  return Status::ok();
+}
+
+}  // namespace adakv::cuda

@@ -1,0 +1,48 @@
+// bf16 projections through cuBLASLt: y[m][n] = x[m][k] . w[n][k]^T (nn.Linear's layout), fp32
+// accumulation, y in bf16 (activations) or fp32 (logits). Row-major operands map to cuBLASLt's
+// column-major "TN" form (y^T = w . x^T), which is the layout Hopper's kernels are tuned for.
+//
+// Biases are not fused here: the model adds them in the fp32 element-wise op that follows each
+// projection (qkv_rope, rms_norm_residual), which keeps the bias in fp32 and costs no extra pass.
+//
+// Descriptors and the heuristic's algorithm are cached per (m, n, k, out dtype), so a step does no
+// host-side search after the first; the workspace is allocated once.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <tuple>
+
+#include "core/dtype.h"
+#include "core/status.h"
+
+namespace adakv::cuda {
+
+class GemmLt {
+ public:
+  static Expected<std::unique_ptr<GemmLt>> create(size_t workspace_bytes = size_t{32} << 20);
+  ~GemmLt();
+  GemmLt(const GemmLt&) = delete;
+  GemmLt& operator=(const GemmLt&) = delete;
+
+  // x [m][k] bf16 (rows ldx apart, 0 = k), w [n][k] bf16, y [m][n] of y_dtype (kBF16 or kF32,
+  // rows ldy apart, 0 = n). Pointers 16-byte aligned.
+  Status linear(const __nv_bfloat16* x, const __nv_bfloat16* w, void* y, DType y_dtype, int64_t m, int64_t n,
+                int64_t k, cudaStream_t stream, int64_t ldx = 0, int64_t ldy = 0);
+
+ private:
+  GemmLt() = default;
+  struct Plan;
+  Expected<Plan*> plan(int64_t m, int64_t n, int64_t k, int64_t ldx, int64_t ldy, DType y_dtype);
+
+  void* handle_ = nullptr;  // cublasLtHandle_t
+  void* workspace_ = nullptr;
+  size_t workspace_bytes_ = 0;
+  std::map<std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int>, std::unique_ptr<Plan>> plans_;
+};
+
+}  // namespace adakv::cuda

@@ -11,7 +11,7 @@
 //   select-uni  the same, uniform (SnapKV)
 //   compact     compact_kv_rows over the layer's 8 rows, pages scattered over the pool
 //   model       the 32 layers back to back (score, select-ada, compact per layer), one timing
-// Floors: scoring does 2 passes x 2 * (g*w) * L * d * Hkv flops on CUDA cores (fp32 FMA); the
+// Floors: scoring does 2 passes x 2 * (g*w) * L * d * Hkv flops on tensor cores (score_mma.cuh); the
 // table prints its TFLOP/s. Compaction moves B entries x 512 bytes per row, read and written.
 // Prefill estimate (issue 4): flops = 2 * 8e9 * L + 4 * L^2 / 2 * d * H * layers at the bf16 GEMM
 // rate measured here with cuBLAS (cublasGemmEx 8192^3, loaded with dlopen so that this program
@@ -39,6 +39,7 @@
 #include "backends/cuda/compact_kv.h"
 #include "backends/cuda/cuda_check.h"
 #include "backends/cuda/paged_kv_view.h"
+#include "backends/cuda/prefill_attention.h"
 #include "backends/cuda/score_critical.h"
 #include "backends/cuda/score_window.h"
 #include "backends/cuda/select_keep.h"
@@ -145,12 +146,85 @@ double measure_gemm_tflops(cudaStream_t stream, cudaEvent_t e0, cudaEvent_t e1) 
   return tflops;
 }
 
+// One layer's prefill, measured: causal flash attention (prefill_attention, the kernel the CUDA
+// forward runs) plus the four projection GEMMs through cuBLAS on L tokens (qkv 6144, o 4096,
+// gate/up 28672, down 4096 x 14336). Norms, RoPE and SwiGLU are left out (a few % of a layer), so
+// the prefill is slightly underestimated and the share slightly overstated. Returns ms per layer
+// (median of 10) and the attention part in *attn_ms; 0 when cuBLAS is unavailable.
+double measure_prefill_layer_ms(int L, cudaStream_t stream, cudaEvent_t e0, cudaEvent_t e1, double* attn_ms) {
+  Cublas cb;
+  *attn_ms = 0;
+  if (!cb.load()) return 0;
+  cublasHandle_t h = nullptr;
+  if (cb.create(&h) != CUBLAS_STATUS_SUCCESS) return 0;
+  cb.set_stream(h, stream);
+  const int hidden = kHidden, inter = 14336, qkvd = (kHeads + 2 * kKvHeads) * kDim;
+  __nv_bfloat16 *x, *w, *y, *qkv, *out;
+  const size_t wmax = size_t(2) * inter * hidden;
+  ADAKV_CUDA_CHECK(cudaMalloc(&x, size_t(L) * inter * 2));
+  ADAKV_CUDA_CHECK(cudaMalloc(&w, wmax * 2));
+  ADAKV_CUDA_CHECK(cudaMalloc(&y, size_t(L) * 2 * inter * 2));
+  ADAKV_CUDA_CHECK(cudaMalloc(&qkv, size_t(L) * qkvd * 2));
+  ADAKV_CUDA_CHECK(cudaMalloc(&out, size_t(L) * kHeads * kDim * 2));
+  fill_random_bf16<<<2048, 256, 0, stream>>>(x, size_t(L) * inter, 5, 1.0f);
+  fill_random_bf16<<<2048, 256, 0, stream>>>(w, wmax, 6, 0.02f);
+  fill_random_bf16<<<2048, 256, 0, stream>>>(qkv, size_t(L) * qkvd, 7, 1.0f);
+  const float one = 1.0f, zero = 0.0f;
+  auto gemm = [&](int n, int k) {  // y[L][n] = x[L][k] w[n][k]^T
+    cb.gemm_ex(h, CUBLAS_OP_T, CUBLAS_OP_N, n, L, k, &one, w, CUDA_R_16BF, k, x, CUDA_R_16BF, k, &zero, y, CUDA_R_16BF,
+               n, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+  };
+  cuda::PrefillAttentionArgs pa;
+  pa.q = qkv;
+  pa.k = qkv + kHeads * kDim;
+  pa.v = qkv + (kHeads + kKvHeads) * kDim;
+  pa.out = out;
+  pa.num_q = L;
+  pa.num_k = L;
+  pa.num_qo_heads = kHeads;
+  pa.num_kv_heads = kKvHeads;
+  pa.head_dim = kDim;
+  pa.q_row_stride = qkvd;
+  pa.k_row_stride = qkvd;
+  pa.v_row_stride = qkvd;
+  pa.out_row_stride = kHeads * kDim;
+  pa.softmax_scale = 1.0f / std::sqrt(float(kDim));
+  pa.causal = true;
+  std::vector<double> total, attn;
+  for (int i = 0; i < 13; ++i) {
+    ADAKV_CUDA_CHECK(cudaEventRecord(e0, stream));
+    BENCH_CHECK_STATUS(cuda::prefill_attention(pa, stream));
+    ADAKV_CUDA_CHECK(cudaEventRecord(e1, stream));
+    ADAKV_CUDA_CHECK(cudaEventSynchronize(e1));
+    float ta = 0;
+    ADAKV_CUDA_CHECK(cudaEventElapsedTime(&ta, e0, e1));
+    ADAKV_CUDA_CHECK(cudaEventRecord(e0, stream));
+    gemm(qkvd, hidden);
+    gemm(hidden, kHeads * kDim);
+    gemm(2 * inter, hidden);
+    gemm(hidden, inter);
+    ADAKV_CUDA_CHECK(cudaEventRecord(e1, stream));
+    ADAKV_CUDA_CHECK(cudaEventSynchronize(e1));
+    float tg = 0;
+    ADAKV_CUDA_CHECK(cudaEventElapsedTime(&tg, e0, e1));
+    if (i >= 3) {
+      attn.push_back(ta);
+      total.push_back(ta + tg);
+    }
+  }
+  cb.destroy(h);
+  for (void* p : {(void*)x, (void*)w, (void*)y, (void*)qkv, (void*)out}) cudaFree(p);
+  *attn_ms = median(attn);
+  return median(total);
+}
+
 // --- one context length ---------------------------------------------------------------------------
 
 struct Result {
   int L = 0;
   double score_us = 0, kvc_us = 0, select_ada_us = 0, select_uni_us = 0, compact_us = 0, model_ms = 0;
-  double crit_ms = -1;
+  double crit_ms = -1, h2o_ms = -1;
+  double prefill_meas_ms = 0, attn_layer_ms = 0;
   double score_tflops = 0, prefill_ms = 0;
   long long kept_per_layer = 0;
 };
@@ -297,9 +371,16 @@ Result run_length(int L, int reps, double gemm_tflops, bool with_critical, cudaS
     res.crit_ms = time_us([&](int) { BENCH_CHECK_STATUS(cuda::critical_scores(ci, crit, L, nullptr, 0, stream)); }) / 1e3;
     cudaFree(crit);
     cudaFree(o_proj);
+    // H2O prompt accumulation, one layer: every prompt query (queries = the layer's keys' buffer
+    // reinterpreted: [L][H][d] needs L * H * d elements; the pool holds enough).
+    auto h2o_scorer = cuda::WindowScorer::create({kHeads, kKvHeads, kDim, L, kWindow});
+    BENCH_CHECK_STATUS(h2o_scorer.status());
+    const cuda::WindowScoreInputs hin{k_pool, 0, keys, 0, L, L};
+    res.h2o_ms = time_us([&](int) { BENCH_CHECK_STATUS((*h2o_scorer)->h2o(hin, GqaReduce::kMean, scores, L, stream)); }) / 1e3;
   }
   const double score_flops = 2.0 * 2.0 * (kHeads / kKvHeads * kWindow) * double(L) * kDim * kKvHeads;
   res.score_tflops = score_flops / (res.score_us * 1e-6) / 1e12;
+  res.prefill_meas_ms = kLayers * measure_prefill_layer_ms(L, stream, e0, e1, &res.attn_layer_ms);
   if (gemm_tflops > 0) {
     const double flops = 2.0 * 8e9 * L + 4.0 * double(L) * L / 2.0 * kDim * kHeads * kLayers;
     res.prefill_ms = flops / (gemm_tflops * 1e12) * 1e3;
@@ -339,15 +420,16 @@ int main(int argc, char** argv) {
     if (quick && L > 8192) continue;
     results.push_back(run_length(L, reps, gemm, L == 8192, stream, e0, e1));
     const Result& r = results.back();
-    std::printf("L %d: kept %lld entries per layer (expected %d); criticalkv norms %.2f ms per layer\n", r.L,
-                r.kept_per_layer, kKvHeads * kBudget, r.crit_ms);
+    std::printf("L %d: kept %lld entries per layer (expected %d); criticalkv norms %.2f ms per layer; h2o prompt "
+                "accumulation %.2f ms per layer; prefill attention %.2f ms per layer\n", r.L, r.kept_per_layer,
+                kKvHeads * kBudget, r.crit_ms, r.h2o_ms, r.attn_layer_ms);
   }
   std::printf("\n== scoring + selection + compaction (Llama-3.1-8B shapes: %d layers, %d/%d heads, d %d, w %d, B %d)\n",
               kLayers, kHeads, kKvHeads, kDim, kWindow, kBudget);
   std::printf("device: %s; bf16 GEMM (cuBLAS): %.0f TFLOP/s\n\n", prop.name, gemm);
   std::printf("| L | score µs | score TFLOP/s | kvc-metric µs | select-ada µs | select-uni µs | compact µs | "
-              "per layer µs | model ms (32 layers) | prefill est. ms | share %% |\n");
-  std::printf("|---|---|---|---|---|---|---|---|---|---|---|\n");
+              "per layer µs | model ms (32 layers) | prefill est. ms | share %% | prefill meas. ms | share meas. %% |\n");
+  std::printf("|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
   for (const Result& r : results) {
     const double layer = r.score_us + r.select_ada_us + r.compact_us;
     char share[32] = "n/a", prefill[32] = "n/a";
@@ -355,9 +437,14 @@ int main(int argc, char** argv) {
       std::snprintf(share, sizeof share, "%.2f", 100.0 * r.model_ms / r.prefill_ms);
       std::snprintf(prefill, sizeof prefill, "%.1f", r.prefill_ms);
     }
-    std::printf("| %dK | %.1f | %.1f | %.1f | %.1f | %.1f | %.1f | %.1f | %.2f | %s | %s |\n", r.L / 1024, r.score_us,
-                r.score_tflops, r.kvc_us, r.select_ada_us, r.select_uni_us, r.compact_us, layer, r.model_ms, prefill,
-                share);
+    char share_m[32] = "n/a", prefill_m[32] = "n/a";
+    if (r.prefill_meas_ms > 0) {
+      std::snprintf(share_m, sizeof share_m, "%.2f", 100.0 * r.model_ms / r.prefill_meas_ms);
+      std::snprintf(prefill_m, sizeof prefill_m, "%.1f", r.prefill_meas_ms);
+    }
+    std::printf("| %dK | %.1f | %.1f | %.1f | %.1f | %.1f | %.1f | %.1f | %.2f | %s | %s | %s | %s |\n", r.L / 1024,
+                r.score_us, r.score_tflops, r.kvc_us, r.select_ada_us, r.select_uni_us, r.compact_us, layer, r.model_ms,
+                prefill, share, prefill_m, share_m);
   }
   const bool ok = std::all_of(results.begin(), results.end(),
                               [](const Result& r) { return r.kept_per_layer == kKvHeads * kBudget; });

@@ -35,7 +35,7 @@ struct RowView {
 __global__ void __launch_bounds__(kThreads) compact_rows_kernel(const KvCompactParams p) {
   const int row = blockIdx.x;
   const int count = p.keep_counts[row];
-  const int32_t* keep = p.keep + row * p.keep_stride;
+  const int32_t* keep = p.keep + (p.keep_offsets != nullptr ? static_cast<int64_t>(p.keep_offsets[row]) : row * p.keep_stride);
   const RowView view{p.page_ids + p.row_page_offsets[row], p.page_stride, p.head_dim};
   const int half = p.head_dim / 8;  // 16-byte pieces of K (and of V) per entry
   const int per_entry = 2 * half;

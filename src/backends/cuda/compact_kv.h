@@ -34,6 +34,10 @@ struct KvCompactParams {
   const int32_t* keep = nullptr;         // [num_rows][keep_stride] strictly ascending entry indices < row length
   int64_t keep_stride = 0;
   const int32_t* keep_counts = nullptr;  // [num_rows]
+  // Optional: row r's list at keep + keep_offsets[r] instead of keep + r * keep_stride (ragged
+  // lists, e.g. KV-Compress's evict moves as keep lists: keep[i] = i, or the tail survivor that
+  // fills hole i; every source then lies at or beyond the new length, so the order argument holds).
+  const int32_t* keep_offsets = nullptr;
 };
 
 // Asynchronous on `stream`. Pool pointers 16-byte aligned, page_stride a multiple of 8.

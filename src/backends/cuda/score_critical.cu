@@ -1,13 +1,15 @@
 // CriticalKV value norms and scores (score_critical.h). One block per (128 entries, kv head): the
-// entries' values stay in shared memory while the o_proj slices of the group's heads stream
-// through in tiles of 64 hidden units; |y| is summed per entry in fp64. Variants: head_dim 64 / 128.
+// entries' values stay in registers (tensor-core A fragments) while the o_proj slices of the
+// group's heads stream through shared memory in tiles of 64 hidden units; v W_o^h is a tensor-core
+// product (bf16 x bf16, fp32 accumulation) whose |y| is summed in the epilogue, so the n x H x hidden
+// products never reach memory. Variants: head_dim 64 / 128.
 #include "backends/cuda/score_critical.h"
 
 #include <string>
 
 #include "backends/cuda/cuda_check.h"
 #include "backends/cuda/score_common.cuh"
-#include "backends/cuda/score_tile.cuh"
+#include "backends/cuda/score_mma.cuh"
 
 namespace adakv::cuda {
 
@@ -29,57 +31,78 @@ struct CriticalParams {
   int64_t norms_stride;
 };
 
-constexpr int kCriticalTm = 8;  // 128 entries per block
+// 128 value rows per block: 4 warps x 2 groups of 16 rows, so that each o_proj tile read from L2
+// serves 128 entries.
+constexpr int kCritRows = 128;
 
 template <int D>
 constexpr size_t critical_smem_bytes() {
-  return static_cast<size_t>(TileShape<D, kCriticalTm>::kRowFloats + TileShape<D, kCriticalTm>::kColFloats) *
-         sizeof(float);
+  return static_cast<size_t>(3 * MmaShape<D>::kTileElems) * sizeof(__nv_bfloat16);
 }
 
+// Grid (ceil(n / 128), Hkv), 4 warps. Values of the block's entries stay as A fragments in
+// registers; 64 hidden units of W_o^h at a time go through shared memory; |y| is summed per entry in
+// fp32 per tile, then fp64 across tiles and heads.
 template <int D>
-__global__ void __launch_bounds__(kTileThreads) critical_kernel(const CriticalParams p) {
-  using S = TileShape<D, kCriticalTm>;
+__global__ void __launch_bounds__(kMmaThreads) critical_kernel(const CriticalParams p) {
+  using S = MmaShape<D>;
   ADAKV_DYNAMIC_SMEM(smem);
-  float* rows_t = reinterpret_cast<float*>(smem);  // [D][kRowPitch]: values of the block's entries
-  float* cols_t = rows_t + S::kRowFloats;          // [D][kColPitch]: 64 rows of W_o^h
-  const int j0 = blockIdx.x * S::kRowTile;
+  __nv_bfloat16* vs = reinterpret_cast<__nv_bfloat16*>(smem);  // [2][64][kPitch]: the block's values
+  __nv_bfloat16* ws = vs + 2 * S::kTileElems;                  // [64][kPitch]: 64 rows of W_o^h
+  const int j0 = blockIdx.x * kCritRows;
   const int kvh = blockIdx.y;
-  const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t w_stride = static_cast<int64_t>(p.num_heads) * D;
-
-  load_transposed<D, S::kRowTile, S::kRowPitch>(rows_t, min(S::kRowTile, p.count - j0), [&](int r) {
-    return p.values + static_cast<int64_t>(j0 + r) * p.v_stride + static_cast<int64_t>(kvh) * D;
-  });
-  double total[kCriticalTm];
-#pragma unroll
-  for (int r = 0; r < kCriticalTm; ++r) total[r] = 0.0;
+  for (int half = 0; half < 2; ++half)
+    load_rows_bf16<D>(vs + half * S::kTileElems, min(64, p.count - j0 - half * 64), [&](int r) {
+      return p.values + static_cast<int64_t>(j0 + half * 64 + r) * p.v_stride + static_cast<int64_t>(kvh) * D;
+    });
+  __syncthreads();
+  uint32_t a0[S::kSteps][4], a1[S::kSteps][4];
+  load_a_frags<D>(a0, vs, warp, lane);
+  load_a_frags<D>(a1, vs + S::kTileElems, warp, lane);
+  double total[4] = {0.0, 0.0, 0.0, 0.0};  // rows lane/4, +8 of each group
   for (int gi = 0; gi < p.group; ++gi) {
     const int h = kvh * p.group + gi;
-    double l1[kCriticalTm];
-#pragma unroll
-    for (int r = 0; r < kCriticalTm; ++r) l1[r] = 0.0;
-    for (int o0 = 0; o0 < p.hidden; o0 += kColTile) {
-      __syncthreads();  // rows_t is loaded; the previous tile's reads of cols_t are done
-      load_transposed<D, kColTile, S::kColPitch>(cols_t, min(kColTile, p.hidden - o0), [&](int c) {
+    double l1[4] = {0.0, 0.0, 0.0, 0.0};
+    for (int o0 = 0; o0 < p.hidden; o0 += kMmaKeys) {
+      __syncthreads();  // the previous tile's reads of ws are done
+      load_rows_bf16<D>(ws, min(kMmaKeys, p.hidden - o0), [&](int c) {
         return p.o_proj + static_cast<int64_t>(o0 + c) * w_stride + static_cast<int64_t>(h) * D;
       });
       __syncthreads();
-      float acc[kCriticalTm][kColsPerThread];
-      tile_product<D, kCriticalTm>(rows_t, cols_t, ty, tx, acc);
+      float acc[8][4];
+      float part[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+      warp_logits<D>(acc, a0, ws, lane);
 #pragma unroll
-      for (int r = 0; r < kCriticalTm; ++r)
+      for (int t = 0; t < 8; ++t) {
+        part[0] += fabsf(acc[t][0]) + fabsf(acc[t][1]);
+        part[1] += fabsf(acc[t][2]) + fabsf(acc[t][3]);
+      }
+      warp_logits<D>(acc, a1, ws, lane);
 #pragma unroll
-        for (int j = 0; j < kColsPerThread; ++j) l1[r] += static_cast<double>(fabsf(acc[r][j]));
+      for (int t = 0; t < 8; ++t) {
+        part[2] += fabsf(acc[t][0]) + fabsf(acc[t][1]);
+        part[3] += fabsf(acc[t][2]) + fabsf(acc[t][3]);
+      }
+      // Zero rows of W (past hidden) add |0|: nothing.
+#pragma unroll
+      for (int u = 0; u < 4; ++u) l1[u] += static_cast<double>(part[u]);
     }
 #pragma unroll
-    for (int r = 0; r < kCriticalTm; ++r) total[r] += half_warp_sum(l1[r]);
+    for (int u = 0; u < 4; ++u) {
+      double v = l1[u];
+      v += __shfl_xor_sync(0xffffffffu, v, 1);
+      v += __shfl_xor_sync(0xffffffffu, v, 2);
+      total[u] += v;
+    }
   }
+  if (lane % 4 != 0) return;
 #pragma unroll
-  for (int r = 0; r < kCriticalTm; ++r) {
-    const int j = j0 + ty * kCriticalTm + r;
-    if (tx != 0 || j >= p.count) continue;
-    const double norm = total[r] / p.group;
+  for (int u = 0; u < 4; ++u) {
+    const int j = j0 + (u / 2) * 64 + warp * 16 + lane / 4 + (u % 2) * 8;
+    if (j >= p.count) continue;
+    const double norm = total[u] / p.group;
     const double s = static_cast<double>(p.scores[static_cast<int64_t>(kvh) * p.scores_stride + j]);
     p.crit[static_cast<int64_t>(kvh) * p.crit_stride + j] = static_cast<float>((s + 1e-4) * norm);
     if (p.norms != nullptr) p.norms[static_cast<int64_t>(kvh) * p.norms_stride + j] = static_cast<float>(norm);
@@ -118,20 +141,20 @@ Status critical_scores(const CriticalInputs& in, float* crit, int64_t crit_strid
   p.crit_stride = crit_stride;
   p.norms = norms;
   p.norms_stride = norms_stride;
-  const dim3 grid(static_cast<unsigned>(ceil_div(in.count, TileShape<64, kCriticalTm>::kRowTile)), in.num_kv_heads);
+  const dim3 grid(static_cast<unsigned>(ceil_div(in.count, kCritRows)), in.num_kv_heads);
   if (in.head_dim == 64) {
     ADAKV_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(critical_kernel<64>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                     static_cast<int>(critical_smem_bytes<64>())));
     ADAKV_CUDA_RETURN_IF_ERROR(
         cudaFuncSetAttribute(critical_kernel<64>, cudaFuncAttributePreferredSharedMemoryCarveout, 100));
-    ADAKV_CUDA_RETURN_IF_ERROR(launch(critical_kernel<64>, grid, dim3(kTileThreads), critical_smem_bytes<64>(), stream, p));
+    ADAKV_CUDA_RETURN_IF_ERROR(launch(critical_kernel<64>, grid, dim3(kMmaThreads), critical_smem_bytes<64>(), stream, p));
   } else {
     ADAKV_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(critical_kernel<128>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                     static_cast<int>(critical_smem_bytes<128>())));
     ADAKV_CUDA_RETURN_IF_ERROR(
         cudaFuncSetAttribute(critical_kernel<128>, cudaFuncAttributePreferredSharedMemoryCarveout, 100));
     ADAKV_CUDA_RETURN_IF_ERROR(
-        launch(critical_kernel<128>, grid, dim3(kTileThreads), critical_smem_bytes<128>(), stream, p));
+        launch(critical_kernel<128>, grid, dim3(kMmaThreads), critical_smem_bytes<128>(), stream, p));
   }
   return Status::ok();
 }

@@ -1,15 +1,16 @@
 // Window scores (score_window.h): pass 1 (tile softmax statistics), merge, pass 2 (probabilities
-// reduced over window and group), pooling. Kernel variants: head_dim 64 / 128 x row tile 32 / 128
-// (score_tile.cuh says why two row tiles).
+// reduced over window and group), pooling, and H2O's accumulation over all prompt queries. The
+// logit tiles run on tensor cores (score_mma.cuh says how close that stays to fp64).
 #include "backends/cuda/score_window.h"
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <string>
 
 #include "backends/cuda/cuda_check.h"
 #include "backends/cuda/score_common.cuh"
-#include "backends/cuda/score_tile.cuh"
+#include "backends/cuda/score_mma.cuh"
 
 namespace adakv::cuda {
 
@@ -21,16 +22,20 @@ struct WindowParams {
   const __nv_bfloat16* k;  // [L][Hkv][D], tokens k_stride apart
   int64_t k_stride;
   int32_t length;      // L
-  int32_t window;      // w
+  int32_t window;      // w (H2O: w = L, every prompt query)
   int32_t num_heads;   // H
   int32_t group;       // g
-  int32_t rows;        // g * w query rows per kv head: row = gi * w + i
-  int32_t row_chunks;  // ceil(rows / row tile)
-  int32_t stat_tiles;  // ceil(L / 64)
+  int32_t rows;        // g * w query rows per kv head
+  int32_t query_major; // 0: row = gi * w + i (window scores); 1: row = i * g + gi (H2O)
+  int32_t rows_per_chunk;  // 64, or (64 / g) * g when query-major (whole queries per chunk)
+  int32_t row_chunks;  // ceil(rows / rows_per_chunk)
+  int32_t key_tiles;   // ceil(L / 64)
+  int32_t span_tiles;  // key tiles per pass-1 block
+  int32_t stat_spans;  // ceil(key_tiles / span_tiles)
   float scale;         // 1 / sqrt(D)
-  float2* partial;     // [Hkv][rows][stat_tiles]
+  float2* partial;     // [Hkv][rows][stat_spans]
   float2* stats;       // [Hkv][rows]
-  int32_t out_len;     // keys scored: L - w (SnapKV) or L (KV-Compress)
+  int32_t out_len;     // keys scored: L - w (SnapKV) or L (KV-Compress, H2O)
   int32_t squared;     // 1: KV-Compress (p^2, summed); 0: SnapKV (mean over the window)
   int32_t gqa;         // 0 mean, 1 max, 2 sum
   float* reduced;      // [Hkv][reduced_stride]
@@ -39,75 +44,115 @@ struct WindowParams {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-// Query rows row0 .. row0 + NR - 1 of kv head `kvh` into rows_t (transposed). Row r = gi * w + i
-// is query head kvh * g + gi at window position i (token L - w + i of the prompt).
-template <int D, int NR, int Pitch>
-__device__ __forceinline__ void load_query_rows(float* rows_t, const WindowParams& p, int kvh, int row0) {
-  const int count = min(NR, p.rows - row0);
-  load_transposed<D, NR, Pitch>(rows_t, count, [&](int r) {
-    const int row = row0 + r;
-    const int gi = row / p.window;
-    const int i = row - gi * p.window;
+// Window position i and group head gi of row `row`.
+__device__ __forceinline__ void row_coords(const WindowParams& p, int row, int& gi, int& i) {
+  if (p.query_major) {
+    i = row / p.group;
+    gi = row - i * p.group;
+  } else {
+    gi = row / p.window;
+    i = row - gi * p.window;
+  }
+}
+
+// Rows row0 .. row0 + rows_per_chunk - 1 (those < rows) of kv head kvh into the shared tile.
+template <int D>
+__device__ __forceinline__ void load_query_chunk(__nv_bfloat16* dst, const WindowParams& p, int kvh, int row0) {
+  const int count = min(p.rows_per_chunk, p.rows - row0);
+  load_rows_bf16<D>(dst, count, [&](int r) {
+    int gi, i;
+    row_coords(p, row0 + r, gi, i);
     return p.q + static_cast<int64_t>(i) * p.q_stride + static_cast<int64_t>(kvh * p.group + gi) * D;
   });
 }
 
 template <int D>
-__device__ __forceinline__ void load_key_tile(float* cols_t, const WindowParams& p, int kvh, int j0) {
-  using S = TileShape<D, 2>;  // the column pitch does not depend on TM
-  const int count = min(kColTile, p.length - j0);
-  load_transposed<D, kColTile, S::kColPitch>(cols_t, count, [&](int c) {
+__device__ __forceinline__ void load_key_tile(__nv_bfloat16* dst, const WindowParams& p, int kvh, int j0) {
+  load_rows_bf16<D>(dst, min(kMmaKeys, p.length - j0), [&](int c) {
     return p.k + static_cast<int64_t>(j0 + c) * p.k_stride + static_cast<int64_t>(kvh) * D;
   });
 }
 
-// Whether window row `row` sees key `key` (causal, bottom-right aligned).
-__device__ __forceinline__ bool visible(const WindowParams& p, int row, int key) {
-  if (row >= p.rows || key >= p.length) return false;
-  const int i = row % p.window;
-  return key <= p.length - p.window + i;
+// Last key visible to row `row` (causal, bottom-right aligned): L - w + i; -1 for rows past the chunk.
+__device__ __forceinline__ int last_visible(const WindowParams& p, int row0, int local) {
+  if (local >= p.rows_per_chunk || row0 + local >= p.rows) return -1;
+  int gi, i;
+  row_coords(p, row0 + local, gi, i);
+  return p.length - p.window + i;
 }
 
-// Pass 1. Grid (stat tiles, Hkv * row_chunks). partial[kvh][row][tile] = (max logit of the row over
-// the tile's visible keys, sum of exp(logit - that max)); (-inf, 0) when it sees none of them.
-template <int D, int TM>
-__global__ void __launch_bounds__(kTileThreads) window_stats_kernel(const WindowParams p) {
-  using S = TileShape<D, TM>;
+// Largest last-visible key of any row of the chunk (tiles past it are skipped).
+__device__ __forceinline__ int chunk_key_limit(const WindowParams& p, int row0) {
+  if (!p.query_major) return p.length - 1;
+  const int last_row = min(p.rows, row0 + p.rows_per_chunk) - 1;
+  return p.length - p.window + last_row / p.group;
+}
+
+// Pass 1. Grid (stat_spans, Hkv * row_chunks), 4 warps. partial[kvh][row][span] = (max logit of the
+// row over the span's visible keys, sum of exp(logit - that max)); (-inf, 0) when it sees none.
+template <int D>
+__global__ void __launch_bounds__(kMmaThreads) window_stats_kernel(const WindowParams p) {
+  using S = MmaShape<D>;
   ADAKV_DYNAMIC_SMEM(smem);
-  float* rows_t = reinterpret_cast<float*>(smem);  // [D][kRowPitch]
-  float* cols_t = rows_t + S::kRowFloats;          // [D][kColPitch]
-  const int tile = blockIdx.x;
+  __nv_bfloat16* qs = reinterpret_cast<__nv_bfloat16*>(smem);  // [64][kPitch]
+  __nv_bfloat16* ks = qs + S::kTileElems;                      // [64][kPitch]
+  const int span = blockIdx.x;
   const int kvh = blockIdx.y / p.row_chunks;
-  const int row0 = (blockIdx.y % p.row_chunks) * S::kRowTile;
-  const int j0 = tile * kColTile;
-  const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
+  const int row0 = (blockIdx.y % p.row_chunks) * p.rows_per_chunk;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int r_lo = warp * 16 + lane / 4;  // this thread's rows: r_lo and r_lo + 8
+  const int lim0 = last_visible(p, row0, r_lo), lim1 = last_visible(p, row0, r_lo + 8);
+  const int key_limit = chunk_key_limit(p, row0);
 
-  load_query_rows<D, S::kRowTile, S::kRowPitch>(rows_t, p, kvh, row0);
-  load_key_tile<D>(cols_t, p, kvh, j0);
+  load_query_chunk<D>(qs, p, kvh, row0);
   __syncthreads();
-  float acc[TM][kColsPerThread];
-  tile_product<D, TM>(rows_t, cols_t, ty, tx, acc);
-
+  uint32_t a[S::kSteps][4];
+  load_a_frags<D>(a, qs, warp, lane);
+  float m[2] = {kNegInf, kNegInf}, l[2] = {0.0f, 0.0f};
+  const int t_end = min(p.key_tiles, (span + 1) * p.span_tiles);
+  for (int t = span * p.span_tiles; t < t_end; ++t) {
+    const int j0 = t * kMmaKeys;
+    if (j0 > key_limit) break;
+    __syncthreads();  // the previous tile's reads of ks are done
+    load_key_tile<D>(ks, p, kvh, j0);
+    __syncthreads();
+    float acc[8][4];
+    warp_logits<D>(acc, a, ks, lane);
 #pragma unroll
-  for (int r = 0; r < TM; ++r) {
-    const int row = row0 + ty * TM + r;
-    float z[kColsPerThread];
-    bool ok[kColsPerThread];
-    float m = kNegInf;
+    for (int h = 0; h < 2; ++h) {
+      const int lim = h == 0 ? lim0 : lim1;
+      float z[16];
+      float tm = kNegInf;
 #pragma unroll
-    for (int j = 0; j < kColsPerThread; ++j) {
-      ok[j] = visible(p, row, j0 + tx * kColsPerThread + j);
-      z[j] = __fmul_rn(acc[r][j], p.scale);  // rounded product, no FMA contraction: pass 2 computes the same z
-      if (ok[j]) m = fmaxf(m, z[j]);
+      for (int t8 = 0; t8 < 8; ++t8)
+#pragma unroll
+        for (int u = 0; u < 2; ++u) {
+          const int key = j0 + t8 * 8 + 2 * (lane % 4) + u;
+          const float v = __fmul_rn(acc[t8][2 * h + u], p.scale);  // pass 2 computes the same z
+          z[t8 * 2 + u] = key <= lim ? v : kNegInf;
+          tm = fmaxf(tm, z[t8 * 2 + u]);
+        }
+      tm = fmaxf(tm, __shfl_xor_sync(0xffffffffu, tm, 1));
+      tm = fmaxf(tm, __shfl_xor_sync(0xffffffffu, tm, 2));
+      // Every lane reaches the shuffles (a row that sees none of the tile, or a padding row, sums 0).
+      float s = 0.0f;
+#pragma unroll
+      for (int u = 0; u < 16; ++u) s += z[u] == kNegInf ? 0.0f : expf(z[u] - tm);
+      s += __shfl_xor_sync(0xffffffffu, s, 1);
+      s += __shfl_xor_sync(0xffffffffu, s, 2);
+      if (tm == kNegInf) continue;  // the row sees none of the tile (uniform over the quad)
+      const float nm = fmaxf(m[h], tm);
+      l[h] = (m[h] == kNegInf ? 0.0f : l[h] * expf(m[h] - nm)) + s * expf(tm - nm);
+      m[h] = nm;
     }
-    m = half_warp_max(m);
-    float l = 0.0f;
+  }
+  if (lane % 4 == 0) {
 #pragma unroll
-    for (int j = 0; j < kColsPerThread; ++j)
-      if (ok[j]) l += expf(z[j] - m);
-    l = half_warp_sum(l);
-    if (tx == 0 && row < p.rows)
-      p.partial[(static_cast<int64_t>(kvh) * p.rows + row) * p.stat_tiles + tile] = make_float2(m, l);
+    for (int h = 0; h < 2; ++h) {
+      const int local = r_lo + 8 * h;
+      if (local < p.rows_per_chunk && row0 + local < p.rows)
+        p.partial[(static_cast<int64_t>(kvh) * p.rows + row0 + local) * p.stat_spans + span] = make_float2(m[h], l[h]);
+    }
   }
 }
 
@@ -130,88 +175,117 @@ __global__ void __launch_bounds__(256) window_merge_kernel(const float2* partial
   if (lane == 0) stats[warp] = make_float2(m, static_cast<float>(1.0 / l));
 }
 
-template <int D, int TM>
+template <int D>
 struct ProbsSmem {
-  using S = TileShape<D, TM>;
-  static constexpr int kPPitch = kColTile + 1;
-  // cols_t and the probability tile share one region: P is written after the last read of cols_t.
-  static constexpr int kUnionFloats = S::kColFloats > S::kRowTile * kPPitch ? S::kColFloats : S::kRowTile * kPPitch;
+  static constexpr int kPPitch = kMmaKeys + 1;
   static constexpr size_t bytes(int group) {
-    return static_cast<size_t>(S::kRowFloats + kUnionFloats) * sizeof(float) +
-           static_cast<size_t>(group) * kColTile * sizeof(double);
+    return static_cast<size_t>(2 * MmaShape<D>::kTileElems) * sizeof(__nv_bfloat16) +
+           static_cast<size_t>(kMmaRows * kPPitch) * sizeof(float) + static_cast<size_t>(group) * kMmaKeys * sizeof(double);
   }
 };
 
-// Pass 2. Grid (ceil(out_len / 64), Hkv). For each key j of the tile and each group head gi:
-// sacc[gi][j] = sum over the window rows of p (or p^2), in row order, fp64; then the group
-// reduction, written to reduced[kvh][j] for j < out_len.
-template <int D, int TM>
-__global__ void __launch_bounds__(kTileThreads) window_probs_kernel(const WindowParams p) {
-  using S = TileShape<D, TM>;
-  using PS = ProbsSmem<D, TM>;
+// Pass 2. Grid (ceil(out_len / 64), Hkv), 4 warps. Logits recomputed with the pass-1 instruction
+// sequence, probabilities p = exp(z - max) / sum (or p^2) staged in shared memory, then reduced in a
+// fixed order (deterministic), fp64:
+//   head-major (window scores): sacc[gi][j] = sum over the window rows of gi, in row order; then
+//     the group reduction (mean over the window first, then mean | max | sum over the group);
+//   query-major (H2O): acc[j] = sum over queries in order of gqa_{gi}(p) (mean | max).
+// Written to reduced[kvh][j] for j < out_len.
+template <int D>
+__global__ void __launch_bounds__(kMmaThreads) window_probs_kernel(const WindowParams p) {
+  using S = MmaShape<D>;
+  using PS = ProbsSmem<D>;
   ADAKV_DYNAMIC_SMEM(smem);
-  float* rows_t = reinterpret_cast<float*>(smem);  // [D][kRowPitch]
-  float* cols_t = rows_t + S::kRowFloats;          // [D][kColPitch]
-  float* probs = cols_t;                           // [kRowTile][kPPitch] (same region)
-  double* sacc = reinterpret_cast<double*>(rows_t + S::kRowFloats + PS::kUnionFloats);  // [g][kColTile]
+  __nv_bfloat16* qs = reinterpret_cast<__nv_bfloat16*>(smem);
+  __nv_bfloat16* ks = qs + S::kTileElems;
+  float* probs = reinterpret_cast<float*>(ks + S::kTileElems);  // [64][kPPitch]
+  double* sacc = reinterpret_cast<double*>(probs + kMmaRows * PS::kPPitch);  // [g][64]
   const int tile = blockIdx.x;
   const int kvh = blockIdx.y;
-  const int j0 = tile * kColTile;
-  const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
+  const int j0 = tile * kMmaKeys;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int r_lo = warp * 16 + lane / 4;
 
-  for (int idx = threadIdx.x; idx < p.group * kColTile; idx += blockDim.x) sacc[idx] = 0.0;
-  for (int chunk = 0; chunk < p.row_chunks; ++chunk) {
-    const int row0 = chunk * S::kRowTile;
-    __syncthreads();  // the previous chunk's reads of probs / sacc are done
-    load_query_rows<D, S::kRowTile, S::kRowPitch>(rows_t, p, kvh, row0);
-    load_key_tile<D>(cols_t, p, kvh, j0);
+  for (int idx = threadIdx.x; idx < p.group * kMmaKeys; idx += blockDim.x) sacc[idx] = 0.0;
+  double qacc = 0.0;  // query-major: column threadIdx.x's running sum
+  load_key_tile<D>(ks, p, kvh, j0);
+  // Query-major: queries before j0 see none of the tile.
+  int chunk0 = 0;
+  if (p.query_major) {
+    const int first_query = max(0, j0 - (p.length - p.window));
+    chunk0 = (first_query * p.group) / p.rows_per_chunk;
+  }
+  for (int chunk = chunk0; chunk < p.row_chunks; ++chunk) {
+    const int row0 = chunk * p.rows_per_chunk;
+    __syncthreads();  // the previous chunk's reads of qs / probs are done
+    load_query_chunk<D>(qs, p, kvh, row0);
     __syncthreads();
-    float acc[TM][kColsPerThread];
-    tile_product<D, TM>(rows_t, cols_t, ty, tx, acc);
-    __syncthreads();  // every read of cols_t is done before probs overwrites it
+    uint32_t a[S::kSteps][4];
+    load_a_frags<D>(a, qs, warp, lane);
+    float acc[8][4];
+    warp_logits<D>(acc, a, ks, lane);
 #pragma unroll
-    for (int r = 0; r < TM; ++r) {
-      const int local = ty * TM + r;
-      const int row = row0 + local;
+    for (int h = 0; h < 2; ++h) {
+      const int local = r_lo + 8 * h;
+      const int lim = last_visible(p, row0, local);
       float2 st = make_float2(0.0f, 0.0f);
-      if (row < p.rows) st = p.stats[static_cast<int64_t>(kvh) * p.rows + row];
+      if (lim >= 0) st = p.stats[static_cast<int64_t>(kvh) * p.rows + row0 + local];
 #pragma unroll
-      for (int j = 0; j < kColsPerThread; ++j) {
-        const int c = tx * kColsPerThread + j;
-        float pv = 0.0f;
-        if (visible(p, row, j0 + c)) {
-          pv = expf(__fmul_rn(acc[r][j], p.scale) - st.x) * st.y;
-          if (p.squared) pv *= pv;
+      for (int t8 = 0; t8 < 8; ++t8)
+#pragma unroll
+        for (int u = 0; u < 2; ++u) {
+          const int c = t8 * 8 + 2 * (lane % 4) + u;
+          float pv = 0.0f;
+          if (j0 + c <= lim) {
+            pv = expf(__fmul_rn(acc[t8][2 * h + u], p.scale) - st.x) * st.y;
+            if (p.squared) pv *= pv;
+          }
+          probs[local * PS::kPPitch + c] = pv;
         }
-        probs[local * PS::kPPitch + c] = pv;
-      }
     }
     __syncthreads();
+    const int row_end = min(p.rows, row0 + p.rows_per_chunk);
+    if (p.query_major) {
+      const int c = threadIdx.x;
+      if (c < kMmaKeys) {
+        for (int r = 0; r + row0 < row_end; r += p.group) {
+          double v = static_cast<double>(probs[r * PS::kPPitch + c]);
+          for (int gi = 1; gi < p.group; ++gi) {
+            const double x = static_cast<double>(probs[(r + gi) * PS::kPPitch + c]);
+            v = p.gqa == 1 ? fmax(v, x) : v + x;
+          }
+          if (p.gqa == 0) v /= p.group;
+          qacc += v;
+        }
+      }
+      continue;
+    }
     // (group head, key) items of this chunk; each sums its rows in order.
-    const int row_end = min(p.rows, row0 + S::kRowTile);
     const int gi_first = row0 / p.window;
     const int gi_count = (row_end - 1) / p.window - gi_first + 1;
-    for (int item = threadIdx.x; item < gi_count * kColTile; item += blockDim.x) {
-      const int c = item % kColTile;
-      const int gi = gi_first + item / kColTile;
+    for (int item = threadIdx.x; item < gi_count * kMmaKeys; item += blockDim.x) {
+      const int c = item % kMmaKeys;
+      const int gi = gi_first + item / kMmaKeys;
       const int r_begin = max(gi * p.window, row0) - row0;
       const int r_end = min((gi + 1) * p.window, row_end) - row0;
       double s = 0.0;
       for (int r = r_begin; r < r_end; ++r) s += static_cast<double>(probs[r * PS::kPPitch + c]);
-      sacc[gi * kColTile + c] += s;
+      sacc[gi * kMmaKeys + c] += s;
     }
   }
   __syncthreads();
   const int c = threadIdx.x;
-  if (c < kColTile && j0 + c < p.out_len) {
+  if (c < kMmaKeys && j0 + c < p.out_len) {
     double v = 0.0;
-    if (p.squared || p.gqa == 2) {
-      for (int gi = 0; gi < p.group; ++gi) v += sacc[gi * kColTile + c];
+    if (p.query_major) {
+      v = qacc;
+    } else if (p.squared || p.gqa == 2) {
+      for (int gi = 0; gi < p.group; ++gi) v += sacc[gi * kMmaKeys + c];
     } else {
       // Mirrors reduce_group(window_mean_probs): mean over the window first, then the group.
       v = sacc[c] / p.window;
       for (int gi = 1; gi < p.group; ++gi) {
-        const double x = sacc[gi * kColTile + c] / p.window;
+        const double x = sacc[gi * kMmaKeys + c] / p.window;
         v = p.gqa == 1 ? fmax(v, x) : v + x;
       }
       if (p.gqa == 0) v /= p.group;
@@ -245,42 +319,42 @@ __global__ void __launch_bounds__(256) pool_kernel(const float* in, int64_t in_s
   out[h * out_stride + j] = result;
 }
 
-template <int D, int TM>
+template <int D>
 constexpr size_t stats_smem_bytes() {
-  return static_cast<size_t>(TileShape<D, TM>::kRowFloats + TileShape<D, TM>::kColFloats) * sizeof(float);
+  return static_cast<size_t>(2 * MmaShape<D>::kTileElems) * sizeof(__nv_bfloat16);
 }
 
 constexpr int kMaxGroup = 64;
 
-// Raises the dynamic shared-memory limit of both passes and asks for the largest shared-memory
-// carveout, so that two 100 KB blocks fit on an SM.
-template <int D, int TM>
+template <int D>
 cudaError_t set_smem_limits() {
-  cudaError_t err = cudaFuncSetAttribute(window_stats_kernel<D, TM>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(stats_smem_bytes<D, TM>()));
+  cudaError_t err = cudaFuncSetAttribute(window_stats_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         static_cast<int>(stats_smem_bytes<D>()));
   if (err == cudaSuccess)
-    err = cudaFuncSetAttribute(window_stats_kernel<D, TM>, cudaFuncAttributePreferredSharedMemoryCarveout, 100);
+    err = cudaFuncSetAttribute(window_probs_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               static_cast<int>(ProbsSmem<D>::bytes(kMaxGroup)));
   if (err == cudaSuccess)
-    err = cudaFuncSetAttribute(window_probs_kernel<D, TM>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                               static_cast<int>(ProbsSmem<D, TM>::bytes(kMaxGroup)));
-  if (err == cudaSuccess)
-    err = cudaFuncSetAttribute(window_probs_kernel<D, TM>, cudaFuncAttributePreferredSharedMemoryCarveout, 100);
+    err = cudaFuncSetAttribute(window_probs_kernel<D>, cudaFuncAttributePreferredSharedMemoryCarveout, 100);
   return err;
 }
 
-template <int D, int TM>
+template <int D>
 cudaError_t launch_passes(const WindowParams& p, int num_kv_heads, cudaStream_t stream) {
-  cudaError_t err = launch(window_stats_kernel<D, TM>, dim3(p.stat_tiles, num_kv_heads * p.row_chunks),
-                           dim3(kTileThreads), stats_smem_bytes<D, TM>(), stream, p);
+  cudaError_t err = launch(window_stats_kernel<D>, dim3(p.stat_spans, num_kv_heads * p.row_chunks),
+                           dim3(kMmaThreads), stats_smem_bytes<D>(), stream, p);
   if (err != cudaSuccess) return err;
   const int total_rows = num_kv_heads * p.rows;
   err = launch(window_merge_kernel, dim3(static_cast<unsigned>(ceil_div(total_rows, 8))), dim3(256), 0, stream,
-               static_cast<const float2*>(p.partial), p.stats, total_rows, p.stat_tiles);
+               static_cast<const float2*>(p.partial), p.stats, total_rows, p.stat_spans);
   if (err != cudaSuccess) return err;
-  const int prob_tiles = static_cast<int>(ceil_div(p.out_len, kColTile));
-  return launch(window_probs_kernel<D, TM>, dim3(prob_tiles, num_kv_heads), dim3(kTileThreads),
-                ProbsSmem<D, TM>::bytes(p.group), stream, p);
+  const int prob_tiles = static_cast<int>(ceil_div(p.out_len, kMmaKeys));
+  return launch(window_probs_kernel<D>, dim3(prob_tiles, num_kv_heads), dim3(kMmaThreads), ProbsSmem<D>::bytes(p.group),
+                stream, p);
 }
+
+// Key tiles per pass-1 block: spans of 8 tiles (512 keys) for window scores, so that a layer
+// gives enough blocks; one span (the whole row) for H2O, whose rows are many.
+inline int span_tiles_for(bool query_major, int key_tiles) { return query_major ? std::max(key_tiles, 1) : 8; }
 
 }  // namespace score_detail
 
@@ -296,9 +370,13 @@ Expected<std::unique_ptr<WindowScorer>> WindowScorer::create(const WindowScorerO
   std::unique_ptr<WindowScorer> s(new WindowScorer());
   s->options_ = o;
   s->group_ = o.num_heads / o.num_kv_heads;
-  const int64_t rows = static_cast<int64_t>(s->group_) * o.max_window;
-  const int64_t tiles = ceil_div(o.max_length, kColTile);
-  const size_t partial_bytes = static_cast<size_t>(o.num_kv_heads) * rows * tiles * sizeof(float2);
+  // Partials: window scores [Hkv][g * w][spans of 8 tiles]; H2O [Hkv][g * L][1].
+  const int64_t tiles = ceil_div(o.max_length, kMmaKeys);
+  const int64_t window_rows = static_cast<int64_t>(s->group_) * std::min(o.max_window, o.max_length);
+  const int64_t partial_count = std::max(window_rows * ceil_div(tiles, span_tiles_for(false, 1)),
+                                         static_cast<int64_t>(s->group_) * o.max_length);
+  const int64_t rows = std::max(window_rows, static_cast<int64_t>(s->group_) * o.max_length);
+  const size_t partial_bytes = static_cast<size_t>(o.num_kv_heads) * partial_count * sizeof(float2);
   const size_t stats_bytes = static_cast<size_t>(o.num_kv_heads) * rows * sizeof(float2);
   const size_t reduced_bytes = static_cast<size_t>(o.num_kv_heads) * o.max_length * sizeof(float);
   ADAKV_CUDA_RETURN_IF_ERROR(cudaMalloc(&s->workspace_, partial_bytes + stats_bytes + reduced_bytes));
@@ -307,11 +385,9 @@ Expected<std::unique_ptr<WindowScorer>> WindowScorer::create(const WindowScorerO
   s->stats_ = reinterpret_cast<float2*>(base + partial_bytes);
   s->reduced_ = reinterpret_cast<float*>(base + partial_bytes + stats_bytes);
   if (o.head_dim == 64) {
-    ADAKV_CUDA_RETURN_IF_ERROR((set_smem_limits<64, 2>()));
-    ADAKV_CUDA_RETURN_IF_ERROR((set_smem_limits<64, 8>()));
+    ADAKV_CUDA_RETURN_IF_ERROR(set_smem_limits<64>());
   } else {
-    ADAKV_CUDA_RETURN_IF_ERROR((set_smem_limits<128, 2>()));
-    ADAKV_CUDA_RETURN_IF_ERROR((set_smem_limits<128, 8>()));
+    ADAKV_CUDA_RETURN_IF_ERROR(set_smem_limits<128>());
   }
   return Expected<std::unique_ptr<WindowScorer>>(std::move(s));
 }
@@ -326,22 +402,30 @@ Status WindowScorer::snapkv(const WindowScoreInputs& in, GqaReduce gqa, PoolKind
   if (in.length <= in.window)
     return invalid_argument("WindowScorer::snapkv: L = " + std::to_string(in.length) + " <= w = " +
                             std::to_string(in.window) + ": nothing to score");
-  return run(in, false, gqa, pool, kernel, in.length - in.window, out, out_stride, stream);
+  return run(in, false, gqa, pool, kernel, in.length - in.window, out, out_stride, stream, false);
 }
 
 Status WindowScorer::kvcompress_metric(const WindowScoreInputs& in, PoolKind pool, int32_t kernel, float* out,
                                        int64_t out_stride, cudaStream_t stream) {
-  return run(in, true, GqaReduce::kSum, pool, kernel, in.length, out, out_stride, stream);
+  return run(in, true, GqaReduce::kSum, pool, kernel, in.length, out, out_stride, stream, false);
+}
+
+Status WindowScorer::h2o(const WindowScoreInputs& in, GqaReduce gqa, float* out, int64_t out_stride,
+                         cudaStream_t stream) {
+  if (gqa == GqaReduce::kSum) return invalid_argument("WindowScorer::h2o: GQA reduction must be mean or max");
+  if (in.window != in.length)
+    return invalid_argument("WindowScorer::h2o: every prompt query is needed (window == length)");
+  return run(in, false, gqa, PoolKind::kMax, 1, in.length, out, out_stride, stream, true);
 }
 
 Status WindowScorer::run(const WindowScoreInputs& in, bool squared, GqaReduce gqa, PoolKind pool, int32_t kernel,
-                         int32_t out_len, float* out, int64_t out_stride, cudaStream_t stream) {
+                         int32_t out_len, float* out, int64_t out_stride, cudaStream_t stream, bool query_major) {
   const std::string where = "WindowScorer: ";
   const WindowScorerOptions& o = options_;
   const int64_t q_stride = in.q_token_stride != 0 ? in.q_token_stride : static_cast<int64_t>(o.num_heads) * o.head_dim;
   const int64_t k_stride = in.k_token_stride != 0 ? in.k_token_stride : static_cast<int64_t>(o.num_kv_heads) * o.head_dim;
   if (in.queries == nullptr || in.keys == nullptr || out == nullptr) return invalid_argument(where + "null pointer");
-  if (in.window < 1 || in.window > o.max_window || in.window > in.length)
+  if (in.window < 1 || (!query_major && in.window > o.max_window) || in.window > in.length)
     return invalid_argument(where + "window " + std::to_string(in.window) + " outside [1, min(L, max_window)]");
   if (in.length > o.max_length)
     return invalid_argument(where + "L = " + std::to_string(in.length) + " above max_length " + std::to_string(o.max_length));
@@ -363,10 +447,12 @@ Status WindowScorer::run(const WindowScoreInputs& in, bool squared, GqaReduce gq
   p.num_heads = o.num_heads;
   p.group = group_;
   p.rows = group_ * in.window;
-  const bool small = p.rows <= TileShape<64, 2>::kRowTile;
-  const int row_tile = small ? TileShape<64, 2>::kRowTile : TileShape<64, 8>::kRowTile;
-  p.row_chunks = static_cast<int32_t>(ceil_div(p.rows, row_tile));
-  p.stat_tiles = static_cast<int32_t>(ceil_div(in.length, kColTile));
+  p.query_major = query_major ? 1 : 0;
+  p.rows_per_chunk = query_major ? (kMmaRows / group_) * group_ : kMmaRows;
+  p.row_chunks = static_cast<int32_t>(ceil_div(p.rows, p.rows_per_chunk));
+  p.key_tiles = static_cast<int32_t>(ceil_div(in.length, kMmaKeys));
+  p.span_tiles = span_tiles_for(query_major, p.key_tiles);
+  p.stat_spans = static_cast<int32_t>(ceil_div(p.key_tiles, p.span_tiles));
   p.scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(o.head_dim)));
   p.partial = partial_;
   p.stats = stats_;
@@ -380,9 +466,9 @@ Status WindowScorer::run(const WindowScoreInputs& in, bool squared, GqaReduce gq
 
   cudaError_t err;
   if (o.head_dim == 64)
-    err = small ? launch_passes<64, 2>(p, o.num_kv_heads, stream) : launch_passes<64, 8>(p, o.num_kv_heads, stream);
+    err = launch_passes<64>(p, o.num_kv_heads, stream);
   else
-    err = small ? launch_passes<128, 2>(p, o.num_kv_heads, stream) : launch_passes<128, 8>(p, o.num_kv_heads, stream);
+    err = launch_passes<128>(p, o.num_kv_heads, stream);
   ADAKV_CUDA_RETURN_IF_ERROR(err);
   if (pooled) {
     const int64_t total = static_cast<int64_t>(o.num_kv_heads) * out_len;

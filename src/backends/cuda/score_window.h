@@ -10,10 +10,11 @@
 // stride 1, padding k/2 (k = 1: none). These equal snapkv_head_scores / kvcompress_head_metric of
 // compress/scorers.h to about 1e-6 relative (those work in fp64).
 //
-// How: pass 1 computes per (query row, 64-key tile) the tile's max logit and sum of exponentials;
-// a merge kernel folds the tiles of each row (fp64) into its max and 1 / sum; pass 2 recomputes the
-// logits, turns them into probabilities and reduces them over the window rows and the group in
-// shared memory (fp64 sums); a last kernel pools. Logits are fp32 FMA chains (score_tile.cuh).
+// How: pass 1 computes per (query row, span of 512 keys) the span's max logit and sum of
+// exponentials (online over 64-key tiles); a merge kernel folds the spans of each row (fp64) into
+// its max and 1 / sum; pass 2 recomputes the logits, turns them into probabilities and reduces
+// them over the window rows and the group in shared memory (fp64 sums); a last kernel pools.
+// Logits are tensor-core products, bf16 x bf16 with fp32 accumulation (score_mma.cuh).
 // Everything is deterministic: the same inputs give bit-identical scores.
 //
 // Use: create() once (allocates the workspace for the largest L and w), then one call per layer;
@@ -65,18 +66,26 @@ class WindowScorer {
   Status kvcompress_metric(const WindowScoreInputs& in, PoolKind pool, int32_t kernel, float* out, int64_t out_stride,
                            cudaStream_t stream);
 
+  // H2O prompt accumulation (method.md 1.2): out [Hkv][out_stride], L values per row:
+  //   A[kvh][j] = sum over every prompt query i >= j of gqa_{h in group}( p[h,i,j] ),
+  // gqa = mean or max, fp64 sums in query order. in.window must equal in.length (the queries are
+  // the whole prompt; max_window does not limit it: the workspace holds g * max_length rows).
+  // Equals accumulated_probs of compress/scorers.h to about 1e-5 relative. Costs about twice the
+  // prompt's attention logits (two passes on tensor cores), no L x L matrix.
+  Status h2o(const WindowScoreInputs& in, GqaReduce gqa, float* out, int64_t out_stride, cudaStream_t stream);
+
   const WindowScorerOptions& options() const { return options_; }
 
  private:
   WindowScorer() = default;
   Status run(const WindowScoreInputs& in, bool squared, GqaReduce gqa, PoolKind pool, int32_t kernel, int32_t out_len,
-             float* out, int64_t out_stride, cudaStream_t stream);
+             float* out, int64_t out_stride, cudaStream_t stream, bool query_major);
 
   WindowScorerOptions options_;
   int32_t group_ = 0;
   // Device workspace (one allocation).
   void* workspace_ = nullptr;
-  float2* partial_ = nullptr;  // [Hkv][g * max_window][stat tiles of max_length] (tile max, tile sum)
+  float2* partial_ = nullptr;  // [Hkv][rows][spans] (span max, span sum)
   float2* stats_ = nullptr;    // [Hkv][g * max_window] (row max, 1 / row sum)
   float* reduced_ = nullptr;   // [Hkv][max_length] group-reduced scores before pooling
 };

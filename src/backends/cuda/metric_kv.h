@@ -1,0 +1,92 @@
+// Per-entry metrics on the device (H2O accumulated attention, the KV-Compress metric) and the
+// KV-Compress cross-layer block selection (method.md 1.2, 2.4). The metric lives in a slot-indexed
+// fp32 array next to the KV pool ([num_pages * kPageSize], like the positions), so compaction
+// (compact_kv_rows with `metric`) moves it with its entry.
+//
+//   metric_scatter_rows   values [rows][stride] -> metric[slot of (row, i)], i < length
+//   metric_gather_rows    metric[slot of (row, i)] -> out [rows][stride]
+//   metric_decode_add     one decode query per row: metric[slot(row, i)] += reduce_g p[g][i]
+//                         (H2O: mean | max over the group; KV-Compress: sum of p^2), fp64 per entry
+//                         as KvCompressor::add_attention, fp32 logits
+//   KvcSelector           KV-Compress: every row's entries sorted by (metric asc, position desc),
+//                         protected entries last (one 64-bit radix sort over the sequence); block
+//                         costs; the global block order (cost asc, row desc, k asc; a second sort);
+//                         the prefix freed until the sequence holds <= max_entries (a scan); per row
+//                         the blocks freed. Identical to kvcompress_select on the same metrics.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "core/status.h"
+
+namespace adakv::cuda {
+
+// Rows of one sequence (or of a decode batch) in the page-table mirror.
+struct MetricRows {
+  const int32_t* page_ids = nullptr;          // the page-table mirror
+  const int32_t* row_page_offsets = nullptr;  // [num_rows] offset of each row's page list in page_ids
+  int32_t num_rows = 0;
+};
+
+Status metric_scatter_rows(const MetricRows& rows, const float* values, int64_t stride, int32_t length, float* metric,
+                           cudaStream_t stream);
+Status metric_gather_rows(const MetricRows& rows, const float* metric, int32_t length, float* out, int64_t stride,
+                          cudaStream_t stream);
+
+struct MetricDecodeParams {
+  const __nv_bfloat16* k_pool = nullptr;
+  int64_t page_stride = 0;
+  int32_t head_dim = 0;                       // multiple of 8, <= 256
+  MetricRows rows;                            // row r = b * Hkv + kv head, b = decode token b
+  const int32_t* row_lengths = nullptr;       // [num_rows] entries (the new token included)
+  const __nv_bfloat16* queries = nullptr;     // token b's queries at queries + b * q_token_stride: [H][d]
+  int64_t q_token_stride = 0;
+  int32_t num_kv_heads = 0;
+  int32_t group = 1;                          // <= 64
+  float scale = 0.f;
+  int32_t mode = 0;                           // 0: mean over the group, 1: max, 2: sum of p^2 (KV-Compress)
+  float* metric = nullptr;
+};
+Status metric_decode_add(const MetricDecodeParams& p, cudaStream_t stream);
+
+class KvcSelector {
+ public:
+  // max_entries: the most entries of one sequence selected at once; max_rows: rows per sequence.
+  static Expected<std::unique_ptr<KvcSelector>> create(int64_t max_entries, int32_t max_rows);
+  ~KvcSelector();
+  KvcSelector(const KvcSelector&) = delete;
+  KvcSelector& operator=(const KvcSelector&) = delete;
+
+  // lengths [rows] (host); page lists through `rows`; metric and positions slot-indexed. Fills
+  // evict[r] with the entry indices to evict from row r (the first freed entries of its eviction
+  // order), as kvcompress_select. Synchronises `stream` (the host needs the counts).
+  Status select(const MetricRows& rows, const std::vector<int32_t>& lengths, const float* metric,
+                const int32_t* positions, int64_t max_entries, int32_t block_size, int64_t logical_length,
+                int32_t protected_window, cudaStream_t stream, std::vector<std::vector<int32_t>>* evict);
+
+ private:
+  KvcSelector() = default;
+  int64_t cap_ = 0;
+  int32_t max_rows_ = 0;
+  void* workspace_ = nullptr;
+  size_t temp_bytes_ = 0;
+  void* temp_ = nullptr;
+  uint64_t* keys_ = nullptr;      // [cap]
+  uint64_t* keys_out_ = nullptr;  // [cap]
+  int32_t* vals_ = nullptr;       // [cap]
+  int32_t* vals_out_ = nullptr;   // [cap]
+  int32_t* sizes_ = nullptr;      // [cap] block sizes, then their exclusive sum in scan_
+  int32_t* scan_ = nullptr;       // [cap]
+  int32_t* row_base_ = nullptr;   // [max_rows + 1]
+  int32_t* unprot_ = nullptr;     // [max_rows]
+  int32_t* block_base_ = nullptr; // [max_rows + 1]
+  int32_t* freed_ = nullptr;      // [max_rows]
+  int32_t* host_ = nullptr;       // pinned: [max_rows + 1] staging
+};
+
+}  // namespace adakv::cuda

@@ -10,18 +10,47 @@
 namespace adakv {
 
 KvCompressor::KvCompressor(const CompressConfig& config, const KvLayout& layout, int32_t num_heads, int64_t num_slots)
-    : config_(config), layout_(layout), num_heads_(num_heads), group_(num_heads / layout.num_kv_heads) {
+    : config_(config),
+      layout_(layout),
+      num_heads_(num_heads),
+      group_(num_heads / layout.num_kv_heads),
+      num_slots_(num_slots) {
   ADAKV_CHECK(validate_compress_config(config).is_ok(), "KvCompressor needs a validated config");
   ADAKV_CHECK(num_heads % layout.num_kv_heads == 0, "query heads must be a multiple of kv heads");
-  if (config.policy == KvPolicy::kH2o || config.policy == KvPolicy::kKvCompress)
-    metric_.assign(static_cast<size_t>(num_slots), 0.0f);
+  ensure_metric(config.policy);
 }
 
-int32_t KvCompressor::queries_needed(int32_t prompt_length) const {
-  if (config_.policy == KvPolicy::kH2o) return prompt_length;
-  if (policy_uses_window_scores(config_.policy) || config_.policy == KvPolicy::kKvCompress)
-    return std::min(config_.window, prompt_length);
+void KvCompressor::ensure_metric(KvPolicy p) {
+  if ((p == KvPolicy::kH2o || p == KvPolicy::kKvCompress) && metric_.empty())
+    metric_.assign(static_cast<size_t>(num_slots_), 0.0f);
+}
+
+void KvCompressor::set_config(SeqId seq, const CompressConfig& config) {
+  ADAKV_CHECK(seq >= 0, "set_config: bad sequence id");
+  ADAKV_CHECK(validate_compress_config(config).is_ok(), "KvCompressor::set_config needs a validated config");
+  if (static_cast<size_t>(seq) >= seq_config_.size()) seq_config_.resize(static_cast<size_t>(seq) + 1);
+  seq_config_[static_cast<size_t>(seq)] = config;
+  ensure_metric(config.policy);
+}
+
+const CompressConfig& KvCompressor::config(SeqId seq) const {
+  if (seq >= 0 && static_cast<size_t>(seq) < seq_config_.size() && seq_config_[static_cast<size_t>(seq)].has_value())
+    return *seq_config_[static_cast<size_t>(seq)];
+  return config_;
+}
+
+namespace {
+int32_t queries_needed_for(const CompressConfig& c, int32_t prompt_length) {
+  if (c.policy == KvPolicy::kH2o) return prompt_length;
+  if (policy_uses_window_scores(c.policy) || c.policy == KvPolicy::kKvCompress) return std::min(c.window, prompt_length);
   return 0;
+}
+}  // namespace
+
+int32_t KvCompressor::queries_needed(int32_t prompt_length) const { return queries_needed_for(config_, prompt_length); }
+
+int32_t KvCompressor::queries_needed(SeqId seq, int32_t prompt_length) const {
+  return queries_needed_for(config(seq), prompt_length);
 }
 
 void KvCompressor::gather_row(const KvCacheManager& m, const CpuKvStorage& st, SeqId seq, int32_t layer,
@@ -53,6 +82,7 @@ void KvCompressor::apply_keep(KvCacheManager& m, CpuKvStorage& st, SeqId seq, co
 Expected<LayerPlan> KvCompressor::after_prefill_layer(KvCacheManager& m, CpuKvStorage& st, SeqId seq, int32_t layer,
                                                       const float* queries, int32_t num_queries, const float* o_proj,
                                                       int32_t hidden_size) {
+  const CompressConfig& cfg = config(seq);
   const int32_t hkv = layout_.num_kv_heads;
   LayerTensors t;
   t.num_heads = num_heads_;
@@ -68,7 +98,7 @@ Expected<LayerPlan> KvCompressor::after_prefill_layer(KvCacheManager& m, CpuKvSt
     t.lengths.push_back(m.length(seq, layer, h));
     prompt_length = std::max(prompt_length, t.lengths.back());
   }
-  const KvPolicy p = config_.policy;
+  const KvPolicy p = cfg.policy;
   if (p == KvPolicy::kFull) {
     LayerPlan plan;
     plan.layer = layer;
@@ -76,13 +106,13 @@ Expected<LayerPlan> KvCompressor::after_prefill_layer(KvCacheManager& m, CpuKvSt
     return plan;
   }
   if (p == KvPolicy::kStreamingLlm) {
-    LayerPlan plan = plan_streaming(config_, layer, t.lengths);
+    LayerPlan plan = plan_streaming(cfg, layer, t.lengths);
     apply_keep(m, st, seq, plan);
     return plan;
   }
-  if (num_queries < queries_needed(prompt_length))
+  if (num_queries < queries_needed(seq, prompt_length))
     return invalid_argument("compress layer " + std::to_string(layer) + ": " + kv_policy_name(p) + " needs the last " +
-                            std::to_string(queries_needed(prompt_length)) + " queries, got " + std::to_string(num_queries));
+                            std::to_string(queries_needed(seq, prompt_length)) + " queries, got " + std::to_string(num_queries));
 
   std::vector<std::vector<float>> keys(static_cast<size_t>(hkv)), values;  // [Hkv][L_h][d]
   for (int32_t h = 0; h < hkv; ++h) {
@@ -96,7 +126,7 @@ Expected<LayerPlan> KvCompressor::after_prefill_layer(KvCacheManager& m, CpuKvSt
       t.values.push_back(values[static_cast<size_t>(h)].data());
     }
   }
-  ADAKV_ASSIGN_OR_RETURN(LayerScores scores, compute_layer_scores(config_, layer, t));
+  ADAKV_ASSIGN_OR_RETURN(LayerScores scores, compute_layer_scores(cfg, layer, t));
 
   if (p == KvPolicy::kKvCompress) {  // seed the metric; eviction is cross-layer (after_prefill)
     for (int32_t h = 0; h < hkv; ++h)
@@ -113,19 +143,20 @@ Expected<LayerPlan> KvCompressor::after_prefill_layer(KvCacheManager& m, CpuKvSt
       for (int32_t i = 0; i < t.lengths[static_cast<size_t>(h)]; ++i)
         metric_[static_cast<size_t>(m.slot(seq, layer, h, i))] = scores.metric[static_cast<size_t>(h)][static_cast<size_t>(i)];
   }
-  const int32_t bs = layer_selection_budget(config_, layout_.num_layers, layer, prompt_length);
-  LayerPlan plan = plan_layer(config_, layer, bs, scores);
+  const int32_t bs = layer_selection_budget(cfg, layout_.num_layers, layer, prompt_length);
+  LayerPlan plan = plan_layer(cfg, layer, bs, scores);
   apply_keep(m, st, seq, plan);
   return plan;
 }
 
 int64_t KvCompressor::after_prefill(KvCacheManager& m, CpuKvStorage& st, SeqId seq) {
-  if (config_.policy != KvPolicy::kKvCompress) return 0;
+  const CompressConfig& cfg = config(seq);
+  if (cfg.policy != KvPolicy::kKvCompress) return 0;
   return compress_kvcompress(m, st, seq);
 }
 
 void KvCompressor::on_append(const KvCacheManager& m, SeqId seq, int32_t new_entries) {
-  if (metric_.empty()) return;
+  if (!has_metric(config(seq))) return;
   for (int32_t l = 0; l < layout_.num_layers; ++l)
     for (int32_t h = 0; h < layout_.num_kv_heads; ++h) {
       const int32_t n = m.length(seq, l, h);
@@ -135,16 +166,17 @@ void KvCompressor::on_append(const KvCacheManager& m, SeqId seq, int32_t new_ent
 }
 
 void KvCompressor::add_attention(const KvCacheManager& m, SeqId seq, int32_t layer, int32_t kv_head, const float* probs) {
-  if (metric_.empty()) return;
+  const CompressConfig& cfg = config(seq);
+  if (!has_metric(cfg)) return;
   const int32_t n = m.length(seq, layer, kv_head);
-  const bool squared = config_.policy == KvPolicy::kKvCompress;
+  const bool squared = cfg.policy == KvPolicy::kKvCompress;
   for (int32_t i = 0; i < n; ++i) {
     double v = 0.0;
     for (int32_t g = 0; g < group_; ++g) {
       const double p = probs[static_cast<size_t>(g) * static_cast<size_t>(n) + static_cast<size_t>(i)];
       if (squared) {
         v += p * p;  // KV-Compress: sum over the group of p^2
-      } else if (config_.gqa == GqaReduce::kMax) {
+      } else if (cfg.gqa == GqaReduce::kMax) {
         v = g == 0 ? p : std::max(v, p);
       } else {
         v += p / group_;
@@ -156,7 +188,7 @@ void KvCompressor::add_attention(const KvCacheManager& m, SeqId seq, int32_t lay
 
 void KvCompressor::observe_decode(const KvCacheManager& m, const CpuKvStorage& st, SeqId seq, int32_t layer,
                                   const float* query) {
-  if (metric_.empty()) return;
+  if (!has_metric(config(seq))) return;
   std::vector<float> keys;
   for (int32_t h = 0; h < layout_.num_kv_heads; ++h) {
     gather_row(m, st, seq, layer, h, false, keys);
@@ -177,15 +209,17 @@ void KvCompressor::observe_decode(const KvCacheManager& m, const CpuKvStorage& s
 }
 
 int64_t KvCompressor::after_decode_step(KvCacheManager& m, CpuKvStorage& st, SeqId seq) {
-  if (!policy_is_continual(config_.policy)) return 0;
+  const CompressConfig& cfg = config(seq);
+  if (!policy_is_continual(cfg.policy)) return 0;
   if (static_cast<size_t>(seq) >= decode_steps_.size()) decode_steps_.resize(static_cast<size_t>(seq) + 1, 0);
   const int64_t step = ++decode_steps_[static_cast<size_t>(seq)];
-  if (step % config_.interval != 0) return 0;
+  if (step % cfg.interval != 0) return 0;
   return compress_now(m, st, seq);
 }
 
 int64_t KvCompressor::compress_now(KvCacheManager& m, CpuKvStorage& st, SeqId seq) {
-  switch (config_.policy) {
+  const CompressConfig& cfg = config(seq);
+  switch (cfg.policy) {
     case KvPolicy::kH2o: return compress_h2o(m, st, seq);
     case KvPolicy::kStreamingLlm: return compress_streaming(m, st, seq);
     case KvPolicy::kKvCompress: return compress_kvcompress(m, st, seq);
@@ -195,35 +229,39 @@ int64_t KvCompressor::compress_now(KvCacheManager& m, CpuKvStorage& st, SeqId se
 
 void KvCompressor::on_release(SeqId seq) {
   if (static_cast<size_t>(seq) < decode_steps_.size()) decode_steps_[static_cast<size_t>(seq)] = 0;
+  if (static_cast<size_t>(seq) < seq_config_.size()) seq_config_[static_cast<size_t>(seq)].reset();
 }
 
 int64_t KvCompressor::compress_h2o(KvCacheManager& m, CpuKvStorage& st, SeqId seq) {
+  const CompressConfig& cfg = config(seq);
   const int64_t before = m.used_pages();
   for (int32_t l = 0; l < layout_.num_layers; ++l) {
     LayerScores s;
     for (int32_t h = 0; h < layout_.num_kv_heads; ++h) {
       const int32_t n = m.length(seq, l, h);
       s.lengths.push_back(n);
-      std::vector<float> sc(static_cast<size_t>(std::max(0, n - config_.window)));
+      std::vector<float> sc(static_cast<size_t>(std::max(0, n - cfg.window)));
       for (size_t i = 0; i < sc.size(); ++i) sc[i] = metric_[static_cast<size_t>(m.slot(seq, l, h, static_cast<int32_t>(i)))];
       s.scores.push_back(std::move(sc));
     }
-    apply_keep(m, st, seq, plan_layer(config_, l, config_.budget - config_.window, s));
+    apply_keep(m, st, seq, plan_layer(cfg, l, cfg.budget - cfg.window, s));
   }
   return before - m.used_pages();
 }
 
 int64_t KvCompressor::compress_streaming(KvCacheManager& m, CpuKvStorage& st, SeqId seq) {
+  const CompressConfig& cfg = config(seq);
   const int64_t before = m.used_pages();
   for (int32_t l = 0; l < layout_.num_layers; ++l) {
     std::vector<int32_t> lengths;
     for (int32_t h = 0; h < layout_.num_kv_heads; ++h) lengths.push_back(m.length(seq, l, h));
-    apply_keep(m, st, seq, plan_streaming(config_, l, lengths));
+    apply_keep(m, st, seq, plan_streaming(cfg, l, lengths));
   }
   return before - m.used_pages();
 }
 
 int64_t KvCompressor::compress_kvcompress(KvCacheManager& m, CpuKvStorage& st, SeqId seq) {
+  const CompressConfig& cfg = config(seq);
   const int64_t before = m.used_pages();
   const int32_t hkv = layout_.num_kv_heads;
   const size_t num_rows = static_cast<size_t>(layout_.num_layers) * static_cast<size_t>(hkv);
@@ -243,9 +281,9 @@ int64_t KvCompressor::compress_kvcompress(KvCacheManager& m, CpuKvStorage& st, S
       }
       rows[r] = {metric[r], positions[r]};
     }
-  const int64_t t = config_.max_cache_tokens > 0 ? config_.max_cache_tokens : config_.budget;
+  const int64_t t = cfg.max_cache_tokens > 0 ? cfg.max_cache_tokens : cfg.budget;
   const std::vector<std::vector<int32_t>> evict =
-      kvcompress_select(rows, static_cast<int64_t>(num_rows) * t, layout_.page_size, logical, config_.protected_window);
+      kvcompress_select(rows, static_cast<int64_t>(num_rows) * t, layout_.page_size, logical, cfg.protected_window);
   for (int32_t l = 0; l < layout_.num_layers; ++l)
     for (int32_t h = 0; h < hkv; ++h) {
       const auto& e = evict[static_cast<size_t>(l) * static_cast<size_t>(hkv) + static_cast<size_t>(h)];

@@ -13,9 +13,15 @@
 //
 // Per-entry metrics (H2O accumulated attention, the KV-Compress metric) live in a slot-indexed
 // array next to K/V, so compaction moves carry them with the entry.
+//
+// Per-sequence configs: the constructor's config is the default; set_config(seq, c) gives one
+// sequence its own policy (the engine serves requests with different policies from one pool).
+// Every call about a sequence uses that sequence's config; the metric array is shared (slots
+// belong to one sequence at a time) and allocated once any sequence needs a metric.
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <vector>
 
 #include "compress/compress_config.h"
@@ -31,10 +37,16 @@ class KvCompressor {
   // `config` must pass validate_compress_config; num_slots = the storage's slots.
   KvCompressor(const CompressConfig& config, const KvLayout& layout, int32_t num_heads, int64_t num_slots);
 
+  // The default config (sequences without their own).
   const CompressConfig& config() const { return config_; }
+  // Gives `seq` its own config (must pass validate_compress_config) until on_release(seq).
+  void set_config(SeqId seq, const CompressConfig& config);
+  // The config `seq` is compressed with: its own, else the default.
+  const CompressConfig& config(SeqId seq) const;
   // Trailing prompt queries after_prefill_layer needs for a prompt of `prompt_length`
-  // (H2O: all of them; window policies: w; others: 0).
+  // (H2O: all of them; window policies: w; others: 0), for the default config or seq's.
   int32_t queries_needed(int32_t prompt_length) const;
+  int32_t queries_needed(SeqId seq, int32_t prompt_length) const;
 
   // Right after layer `layer` of `seq` finished its prefill: the layer's rows hold the prompt
   // (any previously kept entries first, the new tokens last). queries: [num_queries][H][head_dim]
@@ -61,7 +73,7 @@ class KvCompressor {
   int64_t after_decode_step(KvCacheManager& m, CpuKvStorage& st, SeqId seq);
   // Continual policies, now (e.g. rather than preempting seq). Returns pages freed.
   int64_t compress_now(KvCacheManager& m, CpuKvStorage& st, SeqId seq);
-  // Forget per-sequence state (call with KvCacheManager::release).
+  // Forget per-sequence state, its own config included (call with KvCacheManager::release).
   void on_release(SeqId seq);
 
   // The per-entry metric at a slot (0 for policies that keep none).
@@ -73,15 +85,22 @@ class KvCompressor {
                   bool values, std::vector<float>& out) const;
   void apply_keep(KvCacheManager& m, CpuKvStorage& st, SeqId seq, const LayerPlan& plan);
   void apply_moves(CpuKvStorage& st, std::span<const KvMove> moves);
+  // Allocates the metric array when policy `p` keeps a per-entry metric.
+  void ensure_metric(KvPolicy p);
+  bool has_metric(const CompressConfig& c) const {
+    return !metric_.empty() && (c.policy == KvPolicy::kH2o || c.policy == KvPolicy::kKvCompress);
+  }
   int64_t compress_h2o(KvCacheManager& m, CpuKvStorage& st, SeqId seq);
   int64_t compress_streaming(KvCacheManager& m, CpuKvStorage& st, SeqId seq);
   int64_t compress_kvcompress(KvCacheManager& m, CpuKvStorage& st, SeqId seq);
 
-  CompressConfig config_;
+  CompressConfig config_;  // the default
   KvLayout layout_;
   int32_t num_heads_;
   int32_t group_;
-  std::vector<float> metric_;        // [num_slots] per-entry metric (H2O, KV-Compress)
+  int64_t num_slots_;
+  std::vector<std::optional<CompressConfig>> seq_config_;  // [seq ids] own config, if any
+  std::vector<float> metric_;        // [num_slots] per-entry metric (H2O, KV-Compress); empty until needed
   std::vector<int64_t> decode_steps_;  // [seq ids] decode steps since prefill
 };
 

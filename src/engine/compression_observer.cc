@@ -1,6 +1,7 @@
 #include "engine/compression_observer.h"
 
 #include <algorithm>
+#include <limits>
 #include <string>
 
 #include "core/dtype.h"
@@ -47,7 +48,8 @@ CompressionObserver::CompressionObserver(KvCompressor& compressor, const ModelCo
       next_(next) {}
 
 void CompressionObserver::begin_step(Phase phase, int64_t n) {
-  phase_ = (phase == Phase::kPrefill && prefilled_) ? Phase::kAppend : phase;
+  const bool prefill = phase == Phase::kPrefill || phase == Phase::kPrefillPart;
+  phase_ = (prefill && prefilled_) ? Phase::kAppend : phase;
   step_tokens_ = n;
   error_ = Status::ok();
   if (phase_ == Phase::kPrefill) plans_.assign(static_cast<size_t>(config_.num_layers), LayerPlan{});
@@ -60,6 +62,7 @@ Status CompressionObserver::end_step() {
       pages_freed_ += compressor_.after_prefill(manager_, storage_, seq_);
       prefilled_ = true;
       break;
+    case Phase::kPrefillPart:
     case Phase::kAppend:
       break;
     case Phase::kDecode:
@@ -72,14 +75,34 @@ Status CompressionObserver::end_step() {
 void CompressionObserver::on_layer_queries(const LayerQueries& q) {
   if (q.seq == seq_ && error_.is_ok()) {
     const int64_t qstride = q.num_heads * q.head_dim;
-    if (phase_ == Phase::kPrefill) {
+    const KvPolicy policy = compressor_.config(seq_).policy;
+    std::vector<float>* stash =
+        stash_.empty() ? nullptr : &stash_[static_cast<size_t>(q.layer)];  // [stashed][H][d]
+    if (phase_ == Phase::kPrefillPart) {
+      // Keep the trailing queries the last chunk's compression may need.
+      const int64_t cap = compressor_.queries_needed(seq_, std::numeric_limits<int32_t>::max());
+      if (stash_.empty() && cap > 0) {
+        stash_.resize(static_cast<size_t>(config_.num_layers));
+        stash = &stash_[static_cast<size_t>(q.layer)];
+      }
+      if (cap > 0) stash->insert(stash->end(), q.q.begin(), q.q.begin() + q.n * qstride);
+      const int64_t held = cap > 0 ? static_cast<int64_t>(stash->size()) / qstride : 0;
+      if (held > cap) stash->erase(stash->begin(), stash->begin() + (held - cap) * qstride);
+    } else if (phase_ == Phase::kPrefill) {
       const int32_t row_length = manager_.length(seq_, q.layer, 0);
-      const int32_t k = std::min<int32_t>(compressor_.queries_needed(row_length), static_cast<int32_t>(q.n));
-      const float* last = q.q.data() + (q.n - k) * qstride;
+      const int64_t stashed = stash == nullptr ? 0 : static_cast<int64_t>(stash->size()) / qstride;
+      const int32_t k = static_cast<int32_t>(
+          std::min<int64_t>(compressor_.queries_needed(seq_, row_length), stashed + q.n));
+      const float* last = q.q.data() + (q.n - std::min<int64_t>(k, q.n)) * qstride;
+      if (k > q.n) {  // the last chunk is shorter than the queries needed: prepend earlier chunks'
+        joined_.assign(stash->end() - (k - q.n) * qstride, stash->end());
+        joined_.insert(joined_.end(), q.q.begin(), q.q.begin() + q.n * qstride);
+        last = joined_.data();
+      }
       const float* o = nullptr;
-      if (policy_is_two_stage(compressor_.config().policy)) {
+      if (policy_is_two_stage(policy)) {
         if (o_proj_ == nullptr) {
-          error_ = invalid_argument(std::string(kv_policy_name(compressor_.config().policy)) + " needs o_proj");
+          error_ = invalid_argument(std::string(kv_policy_name(policy)) + " needs o_proj");
         } else {
           o = (*o_proj_)[static_cast<size_t>(q.layer)].data();
         }
@@ -93,6 +116,7 @@ void CompressionObserver::on_layer_queries(const LayerQueries& q) {
           error_ = plan.status();
         }
       }
+      if (stash != nullptr) std::vector<float>().swap(*stash);  // the prefill is over
     } else {
       // The step's new entries (the last step_tokens_ of every row) start with a zero metric; the
       // first layer's call does it for every layer, before any of them is observed.

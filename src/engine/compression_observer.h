@@ -1,9 +1,13 @@
 // CompressionObserver: the LayerObserver that drives a KvCompressor from inside the forward pass,
 // following the call sequence of compress/kv_compressor.h. The caller brackets every forward
 // step of its sequence with begin_step / end_step and says what the step is:
-//   kPrefill  the prompt (or the context): each layer is compressed right after its attention
-//             with the layer's last queries_needed post-RoPE queries (+ o_proj for CriticalKV);
-//             end_step runs after_prefill (KV-Compress's cross-layer eviction).
+//   kPrefill  the prompt (or the context), or its last chunk: each layer is compressed right
+//             after its attention with the layer's last queries_needed post-RoPE queries (+ o_proj
+//             for CriticalKV); end_step runs after_prefill (KV-Compress's cross-layer eviction).
+//   kPrefillPart  a chunk of the prompt that is not the last (chunked prefill): nothing is
+//             compressed, the rows stay complete; the layer's trailing queries that the last
+//             chunk's compression will need are kept (H2O: all of them), so the final plan
+//             equals that of a one-step prefill.
 //   kAppend   tokens appended to an already compressed cache (a question after a compressed
 //             context): nothing is compressed again; per-entry metrics of the new entries start
 //             at zero (H2O / KV-Compress), and the step's last query is observed.
@@ -39,7 +43,7 @@ KvCacheStats kv_cache_stats(const KvCacheManager& m, SeqId seq);
 
 class CompressionObserver : public LayerObserver {
  public:
-  enum class Phase { kPrefill, kAppend, kDecode };
+  enum class Phase { kPrefill, kPrefillPart, kAppend, kDecode };
 
   // `o_proj` ([layers] -> [hidden][H * head_dim]) is needed for the two-stage policies only and
   // must outlive the observer; so must every other argument.
@@ -77,6 +81,10 @@ class CompressionObserver : public LayerObserver {
   Status error_;
   std::vector<LayerPlan> plans_;  // [layers]
   int64_t pages_freed_ = 0;
+  // Chunked prefill: the trailing post-RoPE queries of the chunks so far, per layer, at most
+  // queries_needed(any length) of them (window policies: w; H2O: all).
+  std::vector<std::vector<float>> stash_;  // [layers][stashed tokens][H][head_dim]
+  std::vector<float> joined_;              // [stash + step tokens][H][head_dim] scratch
 };
 
 }  // namespace adakv

@@ -51,6 +51,7 @@ struct TaskArgs {
   int64_t max_length = 0;
   int64_t max_new_tokens = 64;
   std::string shard;  // "I/N": run items I, I+N, I+2N, ... (parallel sweeps in separate processes)
+  bool no_share_prefill = false;
 };
 
 const char* kind_name(Kind k) {
@@ -228,6 +229,7 @@ void run_tasks(const TaskArgs& args) {
   std::shared_ptr<Tokenizer> tokenizer = value_or_fail(Tokenizer::load(args.model_dir));
   EvalRunOptions options;
   options.max_length = args.max_length;
+  options.share_prefill = !args.no_share_prefill;
   const EvalRunner runner(*model, tokenizer, options);
 
   std::vector<EvalItem> items =
@@ -285,6 +287,7 @@ void run_tasks(const TaskArgs& args) {
                            {"kv_window", args.kv.window},
                            {"items", items.size()}};
     if (!args.shard.empty()) meta["shard"] = args.shard;
+    meta["share_prefill"] = !args.no_share_prefill;
     if (args.kind == Kind::kNeedle || args.kind == Kind::kRuler) meta["lengths"] = args.lengths;
     if (args.kind == Kind::kNeedle) meta["depths"] = args.num_depths > 0 ? std::to_string(args.num_depths) : args.depths;
     if (args.kind == Kind::kRuler) meta["tasks"] = args.tasks;
@@ -307,6 +310,9 @@ CLI::App* add_task_command(CLI::App& eval, Kind kind, const std::string& help, s
   cmd->add_option("--out", args->out, "Write PREFIX.csv (every run) and PREFIX.json (aggregates)");
   cmd->add_option("--shard", args->shard, "Run only items I, I+N, ... of the sweep (I/N), for parallel processes");
   cmd->add_flag("--chat", args->chat, "Wrap prompts in the chat template (adakv-tiny-v1's)");
+  cmd->add_flag("--no-share-prefill", args->no_share_prefill,
+                "Prefill every (policy, budget) run from scratch instead of sharing one full-cache prefill per "
+                "sample and protocol (same results, slower; the reference path)");
   add_kv_flags(cmd, args->kv, /*with_policy=*/false);
   cmd->callback([args] { run_tasks(*args); });
   return cmd;

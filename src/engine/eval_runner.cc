@@ -4,11 +4,15 @@
 #include <chrono>
 #include <cmath>
 #include <map>
+#include <mutex>
+#include <optional>
 #include <nlohmann/json.hpp>
 #include <sstream>
 #include <tuple>
 
+#include "engine/compression_observer.h"
 #include "engine/generator.h"
+#include "engine/prefill_snapshot.h"
 
 namespace adakv {
 
@@ -21,10 +25,24 @@ Expected<std::vector<EvalProtocol>> parse_eval_protocols(std::string_view text) 
   return invalid_argument("--protocol: '" + std::string(text) + "' is not one of inside | after | both");
 }
 
+struct EvalRunner::OProjCache {
+  std::mutex mu;
+  std::shared_ptr<const std::vector<std::vector<float>>> o_proj;
+};
+
 EvalRunner::EvalRunner(const Transformer& model, std::shared_ptr<const Tokenizer> tokenizer, EvalRunOptions options)
-    : model_(model), tokenizer_(std::move(tokenizer)), options_(options) {
+    : model_(model), tokenizer_(std::move(tokenizer)), options_(options), o_proj_cache_(std::make_shared<OProjCache>()) {
   eos_ids_ = model_.config().eos_token_ids;
   for (int32_t id : tokenizer_->eos_ids()) eos_ids_.push_back(id);
+}
+
+Expected<std::shared_ptr<const std::vector<std::vector<float>>>> EvalRunner::o_proj() const {
+  std::lock_guard<std::mutex> lock(o_proj_cache_->mu);
+  if (!o_proj_cache_->o_proj) {
+    ADAKV_ASSIGN_OR_RETURN(std::vector<std::vector<float>> w, load_o_proj(model_.dir(), model_.config()));
+    o_proj_cache_->o_proj = std::make_shared<const std::vector<std::vector<float>>>(std::move(w));
+  }
+  return o_proj_cache_->o_proj;
 }
 
 eval::TokenizeFn EvalRunner::tokenize_fn() const {
@@ -69,6 +87,30 @@ Expected<std::vector<EvalRow>> EvalRunner::run(const EvalItem& item, const std::
   base.sampling.temperature = 0.0f;  // greedy
   base.eos_ids = eos_ids_;
 
+  // Shared prefill: one full-cache prefill per protocol (the whole prompt for inside, the
+  // context part for after), made before the first config that needs it. With max_new_tokens 0
+  // generate() runs nothing at all, so there is nothing to share.
+  const bool share = options_.share_prefill && s.max_new_tokens > 0;
+  const int64_t ctx = model_.context_length();
+  if (share && static_cast<int64_t>(all.size()) + s.max_new_tokens > ctx) {
+    // generate()'s own error, so both paths fail alike.
+    return Status(out_of_range("prompt of " + std::to_string(all.size()) + " tokens + " +
+                               std::to_string(s.max_new_tokens) + " new tokens exceeds the model's context of " +
+                               std::to_string(ctx)))
+        .with_context("sample " + s.id);
+  }
+  int32_t num_queries[2] = {0, 0};
+  if (share) {
+    std::vector<const CompressConfig*> compress;
+    for (const EvalConfig& c : configs) compress.push_back(&c.compress);
+    num_queries[static_cast<int>(EvalProtocol::kInside)] =
+        max_queries_needed(model_, compress, static_cast<int32_t>(all.size()));
+    num_queries[static_cast<int>(EvalProtocol::kAfter)] =
+        max_queries_needed(model_, compress, static_cast<int32_t>(tokens.question_start));
+  }
+  std::optional<PrefillSnapshot> snapshots[2];
+  std::shared_ptr<const std::vector<std::vector<float>>> o_proj_weights;
+
   std::vector<EvalRow> rows;
   for (const EvalConfig& config : configs) {
     for (EvalProtocol protocol : protocols) {
@@ -80,7 +122,38 @@ Expected<std::vector<EvalRow>> EvalRunner::run(const EvalItem& item, const std::
         prompt = all.subspan(tokens.question_start);
       }
       const double start = now_seconds();
-      Expected<GenerateResult> result = generate(model_, prompt, options, {});
+      double shared_seconds = 0.0;  // this run's share of the shared prefill
+      double captured_seconds = 0.0;  // the shared prefill, when this run made it
+      Expected<GenerateResult> result = [&]() -> Expected<GenerateResult> {
+        if (!share) return generate(model_, prompt, options, {});
+        const int p = static_cast<int>(protocol);
+        const std::span<const int32_t> prefill = protocol == EvalProtocol::kAfter ? options.context : prompt;
+        const std::span<const int32_t> append =
+            protocol == EvalProtocol::kAfter ? prompt : std::span<const int32_t>();
+        if (!snapshots[p].has_value()) {
+          ADAKV_ASSIGN_OR_RETURN(
+              snapshots[p], capture_prefill(model_, prefill, static_cast<int64_t>(all.size()) + s.max_new_tokens,
+                                            base.page_size, num_queries[p]));
+          captured_seconds = snapshots[p]->seconds;
+        }
+        shared_seconds = snapshots[p]->seconds / static_cast<double>(configs.size());
+        const std::vector<std::vector<float>>* o = nullptr;
+        if (policy_is_two_stage(config.compress.policy)) {
+          if (!o_proj_weights) {
+            ADAKV_ASSIGN_OR_RETURN(o_proj_weights, o_proj());
+          }
+          o = o_proj_weights.get();
+        }
+        ADAKV_ASSIGN_OR_RETURN(std::unique_ptr<ReplayedPrefill> cache,
+                               replay_prefill(model_, *snapshots[p], &config.compress, o));
+        PrefilledSequence seq;
+        seq.manager = &cache->manager;
+        seq.storage = &cache->storage;
+        seq.seq = cache->seq;
+        seq.compressor = cache->compressor.get();
+        seq.logits = snapshots[p]->logits;
+        return continue_generation(model_, seq, append, options, {});
+      }();
       if (!result.has_value()) return result.status().with_context("sample " + s.id);
       EvalRow row;
       row.task = s.task;
@@ -103,7 +176,7 @@ Expected<std::vector<EvalRow>> EvalRunner::run(const EvalItem& item, const std::
         if (nl != std::string::npos) row.prediction.resize(nl);
       }
       row.score = eval::score_prediction(s, row.prediction);
-      row.seconds = now_seconds() - start;
+      row.seconds = now_seconds() - start - captured_seconds + shared_seconds;
       rows.push_back(std::move(row));
       if (on_run_done) on_run_done();
     }

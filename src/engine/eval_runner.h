@@ -60,13 +60,19 @@ struct EvalRow {
   int64_t question_tokens = 0;  // the part appended after compression in protocol after
   double kept_fraction = 1.0;   // cache entries kept after the prefill / what full holds
   double score = 0.0;           // in [0, 1]
-  double seconds = 0.0;
+  double seconds = 0.0;         // this run's time; with a shared prefill, the prefill's time is
+                                // split evenly over the configs that share it
   std::string prediction;       // generated text, special tokens removed (cut at a newline
                                 // for samples that stop at one)
 };
 
 struct EvalRunOptions {
   int64_t max_length = 0;  // > 0: prompts longer than this are cut in the middle (LongBench)
+  // One full-cache prefill per (sample, protocol), shared by every config: each config copies
+  // the cache and replays its compressor's prefill hooks (engine/prefill_snapshot.h), then
+  // decodes. Gives the same rows (bar `seconds`) as running every config from scratch with
+  // generate(), which `false` does (the reference; `--no-share-prefill`).
+  bool share_prefill = true;
 };
 
 // Runs samples against a loaded model; one instance per sweep.
@@ -84,10 +90,15 @@ class EvalRunner {
   eval::TokenizeFn tokenize_fn() const;
 
  private:
+  struct OProjCache;
+  // The fp32 o_proj of every layer, loaded once (two-stage policies, shared prefill only).
+  Expected<std::shared_ptr<const std::vector<std::vector<float>>>> o_proj() const;
+
   const Transformer& model_;
   std::shared_ptr<const Tokenizer> tokenizer_;
   EvalRunOptions options_;
   std::vector<int32_t> eos_ids_;
+  std::shared_ptr<OProjCache> o_proj_cache_;
 };
 
 // CSV of the rows (header first); text fields quoted as RFC 4180. The header and single rows

@@ -46,6 +46,65 @@ namespace {
 double seconds_since(std::chrono::steady_clock::time_point start) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
 }
+
+// One forward step of the given phase, bracketed for the compressor (when there is one).
+Status forward_step(const Transformer& model, const KvContext& kv, const ForwardOptions& fwd,
+                    CompressionObserver* comp_obs, std::span<const int32_t> toks, CompressionObserver::Phase phase,
+                    std::vector<float>* logits) {
+  if (comp_obs != nullptr) comp_obs->begin_step(phase, static_cast<int64_t>(toks.size()));
+  ADAKV_RETURN_IF_ERROR(model.forward(toks, kv, fwd, logits));
+  return comp_obs != nullptr ? comp_obs->end_step() : Status::ok();
+}
+
+// Everything after the prefill, shared by generate() and continue_generation(): the appended
+// tokens (one kAppend step), the first token from the last logits, the decode loop, release.
+// `logits` holds the prefill's last-position logits; `start` is when the prefill began.
+Expected<GenerateResult> finish_generation(const Transformer& model, const KvContext& kv, KvCompressor* compressor,
+                                           CompressionObserver* comp_obs, const ForwardOptions& fwd,
+                                           std::vector<float>& logits, std::span<const int32_t> append,
+                                           const GenerateOptions& options,
+                                           const std::function<void(int32_t)>& on_token, GenerateResult result,
+                                           std::chrono::steady_clock::time_point start) {
+  KvCacheManager& manager = *kv.manager;
+  const SeqId seq = kv.seq;
+  Sampler sampler(options.sampling);
+  auto is_eos = [&](int32_t id) {
+    return !options.ignore_eos && std::find(options.eos_ids.begin(), options.eos_ids.end(), id) != options.eos_ids.end();
+  };
+  // The prompt goes onto the compressed context as one multi-token step: the forward's causal
+  // rule by token position gives the bottom-right aligned mask over the kept entries.
+  if (!append.empty()) {
+    ADAKV_RETURN_IF_ERROR(
+        forward_step(model, kv, fwd, comp_obs, append, CompressionObserver::Phase::kAppend, &logits));
+  }
+  result.stats.kv_after_prefill = kv_cache_stats(manager, seq);
+  if (options.kv_tap) options.kv_tap(KvTapPoint::kAfterPrefill, manager, *kv.storage, seq);
+  int32_t next = sampler.sample(logits);
+  result.stats.prefill_seconds = seconds_since(start);
+
+  start = std::chrono::steady_clock::now();
+  for (;;) {
+    if (is_eos(next)) {
+      result.stopped_at_eos = true;
+      break;
+    }
+    result.tokens.push_back(next);
+    if (on_token) on_token(next);
+    if (static_cast<int64_t>(result.tokens.size()) >= options.max_new_tokens) break;
+    ADAKV_RETURN_IF_ERROR(forward_step(model, kv, fwd, comp_obs, std::span<const int32_t>(&next, 1),
+                                       CompressionObserver::Phase::kDecode, &logits));
+    ++result.stats.decode_steps;
+    next = sampler.sample(logits);
+  }
+  result.stats.decode_seconds = seconds_since(start);
+  result.stats.generated_tokens = static_cast<int64_t>(result.tokens.size());
+  result.stats.kv = kv_cache_stats(manager, seq);
+  if (options.kv_tap) options.kv_tap(KvTapPoint::kEnd, manager, *kv.storage, seq);
+  if (compressor != nullptr) compressor->on_release(seq);
+  manager.release(seq);
+  return result;
+}
+
 }  // namespace
 
 Expected<GenerateResult> generate(const Transformer& model, std::span<const int32_t> prompt,
@@ -91,54 +150,63 @@ Expected<GenerateResult> generate(const Transformer& model, std::span<const int3
                                                      options.observer);
     fwd.observer = comp_obs.get();
   }
-  // One forward step of the given phase, bracketed for the compressor.
-  auto step = [&](std::span<const int32_t> toks, CompressionObserver::Phase phase) -> Status {
-    if (comp_obs) comp_obs->begin_step(phase, static_cast<int64_t>(toks.size()));
-    ADAKV_RETURN_IF_ERROR(model.forward(toks, kv, fwd, &logits));
-    return comp_obs ? comp_obs->end_step() : Status::ok();
-  };
 
   GenerateResult result;
   result.stats.prompt_tokens = n_prompt;
   result.stats.context_tokens = n_context;
   if (options.max_new_tokens == 0) return result;
-  Sampler sampler(options.sampling);
-  auto is_eos = [&](int32_t id) {
-    return !options.ignore_eos && std::find(options.eos_ids.begin(), options.eos_ids.end(), id) != options.eos_ids.end();
-  };
 
-  auto start = std::chrono::steady_clock::now();
+  const auto start = std::chrono::steady_clock::now();
+  std::span<const int32_t> append;
   if (n_context > 0) {
-    ADAKV_RETURN_IF_ERROR(step(options.context, CompressionObserver::Phase::kPrefill));
-    // The prompt goes onto the compressed context as one multi-token step: the forward's causal
-    // rule by token position gives the bottom-right aligned mask over the kept entries.
-    if (n_prompt > 0) ADAKV_RETURN_IF_ERROR(step(prompt, CompressionObserver::Phase::kAppend));
+    ADAKV_RETURN_IF_ERROR(forward_step(model, kv, fwd, comp_obs.get(), options.context,
+                                       CompressionObserver::Phase::kPrefill, &logits));
+    append = prompt;
   } else {
-    ADAKV_RETURN_IF_ERROR(step(prompt, CompressionObserver::Phase::kPrefill));
+    ADAKV_RETURN_IF_ERROR(
+        forward_step(model, kv, fwd, comp_obs.get(), prompt, CompressionObserver::Phase::kPrefill, &logits));
   }
-  result.stats.kv_after_prefill = kv_cache_stats(manager, seq);
-  int32_t next = sampler.sample(logits);
-  result.stats.prefill_seconds = seconds_since(start);
+  return finish_generation(model, kv, compressor.get(), comp_obs.get(), fwd, logits, append, options, on_token,
+                           std::move(result), start);
+}
 
-  start = std::chrono::steady_clock::now();
-  for (;;) {
-    if (is_eos(next)) {
-      result.stopped_at_eos = true;
-      break;
-    }
-    result.tokens.push_back(next);
-    if (on_token) on_token(next);
-    if (static_cast<int64_t>(result.tokens.size()) >= options.max_new_tokens) break;
-    ADAKV_RETURN_IF_ERROR(step(std::span<const int32_t>(&next, 1), CompressionObserver::Phase::kDecode));
-    ++result.stats.decode_steps;
-    next = sampler.sample(logits);
+Expected<GenerateResult> continue_generation(const Transformer& model, const PrefilledSequence& prefilled,
+                                             std::span<const int32_t> append, const GenerateOptions& options,
+                                             const std::function<void(int32_t)>& on_token) {
+  ADAKV_RETURN_IF_ERROR(validate_sampling(options.sampling));
+  if (prefilled.manager == nullptr || prefilled.storage == nullptr) {
+    return invalid_argument("continue_generation: no cache");
   }
-  result.stats.decode_seconds = seconds_since(start);
-  result.stats.generated_tokens = static_cast<int64_t>(result.tokens.size());
-  result.stats.kv = kv_cache_stats(manager, seq);
-  if (compressor) compressor->on_release(seq);
-  manager.release(seq);
-  return result;
+  if (options.max_new_tokens < 0) return invalid_argument("the number of new tokens must be >= 0");
+  KvCacheManager& manager = *prefilled.manager;
+  const int64_t n_prefilled = manager.logical_length(prefilled.seq);
+  const int64_t n_append = static_cast<int64_t>(append.size());
+  const int64_t ctx = model.context_length();
+  if (n_prefilled + n_append + options.max_new_tokens > ctx) {
+    return out_of_range("prompt of " + std::to_string(n_prefilled + n_append) + " tokens + " +
+                        std::to_string(options.max_new_tokens) + " new tokens exceeds the model's context of " +
+                        std::to_string(ctx));
+  }
+  if (append.empty() && prefilled.logits.empty()) {
+    return invalid_argument("continue_generation: no logits to sample the first token from");
+  }
+  const KvContext kv{prefilled.manager, prefilled.storage, prefilled.seq};
+  ForwardOptions fwd;
+  fwd.observer = options.observer;
+  std::unique_ptr<CompressionObserver> comp_obs;
+  if (prefilled.compressor != nullptr) {
+    // Only kAppend and kDecode steps run here, which never need o_proj.
+    comp_obs = std::make_unique<CompressionObserver>(*prefilled.compressor, model.config(), manager, *prefilled.storage,
+                                                     prefilled.seq, nullptr, options.observer);
+    fwd.observer = comp_obs.get();
+  }
+  GenerateResult result;
+  result.stats.prompt_tokens = n_append;
+  result.stats.context_tokens = n_prefilled;
+  if (options.max_new_tokens == 0) return result;
+  std::vector<float> logits(prefilled.logits.begin(), prefilled.logits.end());
+  return finish_generation(model, kv, prefilled.compressor, comp_obs.get(), fwd, logits, append, options, on_token,
+                           std::move(result), std::chrono::steady_clock::now());
 }
 
 }  // namespace adakv

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "compress/compress_config.h"
+#include "compress/kv_compressor.h"
 #include "core/status.h"
 #include "engine/compression_observer.h"
 #include "engine/sampler.h"
@@ -25,6 +26,12 @@ namespace adakv {
 // malformed one is an error naming the file.
 Expected<SamplingParams> load_sampling_defaults(const std::string& model_dir);
 
+// Where GenerateOptions::kv_tap is called.
+enum class KvTapPoint {
+  kAfterPrefill,  // after the prefill, its compression and any appended prompt; before decoding
+  kEnd,           // after the last decode step, before the sequence is released
+};
+
 struct GenerateOptions {
   int64_t max_new_tokens = 128;
   SamplingParams sampling;
@@ -37,6 +44,8 @@ struct GenerateOptions {
   // Question-agnostic use: when not empty, these tokens are prefilled first (and compressed), then
   // the prompt is appended to the compressed cache in one multi-token step, then generation.
   std::span<const int32_t> context;
+  // Optional: sees the sequence's cache at the points of KvTapPoint (tests compare caches with it).
+  std::function<void(KvTapPoint, const KvCacheManager&, const CpuKvStorage&, SeqId)> kv_tap;
 };
 
 struct GenerateStats {
@@ -63,5 +72,27 @@ struct GenerateResult {
 // invalid sampling parameters.
 Expected<GenerateResult> generate(const Transformer& model, std::span<const int32_t> prompt,
                                   const GenerateOptions& options, const std::function<void(int32_t)>& on_token);
+
+// A sequence whose prefill already ran elsewhere (engine/prefill_snapshot.h): its cache holds the
+// prefilled tokens (logical length advanced) and, when compressing, `compressor` has run every
+// prefill hook (after_prefill_layer per layer, then after_prefill) on it.
+struct PrefilledSequence {
+  KvCacheManager* manager = nullptr;
+  CpuKvStorage* storage = nullptr;
+  SeqId seq = -1;
+  KvCompressor* compressor = nullptr;  // null: the full cache
+  std::span<const float> logits;       // [vocab] the prefill's last-position logits
+};
+
+// Continues `prefilled` exactly as generate() continues after its own prefill: `append` (may be
+// empty) goes onto the cache in one multi-token step (as the prompt after GenerateOptions::context
+// does), the first token is sampled from that step's logits (or from prefilled.logits when
+// `append` is empty), then decoding with the compressor's decode hooks. Uses max_new_tokens,
+// sampling, ignore_eos, eos_ids, observer and kv_tap of `options` (compress, context and
+// page_size belong to the prefill). The sequence is released at the end (stats.kv is taken
+// before). Errors: the context would be exceeded, invalid sampling parameters.
+Expected<GenerateResult> continue_generation(const Transformer& model, const PrefilledSequence& prefilled,
+                                             std::span<const int32_t> append, const GenerateOptions& options,
+                                             const std::function<void(int32_t)>& on_token);
 
 }  // namespace adakv

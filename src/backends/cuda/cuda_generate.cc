@@ -87,9 +87,9 @@ Expected<GenerateResult> generate(CudaModel& model, std::span<const int32_t> pro
     if (static_cast<int64_t>(result.tokens.size()) >= options.max_new_tokens) break;
     ADAKV_RETURN_IF_ERROR(run(std::span<const int32_t>(&next, 1), false, true));
     ++result.stats.decode_steps;
-    if (compressing && options.compress->policy == KvPolicy::kStreamingLlm &&
+    if (compressing && policy_is_continual(options.compress->policy) &&
         result.stats.decode_steps % options.compress->interval == 0)
-      ADAKV_RETURN_IF_ERROR(model.compress_streaming(seq, manager));
+      ADAKV_RETURN_IF_ERROR(model.compress_now(seq, manager));
     next = out.sampled[0];
   }
   result.stats.decode_seconds = seconds_since(start);

@@ -14,10 +14,12 @@
 #include "backends/cuda/cuda_check.h"
 #include "backends/cuda/decode_attention.h"
 #include "backends/cuda/gemm_lt.h"
+#include "backends/cuda/metric_kv.h"
 #include "backends/cuda/model_ops.h"
 #include "backends/cuda/paged_kv_view.h"
 #include "backends/cuda/prefill_attention.h"
 #include "backends/cuda/sampling.h"
+#include "backends/cuda/score_critical.h"
 #include "backends/cuda/score_window.h"
 #include "backends/cuda/select_keep.h"
 #include "compress/policy.h"
@@ -47,14 +49,40 @@ struct DevLayer {
 std::string mib(int64_t bytes) { return std::to_string((bytes + (1 << 19)) >> 20) + " MiB"; }
 
 bool window_policy(KvPolicy p) { return policy_uses_window_scores(p) && !policy_is_two_stage(p); }
+// H2O and KV-Compress keep a per-slot metric (accumulated attention).
+bool metric_policy(KvPolicy p) { return p == KvPolicy::kH2o || p == KvPolicy::kKvCompress; }
+// Prompt compression runs the window scorer (window scores, H2O accumulation, KV-Compress metric).
+bool scorer_policy(KvPolicy p) { return policy_uses_window_scores(p) || metric_policy(p); }
+// Chunked prompts keep their trailing window queries in the ring for the last chunk.
+bool ring_policy(KvPolicy p) { return window_policy(p) || p == KvPolicy::kKvCompress; }
+// Needs the whole prompt in one step: H2O scores every prompt query, CriticalKV reads the values
+// token-major from the step (a chunked prompt is refused at its first chunk).
+bool whole_prompt_policy(KvPolicy p) { return p == KvPolicy::kH2o || policy_is_two_stage(p); }
+// metric_decode_add's mode: 0 mean over the group, 1 max (H2O), 2 sum of p^2 (KV-Compress).
+int32_t metric_mode(const CompressConfig& c) {
+  if (c.policy == KvPolicy::kKvCompress) return 2;
+  return c.gqa == GqaReduce::kMax ? 1 : 0;
+}
 
 }  // namespace
 
 struct CudaModel::Impl {
   ModelConfig cfg;
   CudaModelOptions opt;
-  CompressConfig comp;
+  CompressConfig comp;   // the default config (options.compress)
   bool has_comp = false;
+  // Per-sequence configs (set_compression), [max_seqs] each.
+  std::vector<CompressConfig> seq_comp;
+  std::vector<uint8_t> seq_has_comp;    // 1: seq_comp applies, else the default
+  std::vector<uint8_t> seq_compressed;  // the prompt was compressed (never twice)
+  std::vector<int64_t> ring_end;        // tokens whose trailing window queries the ring holds
+  int32_t max_window = 0;               // window capacity (scorer, ring); 0: no window policies
+  Status window_status;                 // why window policies cannot run (max_window > 0, no scorer)
+  // The config compressing `s`, or null (full cache).
+  const CompressConfig* comp_of(SeqId s) const {
+    const CompressConfig* c = seq_has_comp[static_cast<size_t>(s)] ? &seq_comp[static_cast<size_t>(s)] : (has_comp ? &comp : nullptr);
+    return c != nullptr && policy_compresses(c->policy) ? c : nullptr;
+  }
   int64_t max_context = 0;
   int32_t max_logit_rows = 0;
   cudaStream_t stream = nullptr;
@@ -112,19 +140,36 @@ struct CudaModel::Impl {
 
   // Compression.
   std::unique_ptr<WindowScorer> scorer;
+  std::unique_ptr<WindowScorer> head_scorer;  // one kv head's group: keys gathered from pages
   std::unique_ptr<KeepSelector> selector;
-  float* scores = nullptr;     // [Hkv][T]
-  int32_t* keep_dev = nullptr;  // [layers * Hkv * T] keep lists of the compressing sequences
+  float* scores = nullptr;     // [Hkv][max(T, max_context)]
+  int32_t* keep_dev = nullptr;  // [keep_cap] keep lists of the compressing sequences ([rows][P] each)
   int32_t* keep_host = nullptr;
+  int64_t keep_cap = 0;
+  bf16* win_ring = nullptr;  // [max_seqs][layers][max_window][q_dim]: token p's queries at row p % w
+  bf16* win_buf = nullptr;   // [max_window][q_dim] the window of a chunked prompt, assembled
+  int64_t stream_cap = 0;    // entries of stream_keep_dev / host
   int32_t* counts_dev = nullptr;  // [max_seqs][layers][Hkv]
   int32_t* counts_host = nullptr;
   int32_t* stream_keep_dev = nullptr;  // streamingllm: [rows_per_seq][budget]
   int32_t* stream_keep_host = nullptr;
   int32_t* stream_counts_dev = nullptr;
   std::vector<CompressionAuditLayer> audit;
+  // Per-slot metric (H2O, KV-Compress) and the pieces that use it.
+  float* metric = nullptr;     // [num_pages * kPageSize] fp32, moved with K/V by compaction
+  float* crit = nullptr;       // [Hkv][max_len] CriticalKV second-stage scores
+  int2* zero_dev = nullptr;    // (slot, 0) pairs: the step's new entries of metric sequences
+  int2* zero_host = nullptr;
+  int64_t zero_cap = 0;
+  int32_t* rows_off_dev = nullptr;  // [rows_per_seq] offsets of ragged keep lists (apply_row_keeps)
+  float* gath = nullptr;       // [rows_per_seq][longest row] metric gathered for H2O's continual selection
+  int64_t gath_cap = 0;
+  std::unique_ptr<KvcSelector> kvc;
+  int64_t kvc_cap = 0;
 
   ~Impl() {
     decode.clear();
+    kvc.reset();
     scorer.reset();
     selector.reset();
     gemm.reset();
@@ -186,9 +231,44 @@ struct CudaModel::Impl {
     *n_updates = 0;
     return Status::ok();
   }
-  Status run_compression_window(SeqId seq, int32_t b, int32_t tok0, int32_t n, int32_t layer, int64_t keep_base,
-                                int32_t slot);
+  Status run_compression_window(SeqId seq, const CompressConfig& comp, int32_t tok0, int32_t n, int32_t total,
+                                const int32_t* row_len_dev, int32_t layer, int64_t keep_base, int32_t slot);
+  // Moves entries of seq's rows on the device (K, V, positions, metric): keeps[r] (r = layer * Hkv
+  // + kv head) gives for each i < keeps[r].size() the entry that moves to i (i itself when it
+  // stays); an empty list leaves the row alone. Synchronises. The manager is told separately.
+  Status apply_row_keeps(SeqId seq, const std::vector<std::vector<int32_t>>& keeps);
+  // Continual compressions (and KV-Compress after the prefill): device state + manager.
+  Status compress_kvcompress(SeqId seq, const CompressConfig& cc, KvCacheManager& m);
+  Status compress_h2o(SeqId seq, const CompressConfig& cc, KvCacheManager& m);
+  Status compress_streamingllm(SeqId seq, const CompressConfig& cc, KvCacheManager& m);
+  // Grows a buffer that per-sequence configs size (rare: the largest prompt / budget so far).
+  template <typename T>
+  Status regrow(T** dev, T** host, int64_t* cap, int64_t need, const std::string& what) {
+    if (need <= *cap) return Status::ok();
+    ADAKV_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream));
+    for (auto* list : {&device_allocs, &host_allocs}) {
+      void* old = list == &device_allocs ? static_cast<void*>(*dev) : static_cast<void*>(host ? *host : nullptr);
+      auto it = std::find(list->begin(), list->end(), old);
+      if (old == nullptr || it == list->end()) continue;
+      list->erase(it);
+      if (list == &device_allocs) cudaFree(old); else cudaFreeHost(old);
+    }
+    const int64_t n = std::max(need, *cap + *cap / 2);
+    if (*cap > 0) workspace_bytes -= *cap * static_cast<int64_t>(sizeof(T));
+    ADAKV_RETURN_IF_ERROR(alloc(dev, n, what, &workspace_bytes));
+    if (host != nullptr) ADAKV_RETURN_IF_ERROR(alloc_host(host, n, what));
+    *cap = n;
+    return Status::ok();
+  }
 };
+
+Status compression_supported(const CompressConfig& c) {
+  const KvPolicy p = c.policy;
+  if (!policy_compresses(p) || scorer_policy(p) || p == KvPolicy::kStreamingLlm) return Status::ok();
+  return unimplemented(std::string("cuda: kv policy ") + kv_policy_name(p) +
+                       " is not on the device yet (full, snapkv, pyramidkv, ada-snapkv, ada-pyramidkv, criticalkv, "
+                       "ada-criticalkv, h2o, kvcompress and streamingllm are); use --device cpu");
+}
 
 Status cuda_device_available() {
   int count = 0;
@@ -386,35 +466,50 @@ Status CudaModel::Impl::allocate_runtime() {
     ADAKV_RETURN_IF_ERROR(alloc(&gather_k, Hkv * max_context * d, "prefill gather K", ws));
     ADAKV_RETURN_IF_ERROR(alloc(&gather_v, Hkv * max_context * d, "prefill gather V", ws));
   }
-  if (has_comp && window_policy(comp.policy)) {
+  // Compression: window policies (the default config's, or per-sequence ones up to max_window)
+  // score prompts up to the context (a chunked prefill scores the whole prompt at its last chunk).
+  if (max_window > 0) {
+    const int32_t max_len = static_cast<int32_t>(std::max<int64_t>(T, max_context));
     WindowScorerOptions so;
     so.num_heads = H;
     so.num_kv_heads = Hkv;
     so.head_dim = static_cast<int32_t>(d);
-    so.max_length = static_cast<int32_t>(T);
-    so.max_window = comp.window;
-    ADAKV_ASSIGN_OR_RETURN(scorer, WindowScorer::create(so));
-    KeepSelectorOptions ko;
-    ko.num_kv_heads = Hkv;
-    ko.max_length = static_cast<int32_t>(T);
-    ADAKV_ASSIGN_OR_RETURN(selector, KeepSelector::create(ko));
-    ADAKV_RETURN_IF_ERROR(alloc(&scores, Hkv * T, "compression scores", ws));
-    ADAKV_RETURN_IF_ERROR(alloc(&keep_dev, rows_per_seq * T, "keep lists", ws));
-    ADAKV_RETURN_IF_ERROR(alloc_host(&keep_host, rows_per_seq * T, "keep lists"));
+    so.max_length = max_len;
+    so.max_window = max_window;
+    Expected<std::unique_ptr<WindowScorer>> sc = WindowScorer::create(so);
+    if (!sc.has_value()) {
+      // Only the default config needs it at creation; per-sequence configs are refused later.
+      if (has_comp && scorer_policy(comp.policy)) return sc.status();
+      window_status = sc.status();
+    } else {
+      scorer = std::move(sc).value();
+      so.num_heads = H / Hkv;
+      so.num_kv_heads = 1;
+      ADAKV_ASSIGN_OR_RETURN(head_scorer, WindowScorer::create(so));
+      KeepSelectorOptions ko;
+      ko.num_kv_heads = Hkv;
+      ko.max_length = max_len;
+      ADAKV_ASSIGN_OR_RETURN(selector, KeepSelector::create(ko));
+      ADAKV_RETURN_IF_ERROR(alloc(&scores, Hkv * int64_t{max_len}, "compression scores", ws));
+      ADAKV_RETURN_IF_ERROR(alloc(&crit, Hkv * int64_t{max_len}, "criticalkv scores", ws));
+      ADAKV_RETURN_IF_ERROR(regrow(&keep_dev, &keep_host, &keep_cap, rows_per_seq * T, "keep lists"));
+      ADAKV_RETURN_IF_ERROR(alloc(&win_ring, S * L * int64_t{max_window} * q_dim(), "window query ring", ws));
+      ADAKV_RETURN_IF_ERROR(alloc(&win_buf, int64_t{max_window} * q_dim(), "window queries", ws));
+      // (head dims 64 / 128 only, so fast_prefill holds and the gather buffers exist: chunked
+      // prompts read their keys back through them)
+    }
   }
-  if (has_comp) {
-    ADAKV_RETURN_IF_ERROR(alloc(&counts_dev, S * rows_per_seq, "keep counts", ws));
-    ADAKV_RETURN_IF_ERROR(alloc_host(&counts_host, S * rows_per_seq, "keep counts"));
-  }
-  if (has_comp && comp.policy == KvPolicy::kStreamingLlm) {
-    ADAKV_RETURN_IF_ERROR(alloc(&stream_keep_dev, rows_per_seq * int64_t{comp.budget}, "streamingllm keep lists", ws));
-    ADAKV_RETURN_IF_ERROR(alloc_host(&stream_keep_host, rows_per_seq * int64_t{comp.budget}, "streamingllm keep lists"));
-    ADAKV_RETURN_IF_ERROR(alloc(&stream_counts_dev, rows_per_seq, "streamingllm keep counts", ws));
-  }
+  ADAKV_RETURN_IF_ERROR(alloc(&counts_dev, S * rows_per_seq, "keep counts", ws));
+  ADAKV_RETURN_IF_ERROR(alloc_host(&counts_host, S * rows_per_seq, "keep counts"));
+  ADAKV_RETURN_IF_ERROR(alloc(&stream_counts_dev, rows_per_seq, "streamingllm keep counts", ws));
+  ADAKV_RETURN_IF_ERROR(alloc(&rows_off_dev, rows_per_seq, "keep list offsets", ws));
+  if (has_comp && comp.policy == KvPolicy::kStreamingLlm)
+    ADAKV_RETURN_IF_ERROR(regrow(&stream_keep_dev, &stream_keep_host, &stream_cap, rows_per_seq * int64_t{comp.budget},
+                                 "streamingllm keep lists"));
 
   // The KV pool: what is left, times the fraction (or exactly num_pages).
   const int64_t page_elems = int64_t{kPageSize} * d;
-  const int64_t page_bytes = 2 * page_elems * 2 + kPageSize * 4;  // K + V bf16, positions
+  const int64_t page_bytes = 2 * page_elems * 2 + kPageSize * 8;  // K + V bf16, positions, metric
   if (opt.num_pages > 0) {
     num_pages = opt.num_pages;
   } else {
@@ -434,6 +529,8 @@ Status CudaModel::Impl::allocate_runtime() {
   ADAKV_RETURN_IF_ERROR(alloc(&pool.k_pool, num_pages * page_elems, "KV pool K", &pool_bytes));
   ADAKV_RETURN_IF_ERROR(alloc(&pool.v_pool, num_pages * page_elems, "KV pool V", &pool_bytes));
   ADAKV_RETURN_IF_ERROR(alloc(&pool.positions, num_pages * kPageSize, "KV pool positions", &pool_bytes));
+  ADAKV_RETURN_IF_ERROR(alloc(&metric, num_pages * kPageSize, "KV pool metric", &pool_bytes));
+  ADAKV_CUDA_RETURN_IF_ERROR(cudaMemset(metric, 0, static_cast<size_t>(num_pages) * kPageSize * sizeof(float)));
   // Random contents rather than whatever the allocator held: an unwritten entry read by mistake
   // shows up as a wrong value, never as a NaN that could pass for a masked one.
   ADAKV_RETURN_IF_ERROR(random_fill_bf16(pool.k_pool, num_pages * page_elems, 11, 1.f, 0.f, stream));
@@ -459,15 +556,22 @@ Expected<std::unique_ptr<CudaModel::Impl>> make_impl(const ModelConfig& cfg, con
     return invalid_argument("cuda: max_seqs and max_step_tokens must be positive");
   if (options.compress != nullptr && policy_compresses(options.compress->policy)) {
     ADAKV_RETURN_IF_ERROR(validate_compress_config(*options.compress));
-    const KvPolicy p = options.compress->policy;
-    if (!window_policy(p) && p != KvPolicy::kStreamingLlm)
-      return unimplemented(std::string("cuda: --kv-policy ") + kv_policy_name(p) +
-                           " is not on the device yet (snapkv, pyramidkv, ada-snapkv, ada-pyramidkv, streamingllm "
-                           "are); use --device cpu");
+    ADAKV_RETURN_IF_ERROR(compression_supported(*options.compress));
     impl->comp = *options.compress;
     impl->has_comp = true;
   }
   impl->opt.compress = nullptr;
+  if (options.max_window < 0) return invalid_argument("cuda: max_window must be >= 0");
+  // (H2O's scorer does not use the window capacity: its queries are the whole prompt)
+  int32_t need_window = 0;
+  if (impl->has_comp && scorer_policy(impl->comp.policy))
+    need_window = impl->comp.policy == KvPolicy::kH2o ? 1 : impl->comp.window;
+  impl->max_window = std::max(options.max_window, need_window);
+  const size_t S = static_cast<size_t>(options.max_seqs);
+  impl->seq_comp.resize(S);
+  impl->seq_has_comp.assign(S, 0);
+  impl->seq_compressed.assign(S, 0);
+  impl->ring_end.assign(S, 0);
   int64_t ctx = cfg.max_position_embeddings;
   if (cfg.sliding_window > 0) ctx = std::min(ctx, cfg.sliding_window);
   impl->max_context = options.max_context > 0 ? std::min(options.max_context, ctx) : ctx;
@@ -525,8 +629,56 @@ std::string CudaModel::memory_summary() const {
 const std::vector<CompressionAuditLayer>& CudaModel::compression_audit() const { return impl_->audit; }
 float CudaModel::last_step_ms() const { return impl_->last_ms; }
 
+Status CudaModel::read_row(const KvCacheManager& m, SeqId seq, int32_t layer, int32_t kv_head, std::vector<float>* metric,
+                           std::vector<int32_t>* positions) const {
+  const Impl& I = *impl_;
+  ADAKV_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(I.stream));
+  const int32_t n = m.length(seq, layer, kv_head);
+  const std::span<const int32_t> pages = m.pages(seq, layer, kv_head);
+  if (metric != nullptr) metric->resize(static_cast<size_t>(n));
+  if (positions != nullptr) positions->resize(static_cast<size_t>(n));
+  for (int32_t p = 0; p * kPageSize < n; ++p) {
+    const int64_t slot0 = int64_t{pages[static_cast<size_t>(p)]} * kPageSize;
+    const size_t cnt = static_cast<size_t>(std::min(kPageSize, n - p * kPageSize));
+    if (metric != nullptr)
+      ADAKV_CUDA_RETURN_IF_ERROR(cudaMemcpy(metric->data() + p * kPageSize, I.metric + slot0, cnt * sizeof(float),
+                                            cudaMemcpyDeviceToHost));
+    if (positions != nullptr)
+      ADAKV_CUDA_RETURN_IF_ERROR(cudaMemcpy(positions->data() + p * kPageSize, I.pool.positions + slot0,
+                                            cnt * sizeof(int32_t), cudaMemcpyDeviceToHost));
+  }
+  return Status::ok();
+}
+
+Status CudaModel::set_compression(SeqId seq, const CompressConfig& c) {
+  Impl& I = *impl_;
+  if (seq < 0 || seq >= I.opt.max_seqs)
+    return invalid_argument("cuda: sequence " + std::to_string(seq) + " is not below max_seqs " +
+                            std::to_string(I.opt.max_seqs));
+  ADAKV_RETURN_IF_ERROR(validate_compress_config(c));
+  ADAKV_RETURN_IF_ERROR(compression_supported(c));
+  if (scorer_policy(c.policy)) {
+    if (I.scorer == nullptr)
+      return unimplemented(std::string("cuda: kv policy ") + kv_policy_name(c.policy) + " needs the window scorer, " +
+                           (I.max_window == 0 ? std::string("which this model was created without (max_window 0)")
+                                              : "which this model cannot run: " + I.window_status.message()));
+    if (c.policy != KvPolicy::kH2o && c.window > I.max_window)
+      return invalid_argument("cuda: kv window " + std::to_string(c.window) + " exceeds the largest window " +
+                              std::to_string(I.max_window) + " the device was sized for");
+  }
+  const size_t i = static_cast<size_t>(seq);
+  I.seq_comp[i] = c;
+  I.seq_has_comp[i] = 1;
+  I.seq_compressed[i] = 0;
+  I.ring_end[i] = 0;
+  return Status::ok();
+}
+
 void CudaModel::on_release(SeqId seq) {
   if (seq < 0 || seq >= impl_->opt.max_seqs) return;
+  impl_->seq_has_comp[static_cast<size_t>(seq)] = 0;
+  impl_->seq_compressed[static_cast<size_t>(seq)] = 0;
+  impl_->ring_end[static_cast<size_t>(seq)] = 0;
   const size_t base = static_cast<size_t>(seq) * static_cast<size_t>(impl_->rows_per_seq);
   std::fill_n(impl_->shadow_count.begin() + static_cast<std::ptrdiff_t>(base), impl_->rows_per_seq, 0);
 }
@@ -560,71 +712,176 @@ Status CudaModel::Impl::mirror_rows(SeqId seq, const KvCacheManager& m, int64_t*
   return Status::ok();
 }
 
-Status CudaModel::Impl::run_compression_window(SeqId seq, int32_t b, int32_t tok0, int32_t n, int32_t layer,
+// Compresses one layer of `seq` whose rows hold its whole prompt of `total` tokens, the last `n`
+// of them this step's (tokens tok0 .. tok0 + n - 1 of the workspace). A fresh prompt (n == total)
+// is scored from the step's contiguous queries and keys; after a chunked prefill the window's
+// queries come from the chunk and the ring (earlier chunks), the keys from the pages.
+Status CudaModel::Impl::run_compression_window(SeqId seq, const CompressConfig& comp, int32_t tok0, int32_t n,
+                                               int32_t total, const int32_t* row_len_dev, int32_t layer,
                                                int64_t keep_base, int32_t slot) {
-  const int32_t Hkv = static_cast<int32_t>(cfg.num_kv_heads);
-  const int32_t w = std::min(comp.window, n);
-  int32_t* counts = counts_dev + (int64_t{slot} * cfg.num_layers + layer) * Hkv;
-  int32_t* keep = keep_dev + keep_base + int64_t{layer} * Hkv * n;
-  const int32_t bs = layer_selection_budget(comp, static_cast<int32_t>(cfg.num_layers), layer, n);
+  const int32_t Hkv = static_cast<int32_t>(cfg.num_kv_heads), L = static_cast<int32_t>(cfg.num_layers);
+  const int32_t d = static_cast<int32_t>(cfg.head_dim), g = static_cast<int32_t>(cfg.num_heads) / Hkv;
+  const int32_t P = total;
+  const KvPolicy pol = comp.policy;
+  const bool h2o = pol == KvPolicy::kH2o, kvc = pol == KvPolicy::kKvCompress, two = policy_is_two_stage(pol);
+  const int32_t w = h2o ? P : std::min(comp.window, P);  // H2O: every prompt query
+  const bool fresh = n == P;
+  if (!fresh && whole_prompt_policy(pol))
+    return internal_error(std::string("cuda compression: ") + kv_policy_name(pol) + " needs the whole prompt in one step");
+  int32_t* counts = counts_dev + (int64_t{slot} * L + layer) * Hkv;
+  int32_t* keep = keep_dev + keep_base + int64_t{layer} * Hkv * P;
+  const int32_t bs = layer_selection_budget(comp, L, layer, P);
+  const int64_t qd = q_dim(), hs = max_context * d;
   WindowScoreInputs in;
-  in.queries = qkv + int64_t(tok0 + n - w) * qkv_dim();
-  in.q_token_stride = qkv_dim();
-  in.keys = qkv + int64_t{tok0} * qkv_dim() + q_dim();
-  in.k_token_stride = qkv_dim();
-  in.length = n;
+  in.length = P;
   in.window = w;
-  if (n > comp.window) {
-    ADAKV_RETURN_IF_ERROR(scorer->snapkv(in, comp.gqa, comp.pool, comp.pool_kernel, scores, n, stream));
+  if (fresh) {
+    in.queries = qkv + int64_t(tok0 + n - w) * qkv_dim();
+    in.q_token_stride = qkv_dim();
+    in.keys = qkv + int64_t{tok0} * qkv_dim() + qd;
+    in.k_token_stride = qkv_dim();
+  } else if (n >= w) {
+    in.queries = qkv + int64_t(tok0 + n - w) * qkv_dim();
+    in.q_token_stride = qkv_dim();
+  } else {
+    // Positions P - w .. P - n - 1 from the ring (row p % w), then the chunk's n.
+    const bf16* ring = win_ring + (int64_t{seq} * L + layer) * max_window * qd;
+    const int32_t c = w - n, r0 = (P - w) % w, seg1 = std::min(c, w - r0);
+    ADAKV_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(win_buf, ring + int64_t{r0} * qd, sizeof(bf16) * qd * seg1,
+                                               cudaMemcpyDeviceToDevice, stream));
+    if (c > seg1)
+      ADAKV_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(win_buf + int64_t{seg1} * qd, ring, sizeof(bf16) * qd * (c - seg1),
+                                                 cudaMemcpyDeviceToDevice, stream));
+    ADAKV_CUDA_RETURN_IF_ERROR(cudaMemcpy2DAsync(win_buf + int64_t{c} * qd, qd * sizeof(bf16),
+                                                 qkv + int64_t{tok0} * qkv_dim(), qkv_dim() * sizeof(bf16),
+                                                 qd * sizeof(bf16), n, cudaMemcpyDeviceToDevice, stream));
+    in.queries = win_buf;
+    in.q_token_stride = qd;
   }
+  const MetricRows mrows{page_table, row_offsets_all + (int64_t{seq} * L + layer) * Hkv, Hkv};
+  if (h2o) {
+    // The prompt's accumulated attention of every entry: the candidates' scores and the metric.
+    ADAKV_RETURN_IF_ERROR(scorer->h2o(in, comp.gqa, scores, P, stream));
+    ADAKV_RETURN_IF_ERROR(metric_scatter_rows(mrows, scores, P, P, metric, stream));
+  } else if (kvc) {
+    if (fresh) {
+      ADAKV_RETURN_IF_ERROR(scorer->kvcompress_metric(in, comp.pool, comp.pool_kernel, scores, P, stream));
+    } else {
+      ADAKV_RETURN_IF_ERROR(kv_gather_rows(pool, seq, layer, L, Hkv, d, row_len_dev, P, gather_k, gather_v, hs, stream));
+      for (int32_t kh = 0; kh < Hkv; ++kh) {
+        WindowScoreInputs h = in;
+        h.queries = in.queries + int64_t{kh} * g * d;
+        h.keys = gather_k + kh * hs;
+        h.k_token_stride = d;
+        ADAKV_RETURN_IF_ERROR(
+            head_scorer->kvcompress_metric(h, comp.pool, comp.pool_kernel, scores + int64_t{kh} * P, P, stream));
+      }
+    }
+    ADAKV_RETURN_IF_ERROR(metric_scatter_rows(mrows, scores, P, P, metric, stream));
+  } else if (P > comp.window) {
+    if (fresh) {
+      ADAKV_RETURN_IF_ERROR(scorer->snapkv(in, comp.gqa, comp.pool, comp.pool_kernel, scores, P, stream));
+    } else {
+      // Every row holds the P entries of the prompt: gather them (the attention's gather may
+      // have been another sequence's) and score each kv head's group on its own row.
+      ADAKV_RETURN_IF_ERROR(kv_gather_rows(pool, seq, layer, L, Hkv, d, row_len_dev, P, gather_k, gather_v, hs, stream));
+      for (int32_t kh = 0; kh < Hkv; ++kh) {
+        WindowScoreInputs h = in;
+        h.queries = in.queries + int64_t{kh} * g * d;
+        h.keys = gather_k + kh * hs;
+        h.k_token_stride = d;
+        ADAKV_RETURN_IF_ERROR(
+            head_scorer->snapkv(h, comp.gqa, comp.pool, comp.pool_kernel, scores + int64_t{kh} * P, P, stream));
+      }
+    }
+  }
+  const bf16* values = qkv + int64_t{tok0} * qkv_dim() + qd + kv_dim();  // fresh prompts only (two-stage)
+  if (two && P > comp.window) {
+    CriticalInputs ci;
+    ci.values = values;
+    ci.v_token_stride = qkv_dim();
+    ci.o_proj = layers[static_cast<size_t>(layer)].o;
+    ci.hidden_size = static_cast<int32_t>(cfg.hidden_size);
+    ci.num_heads = static_cast<int32_t>(cfg.num_heads);
+    ci.num_kv_heads = Hkv;
+    ci.head_dim = d;
+    ci.count = P - comp.window;
+    ci.scores = scores;
+    ci.scores_stride = P;
+    ADAKV_RETURN_IF_ERROR(critical_scores(ci, crit, P, nullptr, 0, stream));
+  }
+  if (!kvc) {  // KV-Compress selects across layers after the step (compress_kvcompress)
   SelectInputs si;
   si.scores = scores;
-  si.scores_stride = n;
-  si.length = n;
+  si.scores_stride = P;
+  si.crit = two ? crit : nullptr;
+  si.crit_stride = P;
+  si.two_stage = two;
+  si.length = P;
   si.window = comp.window;
   si.selection_budget = bs;
   si.adaptive = policy_is_adaptive(comp.policy);
   si.alpha = comp.alpha;
   SelectOutputs so;
   so.keep = keep;
-  so.keep_stride = n;
+  so.keep_stride = P;
   so.keep_counts = counts;
   ADAKV_RETURN_IF_ERROR(selector->select(si, so, stream));
   KvCompactParams cp;
   cp.k_pool = pool.k_pool;
   cp.v_pool = pool.v_pool;
   cp.page_stride = pool.page_stride;
-  cp.head_dim = static_cast<int32_t>(cfg.head_dim);
+  cp.head_dim = d;
   cp.positions = pool.positions;
-  cp.row_page_offsets = row_offsets_all + (int64_t{seq} * cfg.num_layers + layer) * Hkv;
+  cp.metric = metric;
+  cp.row_page_offsets = row_offsets_all + (int64_t{seq} * L + layer) * Hkv;
   cp.page_ids = page_table;
   cp.num_rows = Hkv;
   cp.keep = keep;
-  cp.keep_stride = n;
+  cp.keep_stride = P;
   cp.keep_counts = counts;
   ADAKV_RETURN_IF_ERROR(compact_kv_rows(cp, stream));
+  }
   if (opt.audit_compression) {
     CompressionAuditLayer a;
     a.seq = seq;
     a.layer = layer;
-    a.length = n;
+    a.length = P;
     a.selection_budget = bs;
-    const int64_t cand = std::max(0, n - comp.window);
-    const int64_t d = cfg.head_dim;
+    const int64_t cand = std::max(0, P - comp.window);
     a.scores.resize(static_cast<size_t>(Hkv * cand));
-    if (cand > 0)  // [Hkv][n] on the device (row pitch n), [Hkv][cand] here
-      ADAKV_CUDA_RETURN_IF_ERROR(cudaMemcpy2DAsync(a.scores.data(), cand * 4, scores, int64_t{n} * 4, cand * 4, Hkv,
+    if (cand > 0)  // [Hkv][P] on the device (row pitch P), [Hkv][cand] here
+      ADAKV_CUDA_RETURN_IF_ERROR(cudaMemcpy2DAsync(a.scores.data(), cand * 4, scores, int64_t{P} * 4, cand * 4, Hkv,
                                                    cudaMemcpyDeviceToHost, stream));
     a.queries.resize(static_cast<size_t>(w * cfg.num_heads * d));
-    ADAKV_CUDA_RETURN_IF_ERROR(cudaMemcpy2DAsync(a.queries.data(), cfg.num_heads * d * 2, in.queries, qkv_dim() * 2,
-                                                 cfg.num_heads * d * 2, w, cudaMemcpyDeviceToHost, stream));
-    a.keys.resize(static_cast<size_t>(int64_t{n} * Hkv * d));
-    ADAKV_CUDA_RETURN_IF_ERROR(cudaMemcpy2DAsync(a.keys.data(), Hkv * d * 2, in.keys, qkv_dim() * 2, Hkv * d * 2, n,
+    ADAKV_CUDA_RETURN_IF_ERROR(cudaMemcpy2DAsync(a.queries.data(), cfg.num_heads * d * 2, in.queries,
+                                                 in.q_token_stride * 2, cfg.num_heads * d * 2, w,
                                                  cudaMemcpyDeviceToHost, stream));
+    a.keys.resize(static_cast<size_t>(int64_t{P} * Hkv * d));
+    if (fresh) {
+      ADAKV_CUDA_RETURN_IF_ERROR(cudaMemcpy2DAsync(a.keys.data(), Hkv * d * 2, in.keys, qkv_dim() * 2, Hkv * d * 2, P,
+                                                   cudaMemcpyDeviceToHost, stream));
+    } else if (P > comp.window || kvc) {  // the gathered rows, [Hkv][P][d] -> [P][Hkv][d]
+      for (int32_t kh = 0; kh < Hkv; ++kh)
+        ADAKV_CUDA_RETURN_IF_ERROR(cudaMemcpy2DAsync(a.keys.data() + int64_t{kh} * d, Hkv * d * 2, gather_k + kh * hs,
+                                                     int64_t{d} * 2, int64_t{d} * 2, P, cudaMemcpyDeviceToHost, stream));
+    }
+    if (h2o || kvc) {  // the metric as scored (before any compaction moved it)
+      a.metric.resize(static_cast<size_t>(int64_t{Hkv} * P));
+      ADAKV_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(a.metric.data(), scores, sizeof(float) * Hkv * P,
+                                                 cudaMemcpyDeviceToHost, stream));
+    }
+    if (two && cand > 0) {
+      a.crit.resize(static_cast<size_t>(Hkv * cand));
+      ADAKV_CUDA_RETURN_IF_ERROR(cudaMemcpy2DAsync(a.crit.data(), cand * 4, crit, int64_t{P} * 4, cand * 4, Hkv,
+                                                   cudaMemcpyDeviceToHost, stream));
+      a.values.resize(static_cast<size_t>(int64_t{P} * Hkv * d));
+      ADAKV_CUDA_RETURN_IF_ERROR(cudaMemcpy2DAsync(a.values.data(), Hkv * d * 2, values, qkv_dim() * 2, Hkv * d * 2, P,
+                                                   cudaMemcpyDeviceToHost, stream));
+    }
     ADAKV_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream));
     audit.push_back(std::move(a));
   }
-  (void)b;
   return Status::ok();
 }
 
@@ -701,6 +958,7 @@ Status CudaModel::step(std::span<const SeqStep> steps, KvCacheManager& mgr, bool
   std::vector<int32_t> tok0(static_cast<size_t>(B)), ntok(static_cast<size_t>(B));
   std::vector<int32_t> row_first(static_cast<size_t>(B));  // first logits row of internal b
   std::vector<uint8_t> fresh(static_cast<size_t>(B));
+  std::vector<uint8_t> complete(static_cast<size_t>(B));  // every row holds every token (none compressed)
   int32_t t = 0, r = 0;
   for (int32_t b = 0; b < B; ++b) {
     const SeqStep& s = steps[static_cast<size_t>(order[static_cast<size_t>(b)])];
@@ -710,12 +968,13 @@ Status CudaModel::step(std::span<const SeqStep> steps, KvCacheManager& mgr, bool
     ntok[static_cast<size_t>(b)] = n;
     mh[f_seq + b] = s.seq;
     mh[f_ntok + b] = n;
-    bool is_fresh = true;
+    bool is_fresh = true, is_complete = true;
     for (int32_t l = 0; l < L; ++l)
       for (int32_t kh = 0; kh < Hkv; ++kh) {
         const int32_t len = mgr.length(s.seq, l, kh);
         mh[f_rowlen + (int64_t{b} * L + l) * Hkv + kh] = len;
         is_fresh = is_fresh && len == n;
+        is_complete = is_complete && len == p0 + n;
         if (b < n_dec) {
           const int64_t i = (int64_t{l} * n_dec + b) * Hkv + kh;
           mh[f_doff + i] = static_cast<int32_t>((int64_t{s.seq} * I.rows_per_seq + int64_t{l} * Hkv + kh) * I.max_pages_per_row);
@@ -723,6 +982,7 @@ Status CudaModel::step(std::span<const SeqStep> steps, KvCacheManager& mgr, bool
         }
       }
     fresh[static_cast<size_t>(b)] = is_fresh;
+    complete[static_cast<size_t>(b)] = is_complete;
     for (int32_t i = 0; i < n; ++i, ++t) {
       mh[f_tokens + t] = s.tokens[static_cast<size_t>(i)];
       mh[f_pos + t] = static_cast<int32_t>(p0 + i);
@@ -772,21 +1032,101 @@ Status CudaModel::step(std::span<const SeqStep> steps, KvCacheManager& mgr, bool
   }
 
   // --- compression bookkeeping ------------------------------------------------------------------------
-  const bool window_comp = I.has_comp && window_policy(I.comp.policy);
+  // Which sequences compress after this step (internal order): window policies during the
+  // forward (slot, keep region of rows x P entries), streamingllm after it.
+  std::vector<const CompressConfig*> comp_cfg(static_cast<size_t>(B), nullptr);
+  std::vector<uint8_t> comp_window(static_cast<size_t>(B), 0);  // compresses per layer during the forward
+  std::vector<uint8_t> comp_keep(static_cast<size_t>(B), 0);    // ... with keep lists (all but kvcompress)
+  std::vector<uint8_t> kvc_after(static_cast<size_t>(B), 0);    // kvcompress: cross-layer selection after it
+  std::vector<uint8_t> metric_zero(static_cast<size_t>(B), 0);  // metric policy: new entries start at 0
+  std::vector<uint8_t> metric_obs(static_cast<size_t>(B), 0);   // ... and the last query's attention is added
+  std::vector<int32_t> metric_md(static_cast<size_t>(B), 0);
+  std::vector<uint8_t> ring_save(static_cast<size_t>(B), 0);  // prefill_part of a window policy
   std::vector<int32_t> comp_slot(static_cast<size_t>(B), -1);  // index into counts / keep regions
   std::vector<int64_t> keep_base(static_cast<size_t>(B), 0);
   int64_t keep_used = 0;
   int32_t n_comp = 0;
+  bool window_comp = false;
   for (int32_t b = 0; b < B; ++b) {
     const SeqStep& s = steps[static_cast<size_t>(order[static_cast<size_t>(b)])];
-    if (!s.compress || !I.has_comp || !fresh[static_cast<size_t>(b)] || pos0[static_cast<size_t>(order[static_cast<size_t>(b)])] != 0)
-      continue;
-    if (window_comp && ntok[static_cast<size_t>(b)] > I.comp.window) {
+    const size_t sq = static_cast<size_t>(s.seq);
+    const int64_t p0 = pos0[static_cast<size_t>(order[static_cast<size_t>(b)])];
+    if (p0 == 0) {  // a sequence starting from nothing is a new one (ids reused without on_release)
+      I.seq_compressed[sq] = 0;
+      I.ring_end[sq] = 0;
+    }
+    const CompressConfig* cc = I.comp_of(s.seq);
+    if (cc == nullptr) continue;
+    const KvPolicy pol = cc->policy;
+    const int32_t total = static_cast<int32_t>(p0) + ntok[static_cast<size_t>(b)];
+    if (s.prefill_part && !I.seq_compressed[sq] && whole_prompt_policy(pol))
+      return invalid_argument(std::string("cuda step: kv policy ") + kv_policy_name(pol) +
+                              " needs the whole prompt in one step on the device (sequence " + std::to_string(s.seq) +
+                              " is prefilled in chunks: raise the prefill chunk to the prompt length, or use --device cpu)");
+    if (s.prefill_part && ring_policy(pol) && !I.seq_compressed[sq]) {
+      if (I.ring_end[sq] != p0)
+        return invalid_argument("cuda step: a prompt chunk of sequence " + std::to_string(s.seq) + " at position " +
+                                std::to_string(p0) + " follows chunks not marked prefill_part");
+      ring_save[static_cast<size_t>(b)] = 1;
+    }
+    const bool compressing = s.compress && !I.seq_compressed[sq] && complete[static_cast<size_t>(b)];
+    if (metric_policy(pol) && !compressing) {
+      metric_zero[static_cast<size_t>(b)] = 1;
+      metric_obs[static_cast<size_t>(b)] = I.seq_compressed[sq];  // after the prompt: decode / append steps
+      metric_md[static_cast<size_t>(b)] = metric_mode(*cc);
+    }
+    if (!compressing) continue;
+    I.seq_compressed[sq] = 1;
+    comp_cfg[static_cast<size_t>(b)] = cc;
+    const bool layer_comp = (policy_uses_window_scores(pol) && total > cc->window) || metric_policy(pol);
+    if (layer_comp) {
+      if (p0 > 0 && whole_prompt_policy(pol))
+        return invalid_argument(std::string("cuda step: kv policy ") + kv_policy_name(pol) +
+                                " needs the whole prompt in one step on the device (sequence " +
+                                std::to_string(s.seq) + " held entries before its compressing step)");
+      const int32_t wq = std::min(cc->window, total);
+      if (p0 > 0 && ntok[static_cast<size_t>(b)] < wq && I.ring_end[sq] != p0)
+        return invalid_argument("cuda step: the last chunk of sequence " + std::to_string(s.seq) +
+                                " needs the window queries of earlier chunks, which were not marked prefill_part");
+      comp_window[static_cast<size_t>(b)] = 1;
       comp_slot[static_cast<size_t>(b)] = n_comp++;
-      keep_base[static_cast<size_t>(b)] = keep_used;
-      keep_used += int64_t{I.rows_per_seq} * ntok[static_cast<size_t>(b)];
-    } else if (I.comp.policy == KvPolicy::kStreamingLlm) {
+      if (pol == KvPolicy::kKvCompress) {
+        kvc_after[static_cast<size_t>(b)] = 1;
+      } else {
+        comp_keep[static_cast<size_t>(b)] = 1;
+        window_comp = true;
+        keep_base[static_cast<size_t>(b)] = keep_used;
+        keep_used += int64_t{I.rows_per_seq} * total;
+      }
+    } else if (cc->policy == KvPolicy::kStreamingLlm) {
       comp_slot[static_cast<size_t>(b)] = n_comp++;  // handled after the forward
+    }
+  }
+  if (keep_used > 0) ADAKV_RETURN_IF_ERROR(I.regrow(&I.keep_dev, &I.keep_host, &I.keep_cap, keep_used, "keep lists"));
+  // New entries of metric sequences start at zero (KvCompressor::on_append): one scatter of int32
+  // zeros (+0.0f) into the slot-indexed metric before the first layer adds to them.
+  bool any_obs = false;
+  {
+    int64_t n_zero = 0;
+    for (int32_t b = 0; b < B; ++b) {
+      any_obs = any_obs || metric_obs[static_cast<size_t>(b)];
+      if (metric_zero[static_cast<size_t>(b)]) n_zero += int64_t{ntok[static_cast<size_t>(b)]} * I.rows_per_seq;
+    }
+    if (n_zero > 0) {
+      ADAKV_RETURN_IF_ERROR(I.regrow(&I.zero_dev, &I.zero_host, &I.zero_cap, n_zero, "metric zeroing"));
+      int64_t z = 0;
+      for (int32_t b = 0; b < B; ++b) {
+        if (!metric_zero[static_cast<size_t>(b)]) continue;
+        const SeqId seq = mh[f_seq + b];
+        const int32_t n = ntok[static_cast<size_t>(b)];
+        for (int32_t l = 0; l < L; ++l)
+          for (int32_t kh = 0; kh < Hkv; ++kh) {
+            const int32_t len = mgr.length(seq, l, kh);
+            for (int32_t i = len - n; i < len; ++i) I.zero_host[z++] = make_int2(static_cast<int32_t>(mgr.slot(seq, l, kh, i)), 0);
+          }
+      }
+      ADAKV_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(I.zero_dev, I.zero_host, sizeof(int2) * z, cudaMemcpyHostToDevice, st));
+      ADAKV_RETURN_IF_ERROR(page_table_scatter(I.zero_dev, static_cast<int32_t>(z), reinterpret_cast<int32_t*>(I.metric), st));
     }
   }
   if (I.opt.audit_compression) I.audit.clear();
@@ -823,6 +1163,23 @@ Status CudaModel::step(std::span<const SeqStep> steps, KvCacheManager& mgr, bool
     ADAKV_RETURN_IF_ERROR(qkv_rope(qr, st));
     ADAKV_RETURN_IF_ERROR(kv_append(I.pool, bv, l, I.qkv, qkvd, static_cast<int32_t>(qd),
                                     static_cast<int32_t>(qd + I.kv_dim()), d, st));
+    // Chunked prefill: the chunk's trailing window queries into the ring (position p at row p % w).
+    for (int32_t b = 0; b < B; ++b) {
+      if (!ring_save[static_cast<size_t>(b)]) continue;
+      const SeqId seq = mh[f_seq + b];
+      const int32_t w = I.comp_of(seq)->window, n = ntok[static_cast<size_t>(b)];
+      const int64_t p0 = pos0[static_cast<size_t>(order[static_cast<size_t>(b)])];
+      const int32_t first = std::max(0, n - w), cnt = n - first;
+      const int32_t r0 = static_cast<int32_t>((p0 + first) % w), seg1 = std::min(cnt, w - r0);
+      bf16* ring = I.win_ring + (int64_t{seq} * L + l) * I.max_window * qd;
+      const bf16* src = I.qkv + int64_t(tok0[static_cast<size_t>(b)] + first) * qkvd;
+      ADAKV_CUDA_RETURN_IF_ERROR(cudaMemcpy2DAsync(ring + int64_t{r0} * qd, qd * sizeof(bf16), src, qkvd * sizeof(bf16),
+                                                   qd * sizeof(bf16), seg1, cudaMemcpyDeviceToDevice, st));
+      if (cnt > seg1)
+        ADAKV_CUDA_RETURN_IF_ERROR(cudaMemcpy2DAsync(ring, qd * sizeof(bf16), src + int64_t{seg1} * qkvd,
+                                                     qkvd * sizeof(bf16), qd * sizeof(bf16), cnt - seg1,
+                                                     cudaMemcpyDeviceToDevice, st));
+    }
     // Attention: decode tokens [0, n_dec), then each longer sequence.
     if (n_dec > 0) {
       if (I.fast_decode) {
@@ -889,10 +1246,46 @@ Status CudaModel::step(std::span<const SeqStep> steps, KvCacheManager& mgr, bool
       }
     }
     for (int32_t b = 0; b < B; ++b) {
-      if (comp_slot[static_cast<size_t>(b)] < 0 || !window_comp) continue;
-      ADAKV_RETURN_IF_ERROR(I.run_compression_window(mh[f_seq + b], b, tok0[static_cast<size_t>(b)],
-                                                     ntok[static_cast<size_t>(b)], l, keep_base[static_cast<size_t>(b)],
-                                                     comp_slot[static_cast<size_t>(b)]));
+      if (!comp_window[static_cast<size_t>(b)]) continue;
+      const int32_t n = ntok[static_cast<size_t>(b)];
+      const int32_t total = static_cast<int32_t>(pos0[static_cast<size_t>(order[static_cast<size_t>(b)])]) + n;
+      ADAKV_RETURN_IF_ERROR(I.run_compression_window(mh[f_seq + b], *comp_cfg[static_cast<size_t>(b)],
+                                                     tok0[static_cast<size_t>(b)], n, total,
+                                                     md + f_rowlen + (int64_t{b} * L + l) * Hkv, l,
+                                                     keep_base[static_cast<size_t>(b)], comp_slot[static_cast<size_t>(b)]));
+    }
+    // H2O / KV-Compress: the step's last query's attention of every entry into the metric
+    // (KvCompressor::add_attention): decode tokens in runs of one mode, then longer appends.
+    for (int32_t b = 0; any_obs && b < B;) {
+      if (!metric_obs[static_cast<size_t>(b)]) {
+        ++b;
+        continue;
+      }
+      MetricDecodeParams mp;
+      mp.k_pool = I.pool.k_pool;
+      mp.page_stride = I.pool.page_stride;
+      mp.head_dim = d;
+      mp.num_kv_heads = Hkv;
+      mp.group = g;
+      mp.scale = scale;
+      mp.mode = metric_md[static_cast<size_t>(b)];
+      mp.metric = I.metric;
+      mp.q_token_stride = qkvd;
+      int32_t e = b + 1;
+      if (b < n_dec) {
+        while (e < n_dec && metric_obs[static_cast<size_t>(e)] && metric_md[static_cast<size_t>(e)] == mp.mode) ++e;
+        const int64_t r0 = (int64_t{l} * n_dec + b) * Hkv;
+        mp.rows = {I.page_table, md + f_doff + r0, (e - b) * Hkv};
+        mp.row_lengths = md + f_dlen + r0;
+        mp.queries = I.qkv + int64_t{b} * qkvd;  // decode token b is token b of the step
+      } else {
+        const SeqId seq = mh[f_seq + b];
+        mp.rows = {I.page_table, I.row_offsets_all + (int64_t{seq} * L + l) * Hkv, Hkv};
+        mp.row_lengths = md + f_rowlen + (int64_t{b} * L + l) * Hkv;
+        mp.queries = I.qkv + int64_t(tok0[static_cast<size_t>(b)] + ntok[static_cast<size_t>(b)] - 1) * qkvd;
+      }
+      ADAKV_RETURN_IF_ERROR(metric_decode_add(mp, st));
+      b = e;
     }
     ADAKV_RETURN_IF_ERROR(I.gemm->linear(I.attn, W.o, I.delta, DType::kBF16, T, hidden, qd, st));
     nrm.delta = I.delta;
@@ -975,9 +1368,10 @@ Status CudaModel::step(std::span<const SeqStep> steps, KvCacheManager& mgr, bool
   // --- the host side of compression: the manager learns the device's keep lists -----------------------------
   for (int32_t b = 0; b < B; ++b) {
     const int32_t slot = comp_slot[static_cast<size_t>(b)];
-    if (slot < 0 || !window_comp) continue;
+    if (slot < 0 || !comp_keep[static_cast<size_t>(b)]) continue;
     const SeqId seq = mh[f_seq + b];
-    const int32_t n = ntok[static_cast<size_t>(b)];
+    const int32_t n = static_cast<int32_t>(pos0[static_cast<size_t>(order[static_cast<size_t>(b)])]) +
+                      ntok[static_cast<size_t>(b)];  // the whole prompt: keep lists are [rows][n]
     for (int32_t l = 0; l < L; ++l) {
       for (int32_t kh = 0; kh < Hkv; ++kh) {
         const int32_t cnt = I.counts_host[(int64_t{slot} * L + l) * Hkv + kh];
@@ -996,16 +1390,196 @@ Status CudaModel::step(std::span<const SeqStep> steps, KvCacheManager& mgr, bool
   }
   for (int32_t i = 0; i < B; ++i) mgr.advance_logical_length(steps[static_cast<size_t>(i)].seq, static_cast<int64_t>(steps[static_cast<size_t>(i)].tokens.size()));
   for (int32_t b = 0; b < B; ++b)
-    if (comp_slot[static_cast<size_t>(b)] >= 0 && I.comp.policy == KvPolicy::kStreamingLlm)
-      ADAKV_RETURN_IF_ERROR(compress_streaming(mh[f_seq + b], mgr));
+    if (ring_save[static_cast<size_t>(b)])
+      I.ring_end[static_cast<size_t>(mh[f_seq + b])] =
+          pos0[static_cast<size_t>(order[static_cast<size_t>(b)])] + ntok[static_cast<size_t>(b)];
+  for (int32_t b = 0; b < B; ++b) {
+    const SeqId seq = mh[f_seq + b];
+    if (comp_slot[static_cast<size_t>(b)] >= 0 && comp_cfg[static_cast<size_t>(b)]->policy == KvPolicy::kStreamingLlm)
+      ADAKV_RETURN_IF_ERROR(I.compress_streamingllm(seq, *comp_cfg[static_cast<size_t>(b)], mgr));
+    if (kvc_after[static_cast<size_t>(b)])  // KvCompressor::after_prefill: cross-layer eviction
+      ADAKV_RETURN_IF_ERROR(I.compress_kvcompress(seq, *comp_cfg[static_cast<size_t>(b)], mgr));
+  }
   return Status::ok();
 }
 
-Status CudaModel::compress_streaming(SeqId seq, KvCacheManager& mgr) {
+Status CudaModel::compress_now(SeqId seq, KvCacheManager& mgr, int64_t* pages_freed) {
   Impl& I = *impl_;
-  if (!I.has_comp || I.comp.policy != KvPolicy::kStreamingLlm) return Status::ok();
+  if (pages_freed != nullptr) *pages_freed = 0;
+  if (seq < 0 || seq >= I.opt.max_seqs) return invalid_argument("cuda: sequence " + std::to_string(seq) + " is not below max_seqs");
+  if (!mgr.has_sequence(seq)) return invalid_argument("cuda: compress_now of an unknown sequence");
+  const CompressConfig* cc = I.comp_of(seq);
+  if (cc == nullptr || !policy_is_continual(cc->policy)) return Status::ok();
+  const int64_t before = mgr.used_pages();
+  Status s = Status::ok();
+  switch (cc->policy) {
+    case KvPolicy::kStreamingLlm: s = I.compress_streamingllm(seq, *cc, mgr); break;
+    case KvPolicy::kH2o: s = I.compress_h2o(seq, *cc, mgr); break;
+    case KvPolicy::kKvCompress: s = I.compress_kvcompress(seq, *cc, mgr); break;
+    default: break;
+  }
+  if (pages_freed != nullptr) *pages_freed = before - mgr.used_pages();
+  return s;
+}
+
+Status CudaModel::Impl::apply_row_keeps(SeqId seq, const std::vector<std::vector<int32_t>>& keeps) {
+  int64_t total = 0;
+  for (const auto& k : keeps) total += static_cast<int64_t>(k.size());
+  if (total == 0) return Status::ok();
+  if (total >= (int64_t{1} << 31)) return internal_error("cuda compaction: keep lists exceed int32 offsets");
+  ADAKV_RETURN_IF_ERROR(regrow(&keep_dev, &keep_host, &keep_cap, total, "keep lists"));
+  std::vector<int32_t> counts(static_cast<size_t>(rows_per_seq), 0), offs(static_cast<size_t>(rows_per_seq), 0);
+  int64_t o = 0;
+  for (size_t r = 0; r < keeps.size(); ++r) {
+    offs[r] = static_cast<int32_t>(o);
+    counts[r] = static_cast<int32_t>(keeps[r].size());
+    std::copy(keeps[r].begin(), keeps[r].end(), keep_host + o);
+    o += static_cast<int64_t>(keeps[r].size());
+  }
+  ADAKV_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(keep_dev, keep_host, sizeof(int32_t) * total, cudaMemcpyHostToDevice, stream));
+  ADAKV_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(stream_counts_dev, counts.data(), sizeof(int32_t) * counts.size(),
+                                             cudaMemcpyHostToDevice, stream));
+  ADAKV_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(rows_off_dev, offs.data(), sizeof(int32_t) * offs.size(),
+                                             cudaMemcpyHostToDevice, stream));
+  KvCompactParams cp;
+  cp.k_pool = pool.k_pool;
+  cp.v_pool = pool.v_pool;
+  cp.page_stride = pool.page_stride;
+  cp.head_dim = static_cast<int32_t>(cfg.head_dim);
+  cp.positions = pool.positions;
+  cp.metric = metric;
+  cp.row_page_offsets = row_offsets_all + int64_t{seq} * rows_per_seq;
+  cp.page_ids = page_table;
+  cp.num_rows = rows_per_seq;
+  cp.keep = keep_dev;
+  cp.keep_stride = 0;
+  cp.keep_counts = stream_counts_dev;
+  cp.keep_offsets = rows_off_dev;
+  ADAKV_RETURN_IF_ERROR(compact_kv_rows(cp, stream));
+  ADAKV_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream));
+  return Status::ok();
+}
+
+// KvCompressor::compress_kvcompress on the device: every row's metric and positions through
+// KvcSelector (identical evict sets to kvcompress_select), the manager's evict_entries, and the same
+// moves on the device: the lowest hole gets the lowest-indexed tail survivor, and so on.
+Status CudaModel::Impl::compress_kvcompress(SeqId seq, const CompressConfig& cc, KvCacheManager& m) {
+  const int32_t Hkv = static_cast<int32_t>(cfg.num_kv_heads), R = rows_per_seq;
+  std::vector<int32_t> lengths(static_cast<size_t>(R));
+  int64_t total = 0;
+  for (int32_t r = 0; r < R; ++r) {
+    lengths[static_cast<size_t>(r)] = m.length(seq, r / Hkv, r % Hkv);
+    total += lengths[static_cast<size_t>(r)];
+  }
+  const int64_t t = cc.max_cache_tokens > 0 ? cc.max_cache_tokens : cc.budget;
+  const int64_t max_entries = int64_t{R} * t;
+  if (total <= max_entries) return Status::ok();
+  if (kvc == nullptr || kvc_cap < total) {
+    ADAKV_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream));
+    kvc.reset();
+    const int64_t cap = std::max(total, kvc_cap + kvc_cap / 2);
+    ADAKV_ASSIGN_OR_RETURN(kvc, KvcSelector::create(cap, R));
+    kvc_cap = cap;
+  }
+  std::vector<std::vector<int32_t>> evict;
+  const MetricRows rows{page_table, row_offsets_all + int64_t{seq} * R, R};
+  ADAKV_RETURN_IF_ERROR(kvc->select(rows, lengths, metric, pool.positions, max_entries, kPageSize, m.logical_length(seq),
+                                    cc.protected_window, stream, &evict));
+  if (evict.size() != static_cast<size_t>(R)) return internal_error("cuda kvcompress: evict lists per row expected");
+  std::vector<std::vector<int32_t>> keeps(static_cast<size_t>(R));
+  std::vector<int64_t> holes(static_cast<size_t>(R), 0);
+  for (int32_t r = 0; r < R; ++r) {
+    const std::vector<int32_t>& e = evict[static_cast<size_t>(r)];
+    if (e.empty()) continue;
+    const int32_t n = lengths[static_cast<size_t>(r)], kept = n - static_cast<int32_t>(e.size());
+    std::vector<uint8_t> gone(static_cast<size_t>(n), 0);
+    for (int32_t x : e) {
+      if (x < 0 || x >= n || gone[static_cast<size_t>(x)]) return internal_error("cuda kvcompress: bad evict list");
+      gone[static_cast<size_t>(x)] = 1;
+    }
+    int32_t last_hole = -1;
+    for (int32_t i = 0; i < kept; ++i)
+      if (gone[static_cast<size_t>(i)]) last_hole = i;
+    if (last_hole < 0) continue;  // only tail entries go: nothing moves
+    std::vector<int32_t>& k = keeps[static_cast<size_t>(r)];
+    k.resize(static_cast<size_t>(last_hole) + 1);
+    int32_t src = kept;
+    for (int32_t i = 0; i <= last_hole; ++i) {
+      if (!gone[static_cast<size_t>(i)]) {
+        k[static_cast<size_t>(i)] = i;
+        continue;
+      }
+      while (gone[static_cast<size_t>(src)]) ++src;  // the next tail survivor
+      k[static_cast<size_t>(i)] = src++;
+      ++holes[static_cast<size_t>(r)];
+    }
+  }
+  ADAKV_RETURN_IF_ERROR(apply_row_keeps(seq, keeps));
+  for (int32_t r = 0; r < R; ++r) {
+    const std::vector<int32_t>& e = evict[static_cast<size_t>(r)];
+    if (e.empty()) continue;
+    const std::vector<KvMove> moves = m.evict_entries(seq, r / Hkv, r % Hkv, e);
+    if (static_cast<int64_t>(moves.size()) != holes[static_cast<size_t>(r)])
+      return internal_error("cuda kvcompress: the manager moved " + std::to_string(moves.size()) + " entries of row " +
+                            std::to_string(r) + ", the device " + std::to_string(holes[static_cast<size_t>(r)]));
+  }
+  return Status::ok();
+}
+
+// KvCompressor::compress_h2o: the metric of every row to the host, plan_layer per layer (top
+// B - w heavy hitters of the prefix + the w newest), the moves on the device, then the manager.
+Status CudaModel::Impl::compress_h2o(SeqId seq, const CompressConfig& cc, KvCacheManager& m) {
+  const int32_t Hkv = static_cast<int32_t>(cfg.num_kv_heads), L = static_cast<int32_t>(cfg.num_layers), R = rows_per_seq;
+  std::vector<int32_t> lengths(static_cast<size_t>(R));
+  int32_t longest = 0;
+  for (int32_t r = 0; r < R; ++r) {
+    lengths[static_cast<size_t>(r)] = m.length(seq, r / Hkv, r % Hkv);
+    longest = std::max(longest, lengths[static_cast<size_t>(r)]);
+  }
+  if (longest <= cc.budget) return Status::ok();  // nothing to evict anywhere
+  ADAKV_RETURN_IF_ERROR(regrow(&gath, static_cast<float**>(nullptr), &gath_cap, int64_t{R} * longest, "h2o metric rows"));
+  for (int32_t r = 0; r < R;) {  // runs of rows with one length: one gather each
+    int32_t e = r + 1;
+    while (e < R && lengths[static_cast<size_t>(e)] == lengths[static_cast<size_t>(r)]) ++e;
+    if (lengths[static_cast<size_t>(r)] > 0) {
+      const MetricRows rows{page_table, row_offsets_all + int64_t{seq} * R + r, e - r};
+      ADAKV_RETURN_IF_ERROR(
+          metric_gather_rows(rows, metric, lengths[static_cast<size_t>(r)], gath + int64_t{r} * longest, longest, stream));
+    }
+    r = e;
+  }
+  std::vector<float> host(static_cast<size_t>(R) * static_cast<size_t>(longest));
+  ADAKV_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(host.data(), gath, sizeof(float) * host.size(), cudaMemcpyDeviceToHost, stream));
+  ADAKV_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream));
+  std::vector<std::vector<int32_t>> keeps(static_cast<size_t>(R));
+  for (int32_t l = 0; l < L; ++l) {
+    LayerScores sc;
+    for (int32_t kh = 0; kh < Hkv; ++kh) {
+      const int32_t r = l * Hkv + kh, n = lengths[static_cast<size_t>(r)];
+      sc.lengths.push_back(n);
+      const float* row = host.data() + static_cast<size_t>(r) * static_cast<size_t>(longest);
+      sc.scores.emplace_back(row, row + std::max(0, n - cc.window));
+    }
+    LayerPlan plan = plan_layer(cc, l, cc.budget - cc.window, sc);
+    for (int32_t kh = 0; kh < Hkv; ++kh) {
+      const int32_t r = l * Hkv + kh;
+      if (static_cast<int32_t>(plan.keep[static_cast<size_t>(kh)].size()) != lengths[static_cast<size_t>(r)])
+        keeps[static_cast<size_t>(r)] = std::move(plan.keep[static_cast<size_t>(kh)]);
+    }
+  }
+  ADAKV_RETURN_IF_ERROR(apply_row_keeps(seq, keeps));
+  for (int32_t r = 0; r < R; ++r)
+    if (!keeps[static_cast<size_t>(r)].empty()) (void)m.keep_entries(seq, r / Hkv, r % Hkv, keeps[static_cast<size_t>(r)]);
+  return Status::ok();
+}
+
+Status CudaModel::Impl::compress_streamingllm(SeqId seq, const CompressConfig& ccfg, KvCacheManager& mgr) {
+  Impl& I = *this;
+  const CompressConfig* cc = &ccfg;
   const int32_t L = static_cast<int32_t>(I.cfg.num_layers), Hkv = static_cast<int32_t>(I.cfg.num_kv_heads);
-  const int32_t budget = I.comp.budget;
+  const int32_t budget = cc->budget;
+  ADAKV_RETURN_IF_ERROR(I.regrow(&I.stream_keep_dev, &I.stream_keep_host, &I.stream_cap, I.rows_per_seq * int64_t{budget},
+                                 "streamingllm keep lists"));
   // Plans on the host (they depend on lengths only), compaction on the device over every row of
   // the sequence in one launch, then the manager frees the trailing pages.
   std::vector<int32_t> counts(static_cast<size_t>(I.rows_per_seq));
@@ -1014,7 +1588,7 @@ Status CudaModel::compress_streaming(SeqId seq, KvCacheManager& mgr) {
   for (int32_t l = 0; l < L; ++l) {
     std::vector<int32_t> lengths;
     for (int32_t kh = 0; kh < Hkv; ++kh) lengths.push_back(mgr.length(seq, l, kh));
-    const LayerPlan plan = plan_streaming(I.comp, l, lengths);
+    const LayerPlan plan = plan_streaming(*cc, l, lengths);
     for (int32_t kh = 0; kh < Hkv; ++kh) {
       const size_t row = static_cast<size_t>(l * Hkv + kh);
       keeps[row] = plan.keep[static_cast<size_t>(kh)];

@@ -11,7 +11,15 @@
 // kv_layout() and num_pages(); step() reserves and commits the step's entries there, mirrors the
 // rows' page lists into a dense device table ([max_seqs * layers * Hkv][max_pages_per_row], the
 // manager's row ids), and for compression downloads the device's keep lists, calls
-// keep_entries, and applies the same moves on the device (compact_kv_rows).
+// keep_entries (or evict_entries for KV-Compress), and applies the same moves on the device
+// (compact_kv_rows; K, V, positions and the per-slot metric move together).
+//
+// Compression on the device: the window policies, CriticalKV / ada-CriticalKV (window scores +
+// value norms through o_proj, two-stage selection) and H2O (prompt accumulation, heavy hitters +
+// recent) compress each layer right after its prefill attention; KV-Compress scores each layer
+// and selects blocks across layers after the prefill's last layer; H2O and KV-Compress keep a
+// per-slot fp32 metric next to the pool (new entries start at zero, every later step adds the
+// last query's attention after each layer); continual policies compress through compress_now.
 //
 // A step: embed -> per layer [fused add+RMSNorm -> qkv GEMM -> bias/q-k norm/RoPE -> K/V append
 // into pages -> attention -> (compression scores + selection + compaction, once after a fresh
@@ -43,8 +51,13 @@ struct CudaModelOptions {
   int64_t max_context = 0;          // longest sequence; 0 = the config's context length
   double gpu_memory_fraction = 0.9; // of the free memory after weights and workspace, for the pool
   int64_t num_pages = 0;            // > 0: exactly this many pages instead of the fraction
-  // Compression after a fresh prefill (window policies and streamingllm); null or full: none.
+  // Compression after a prefill (any policy compression_supported accepts); null or full: none.
+  // The default of every sequence that set_compression() has not given its own config.
   const CompressConfig* compress = nullptr;
+  // Largest observation window a per-sequence config (set_compression) may use: sizes the
+  // window scorer and the chunked-prefill query ring ([max_seqs][layers][max_window][q_dim] bf16).
+  // 0: window policies only through `compress`.
+  int32_t max_window = 0;
   // Keep each compressed layer's GPU scores and inputs on the host for tests (compression_audit()).
   bool audit_compression = false;
 };
@@ -61,7 +74,13 @@ struct SeqStep {
   SeqId seq = -1;
   std::span<const int32_t> tokens;  // >= 1 new tokens
   bool all_logits = false;          // logits of every token, else of the last one
-  bool compress = false;            // compress after this step when it is the sequence's first
+  // This step ends the prompt (the whole prompt, or its last chunk): compress the sequence's rows
+  // with its policy, once, when they still hold every token (nothing compressed before). After a
+  // chunked prefill the window queries are the prompt's last w (earlier chunks' from the ring that
+  // prefill_part keeps) and the keys are read back from the pages.
+  bool compress = false;
+  // A prompt chunk before the last: keep its trailing window queries for the last chunk.
+  bool prefill_part = false;
   const StepSampling* sampling = nullptr;  // sample the next token on the device, or null
 };
 
@@ -79,7 +98,12 @@ struct CompressionAuditLayer {
   std::vector<float> scores;          // [Hkv][L - w] GPU scores
   std::vector<uint16_t> queries;      // [w][H][d] bf16 bits: the window's post-RoPE queries
   std::vector<uint16_t> keys;         // [L][Hkv][d] bf16 bits: the layer's keys
-  std::vector<std::vector<int32_t>> keep;  // [Hkv] the GPU's keep lists
+  std::vector<std::vector<int32_t>> keep;  // [Hkv] the GPU's keep lists (empty rows for kvcompress)
+  // H2O: queries holds all L queries [L][H][d]; metric [Hkv][L] the prompt accumulation.
+  // KV-Compress: metric [Hkv][L] the prefill metric (selection is cross-layer, after the step).
+  std::vector<float> metric;
+  std::vector<float> crit;            // CriticalKV: [Hkv][L - w] second-stage scores
+  std::vector<uint16_t> values;       // CriticalKV: [L][Hkv][d] bf16 bits: the layer's values
 };
 
 class CudaModel {
@@ -107,12 +131,23 @@ class CudaModel {
   // copies the logits to the host. Synchronises with the device before returning.
   Status step(std::span<const SeqStep> steps, KvCacheManager& manager, bool want_logits, StepResult* result);
 
-  // StreamingLLM's continual compression of one sequence now (every `interval` decode steps).
-  Status compress_streaming(SeqId seq, KvCacheManager& manager);
+  // Continual compression of one sequence now (streamingllm, h2o, kvcompress: every `interval`
+  // decode steps, or instead of preempting it); a no-op for other policies. `pages_freed`
+  // (optional) receives the pages the manager got back.
+  Status compress_now(SeqId seq, KvCacheManager& manager, int64_t* pages_freed = nullptr);
+  // The same (kept for callers written for streamingllm only).
+  Status compress_streaming(SeqId seq, KvCacheManager& manager) { return compress_now(seq, manager); }
+  // `seq`'s own compression config (per-request policies) until on_release(seq); validated, and
+  // refused (kUnimplemented) for policies the device cannot run yet (see compression_supported).
+  Status set_compression(SeqId seq, const CompressConfig& config);
   // Forget the device mirror of a released sequence's rows (call with manager.release(seq)).
   void on_release(SeqId seq);
 
   const std::vector<CompressionAuditLayer>& compression_audit() const;
+  // One row's per-slot metric and token positions in entry order, read back from the device
+  // (tests: continual H2O / KV-Compress against the host policy). Synchronises.
+  Status read_row(const KvCacheManager& manager, SeqId seq, int32_t layer, int32_t kv_head, std::vector<float>* metric,
+                  std::vector<int32_t>* positions) const;
   // Device time of the last step's forward (CUDA events), milliseconds.
   float last_step_ms() const;
 
@@ -125,5 +160,11 @@ class CudaModel {
 
 // Whether a CUDA device is usable; the reason otherwise ("no CUDA device", driver errors).
 Status cuda_device_available();
+
+// Whether the device runs `config`'s policy (every policy but random: full, snapkv, pyramidkv,
+// ada-snapkv, ada-pyramidkv, criticalkv, ada-criticalkv, h2o, kvcompress, streamingllm);
+// kUnimplemented naming the policy otherwise. (h2o and the CriticalKV pair need the whole prompt
+// in one step: a chunked prompt is refused at its first chunk.)
+Status compression_supported(const CompressConfig& config);
 
 }  // namespace adakv::cuda

@@ -25,6 +25,8 @@ T value_or_fail(Expected<T> e) {
 void register_tokenize(CLI::App& app);
 void register_generate(CLI::App& app);
 void register_inspect(CLI::App& app);
+void register_serve(CLI::App& app);  // the OpenAI-compatible server (cmd_serve.cc)
+void register_bench(CLI::App& app);  // `adakv bench serve` (cmd_bench_serve.cc)
 // `adakv eval` (cmd_eval.cc) and its kinds, each registered from its own cmd_eval_<kind>.cc.
 void register_eval(CLI::App& app);
 void register_eval_fidelity(CLI::App& eval);

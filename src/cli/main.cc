@@ -12,6 +12,8 @@ int main(int argc, char** argv) {
   adakv::cli::register_generate(app);
   adakv::cli::register_inspect(app);
   adakv::cli::register_eval(app);
+  adakv::cli::register_serve(app);
+  adakv::cli::register_bench(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::Success& e) {  // --help and friends

@@ -79,9 +79,24 @@ void KvCompressor::apply_keep(KvCacheManager& m, CpuKvStorage& st, SeqId seq, co
   }
 }
 
-Expected<LayerPlan> KvCompressor::after_prefill_layer(KvCacheManager& m, CpuKvStorage& st, SeqId seq, int32_t layer,
-                                                      const float* queries, int32_t num_queries, const float* o_proj,
-                                                      int32_t hidden_size) {
+const LayerScores* LayerScoreCache::find(int32_t layer, const ScoreKey& key, int32_t num_queries) const {
+  const auto it = entries_.find({layer, key, num_queries});
+  if (it == entries_.end()) {
+    ++misses_;
+    return nullptr;
+  }
+  ++hits_;
+  return &it->second;
+}
+
+const LayerScores& LayerScoreCache::insert(int32_t layer, const ScoreKey& key, int32_t num_queries,
+                                           LayerScores scores) {
+  return entries_.insert_or_assign({layer, key, num_queries}, std::move(scores)).first->second;
+}
+
+Expected<LayerScores> KvCompressor::layer_scores(const KvCacheManager& m, const CpuKvStorage& st, SeqId seq,
+                                                 int32_t layer, const float* queries, int32_t num_queries,
+                                                 const float* o_proj, int32_t hidden_size) const {
   const CompressConfig& cfg = config(seq);
   const int32_t hkv = layout_.num_kv_heads;
   LayerTensors t;
@@ -99,16 +114,10 @@ Expected<LayerPlan> KvCompressor::after_prefill_layer(KvCacheManager& m, CpuKvSt
     prompt_length = std::max(prompt_length, t.lengths.back());
   }
   const KvPolicy p = cfg.policy;
-  if (p == KvPolicy::kFull) {
-    LayerPlan plan;
-    plan.layer = layer;
-    plan.lengths = t.lengths;
-    return plan;
-  }
-  if (p == KvPolicy::kStreamingLlm) {
-    LayerPlan plan = plan_streaming(cfg, layer, t.lengths);
-    apply_keep(m, st, seq, plan);
-    return plan;
+  if (p == KvPolicy::kFull || p == KvPolicy::kStreamingLlm) {
+    LayerScores s;
+    s.lengths = std::move(t.lengths);
+    return s;
   }
   if (num_queries < queries_needed(seq, prompt_length))
     return invalid_argument("compress layer " + std::to_string(layer) + ": " + kv_policy_name(p) + " needs the last " +
@@ -126,21 +135,87 @@ Expected<LayerPlan> KvCompressor::after_prefill_layer(KvCacheManager& m, CpuKvSt
       t.values.push_back(values[static_cast<size_t>(h)].data());
     }
   }
-  ADAKV_ASSIGN_OR_RETURN(LayerScores scores, compute_layer_scores(cfg, layer, t));
+  return compute_layer_scores(cfg, layer, t);
+}
 
+Expected<LayerPlan> KvCompressor::after_prefill_layer(KvCacheManager& m, CpuKvStorage& st, SeqId seq, int32_t layer,
+                                                      const float* queries, int32_t num_queries, const float* o_proj,
+                                                      int32_t hidden_size) {
+  ADAKV_ASSIGN_OR_RETURN(LayerScores scores, layer_scores(m, st, seq, layer, queries, num_queries, o_proj, hidden_size));
+  return after_prefill_layer(m, st, seq, layer, scores);
+}
+
+Expected<LayerPlan> KvCompressor::after_prefill_layer(KvCacheManager& m, CpuKvStorage& st, SeqId seq, int32_t layer,
+                                                      const float* queries, int32_t num_queries, const float* o_proj,
+                                                      int32_t hidden_size, LayerScoreCache& cache) {
+  const ScoreKey key = score_key(config(seq));
+  if (key.kind == ScoreKind::kNone)  // nothing to compute
+    return after_prefill_layer(m, st, seq, layer, queries, num_queries, o_proj, hidden_size);
+  if (const LayerScores* cached = cache.find(layer, key, num_queries)) return after_prefill_layer(m, st, seq, layer, *cached);
+  ADAKV_ASSIGN_OR_RETURN(LayerScores scores, layer_scores(m, st, seq, layer, queries, num_queries, o_proj, hidden_size));
+  return after_prefill_layer(m, st, seq, layer, cache.insert(layer, key, num_queries, std::move(scores)));
+}
+
+namespace {
+// Whether `s` has the arrays `c`'s policy plans with, sized for rows of `lengths`.
+bool scores_fit(const CompressConfig& c, const LayerScores& s, const std::vector<int32_t>& lengths) {
+  if (s.lengths != lengths) return false;
+  const KvPolicy p = c.policy;
+  if (p == KvPolicy::kFull || p == KvPolicy::kStreamingLlm) return true;
+  const size_t hkv = lengths.size();
+  const bool selects = policy_uses_window_scores(p) || p == KvPolicy::kH2o || p == KvPolicy::kRandom;
+  const bool per_entry = p == KvPolicy::kH2o || p == KvPolicy::kKvCompress;
+  if (selects && s.scores.size() != hkv) return false;
+  if (policy_is_two_stage(p) && s.crit.size() != hkv) return false;
+  if (per_entry && s.metric.size() != hkv) return false;
+  for (size_t h = 0; h < hkv; ++h) {
+    const size_t n = static_cast<size_t>(std::max(0, lengths[h] - c.window));
+    if (selects && s.scores[h].size() != n) return false;
+    if (policy_is_two_stage(p) && s.crit[h].size() != n) return false;
+    if (per_entry && s.metric[h].size() != static_cast<size_t>(lengths[h])) return false;
+  }
+  return true;
+}
+}  // namespace
+
+Expected<LayerPlan> KvCompressor::after_prefill_layer(KvCacheManager& m, CpuKvStorage& st, SeqId seq, int32_t layer,
+                                                      const LayerScores& scores) {
+  const CompressConfig& cfg = config(seq);
+  const int32_t hkv = layout_.num_kv_heads;
+  std::vector<int32_t> lengths;
+  int32_t prompt_length = 0;
+  for (int32_t h = 0; h < hkv; ++h) {
+    lengths.push_back(m.length(seq, layer, h));
+    prompt_length = std::max(prompt_length, lengths.back());
+  }
+  const KvPolicy p = cfg.policy;
+  if (!scores_fit(cfg, scores, lengths))
+    return invalid_argument("compress layer " + std::to_string(layer) + ": the given scores do not fit " +
+                            kv_policy_name(p) + " on the layer's rows (lengths or score arrays differ)");
+  if (p == KvPolicy::kFull) {
+    LayerPlan plan;
+    plan.layer = layer;
+    plan.lengths = std::move(lengths);
+    return plan;
+  }
+  if (p == KvPolicy::kStreamingLlm) {
+    LayerPlan plan = plan_streaming(cfg, layer, lengths);
+    apply_keep(m, st, seq, plan);
+    return plan;
+  }
   if (p == KvPolicy::kKvCompress) {  // seed the metric; eviction is cross-layer (after_prefill)
     for (int32_t h = 0; h < hkv; ++h)
-      for (int32_t i = 0; i < t.lengths[static_cast<size_t>(h)]; ++i)
+      for (int32_t i = 0; i < lengths[static_cast<size_t>(h)]; ++i)
         metric_[static_cast<size_t>(m.slot(seq, layer, h, i))] = scores.metric[static_cast<size_t>(h)][static_cast<size_t>(i)];
     LayerPlan plan;
     plan.layer = layer;
-    plan.lengths = t.lengths;
+    plan.lengths = std::move(lengths);
     return plan;
   }
   if (p == KvPolicy::kH2o) {
     // The prompt's accumulated attention becomes the entries' running metric (window included).
     for (int32_t h = 0; h < hkv; ++h)
-      for (int32_t i = 0; i < t.lengths[static_cast<size_t>(h)]; ++i)
+      for (int32_t i = 0; i < lengths[static_cast<size_t>(h)]; ++i)
         metric_[static_cast<size_t>(m.slot(seq, layer, h, i))] = scores.metric[static_cast<size_t>(h)][static_cast<size_t>(i)];
   }
   const int32_t bs = layer_selection_budget(cfg, layout_.num_layers, layer, prompt_length);

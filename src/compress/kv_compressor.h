@@ -21,7 +21,9 @@
 #pragma once
 
 #include <cstdint>
+#include <map>
 #include <optional>
+#include <tuple>
 #include <vector>
 
 #include "compress/compress_config.h"
@@ -31,6 +33,26 @@
 #include "kv/kv_cache_manager.h"
 
 namespace adakv {
+
+// Layer scores kept for reuse: compressing the same prefilled rows with several configs (a sweep
+// over budgets and policies) computes each (layer, score_key, query count) once. Scores are a
+// function of the rows and queries the layer holds at its after_prefill_layer, which this cache
+// cannot see: the caller owns it and uses one cache per prefill (the same tokens in the same
+// rows, the same recorded queries, the same o_proj), e.g. one per PrefillSnapshot. Not
+// thread-safe.
+class LayerScoreCache {
+ public:
+  const LayerScores* find(int32_t layer, const ScoreKey& key, int32_t num_queries) const;
+  const LayerScores& insert(int32_t layer, const ScoreKey& key, int32_t num_queries, LayerScores scores);
+  size_t size() const { return entries_.size(); }
+  int64_t hits() const { return hits_; }      // find() calls that found an entry
+  int64_t misses() const { return misses_; }  // and that did not
+  void clear() { entries_.clear(); }
+
+ private:
+  std::map<std::tuple<int32_t, ScoreKey, int32_t>, LayerScores> entries_;
+  mutable int64_t hits_ = 0, misses_ = 0;
+};
 
 class KvCompressor {
  public:
@@ -57,6 +79,22 @@ class KvCompressor {
   Expected<LayerPlan> after_prefill_layer(KvCacheManager& m, CpuKvStorage& st, SeqId seq, int32_t layer,
                                           const float* queries, int32_t num_queries, const float* o_proj = nullptr,
                                           int32_t hidden_size = 0);
+  // The same, with the scores looked up in `cache` under (layer, score_key(config(seq)),
+  // num_queries) and computed (layer_scores) and stored there on a miss. Gives what the call
+  // above gives when the cache holds scores of this prefill only (LayerScoreCache).
+  Expected<LayerPlan> after_prefill_layer(KvCacheManager& m, CpuKvStorage& st, SeqId seq, int32_t layer,
+                                          const float* queries, int32_t num_queries, const float* o_proj,
+                                          int32_t hidden_size, LayerScoreCache& cache);
+  // The same from scores computed before: what layer_scores returned for this layer's current
+  // rows under seq's config or one with an equal score_key. Fails when they do not fit the rows
+  // (lengths, heads, a score array the policy needs missing or of the wrong size).
+  Expected<LayerPlan> after_prefill_layer(KvCacheManager& m, CpuKvStorage& st, SeqId seq, int32_t layer,
+                                          const LayerScores& scores);
+  // The scores after_prefill_layer computes for layer `layer` of seq (its rows as they are now,
+  // arguments as there); changes nothing. Full and StreamingLLM: the row lengths only.
+  Expected<LayerScores> layer_scores(const KvCacheManager& m, const CpuKvStorage& st, SeqId seq, int32_t layer,
+                                     const float* queries, int32_t num_queries, const float* o_proj = nullptr,
+                                     int32_t hidden_size = 0) const;
   // After the last layer's prefill (and advance_logical_length): KV-Compress frees blocks across
   // all layers and heads down to its budget. Returns pages freed.
   int64_t after_prefill(KvCacheManager& m, CpuKvStorage& st, SeqId seq);

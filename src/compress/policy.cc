@@ -85,6 +85,30 @@ Expected<LayerScores> compute_layer_scores(const CompressConfig& c, int32_t laye
   return s;
 }
 
+ScoreKey score_key(const CompressConfig& c) {
+  ScoreKey k;
+  const KvPolicy p = c.policy;
+  if (p == KvPolicy::kFull || p == KvPolicy::kStreamingLlm) return k;
+  k.window = c.window;  // every kind: n_h = L_h - w candidates (KV-Compress: its window queries)
+  if (policy_uses_window_scores(p)) {
+    k.kind = policy_is_two_stage(p) ? ScoreKind::kWindowCritical : ScoreKind::kWindow;
+    k.gqa = c.gqa;
+    k.pool = c.pool;
+    k.pool_kernel = c.pool_kernel;
+  } else if (p == KvPolicy::kH2o) {
+    k.kind = ScoreKind::kH2o;
+    k.gqa = c.gqa;
+  } else if (p == KvPolicy::kRandom) {
+    k.kind = ScoreKind::kRandom;
+    k.seed = c.seed;
+  } else if (p == KvPolicy::kKvCompress) {
+    k.kind = ScoreKind::kKvCompress;
+    k.pool = c.pool;
+    k.pool_kernel = c.pool_kernel;
+  }
+  return k;
+}
+
 LayerPlan plan_layer(const CompressConfig& c, int32_t layer, int32_t selection_budget, const LayerScores& s) {
   const size_t num_heads = s.lengths.size();
   ADAKV_CHECK(s.scores.size() == num_heads, "plan_layer needs scores for every head");

@@ -3,6 +3,7 @@
 // no storage. KvCompressor (kv_compressor.h) drives it against the cache.
 #pragma once
 
+#include <compare>
 #include <cstdint>
 #include <span>
 #include <vector>
@@ -57,6 +58,23 @@ int32_t layer_selection_budget(const CompressConfig& c, int32_t num_layers, int3
 // inputs the policy needs are missing (too few queries, no o_proj for CriticalKV). Heads are
 // scored in parallel on the global thread pool.
 Expected<LayerScores> compute_layer_scores(const CompressConfig& c, int32_t layer, const LayerTensors& t);
+
+// What compute_layer_scores' result depends on besides the layer's tensors (and the layer, for
+// random): configs with equal keys get identical LayerScores from identical tensors, whatever
+// their budget or allocation. The SnapKV family and random's selection scores differ in kind;
+// snapkv, ada-snapkv, pyramidkv and ada-pyramidkv share kWindow; criticalkv and ada-criticalkv
+// share kWindowCritical. Knobs a kind does not read are zero, so they never split a key.
+enum class ScoreKind : uint8_t { kNone, kWindow, kWindowCritical, kH2o, kRandom, kKvCompress };
+struct ScoreKey {
+  ScoreKind kind = ScoreKind::kNone;  // kNone: full, StreamingLLM (lengths only)
+  int32_t window = 0;
+  GqaReduce gqa = GqaReduce::kMean;
+  PoolKind pool = PoolKind::kMax;
+  int32_t pool_kernel = 0;
+  uint64_t seed = 0;
+  auto operator<=>(const ScoreKey&) const = default;
+};
+ScoreKey score_key(const CompressConfig& c);
 
 // Keep lists for the window-score policies, H2O and random (uniform or Ada-KV allocation;
 // CriticalKV two-stage selection: top floor(B_h/2) by score, the rest by crit).

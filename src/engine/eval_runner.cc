@@ -109,6 +109,9 @@ Expected<std::vector<EvalRow>> EvalRunner::run(const EvalItem& item, const std::
         max_queries_needed(model_, compress, static_cast<int32_t>(tokens.question_start));
   }
   std::optional<PrefillSnapshot> snapshots[2];
+  // Per snapshot: each layer's scores, computed once per score_key and reused by every budget
+  // and every policy that scores alike (snapkv / ada-snapkv / pyramidkv / ada-pyramidkv, ...).
+  LayerScoreCache score_caches[2];
   std::shared_ptr<const std::vector<std::vector<float>>> o_proj_weights;
 
   std::vector<EvalRow> rows;
@@ -145,7 +148,7 @@ Expected<std::vector<EvalRow>> EvalRunner::run(const EvalItem& item, const std::
           o = o_proj_weights.get();
         }
         ADAKV_ASSIGN_OR_RETURN(std::unique_ptr<ReplayedPrefill> cache,
-                               replay_prefill(model_, *snapshots[p], &config.compress, o));
+                               replay_prefill(model_, *snapshots[p], &config.compress, o, &score_caches[p]));
         PrefilledSequence seq;
         seq.manager = &cache->manager;
         seq.storage = &cache->storage;

@@ -70,8 +70,10 @@ struct EvalRunOptions {
   int64_t max_length = 0;  // > 0: prompts longer than this are cut in the middle (LongBench)
   // One full-cache prefill per (sample, protocol), shared by every config: each config copies
   // the cache and replays its compressor's prefill hooks (engine/prefill_snapshot.h), then
-  // decodes. Gives the same rows (bar `seconds`) as running every config from scratch with
-  // generate(), which `false` does (the reference; `--no-share-prefill`).
+  // decodes. Each layer's compression scores are computed once per (sample, protocol, layer,
+  // score_key) and reused across budgets and policies that score alike (the run that computes
+  // them carries their time in `seconds`). Gives the same rows (bar `seconds`) as running every
+  // config from scratch with generate(), which `false` does (the reference; `--no-share-prefill`).
   bool share_prefill = true;
 };
 

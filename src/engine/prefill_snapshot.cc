@@ -77,7 +77,8 @@ Expected<PrefillSnapshot> capture_prefill(const Transformer& model, std::span<co
 
 Expected<std::unique_ptr<ReplayedPrefill>> replay_prefill(const Transformer& model, const PrefillSnapshot& snapshot,
                                                           const CompressConfig* config,
-                                                          const std::vector<std::vector<float>>* o_proj) {
+                                                          const std::vector<std::vector<float>>* o_proj,
+                                                          LayerScoreCache* score_cache) {
   if (!snapshot.manager.has_value() || !snapshot.storage.has_value()) {
     return invalid_argument("replay_prefill: empty snapshot");
   }
@@ -110,8 +111,11 @@ Expected<std::unique_ptr<ReplayedPrefill>> replay_prefill(const Transformer& mod
       const float* last =
           snapshot.queries[static_cast<size_t>(layer)].data() + (snapshot.num_queries - k) * qstride;
       const float* o = two_stage ? (*o_proj)[static_cast<size_t>(layer)].data() : nullptr;
-      ADAKV_ASSIGN_OR_RETURN(LayerPlan plan, comp.after_prefill_layer(m, st, r->seq, layer, last, k, o,
-                                                                      static_cast<int32_t>(mc.hidden_size)));
+      const int32_t hidden = static_cast<int32_t>(mc.hidden_size);
+      ADAKV_ASSIGN_OR_RETURN(LayerPlan plan,
+                             score_cache != nullptr
+                                 ? comp.after_prefill_layer(m, st, r->seq, layer, last, k, o, hidden, *score_cache)
+                                 : comp.after_prefill_layer(m, st, r->seq, layer, last, k, o, hidden));
       r->plans[static_cast<size_t>(layer)] = std::move(plan);
     }
     m.advance_logical_length(r->seq, snapshot.tokens);

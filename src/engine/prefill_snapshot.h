@@ -72,10 +72,15 @@ struct ReplayedPrefill {
 };
 
 // Copies the snapshot and replays the prefill hooks of `config` (null or full: no compression).
-// `o_proj` ([layers][hidden][H*d]) is required by the two-stage policies. Errors: the config is
-// invalid, the snapshot recorded too few queries, a layer's compression failed.
+// `o_proj` ([layers][hidden][H*d]) is required by the two-stage policies. `score_cache`, if
+// given, must belong to this snapshot alone (and one o_proj): every layer's scores are taken
+// from it or computed once and stored there (KvCompressor's cached after_prefill_layer), so
+// configs that differ only in budget or allocation (score_key) score each layer once; the
+// replayed cache is the same either way. Errors: the config is invalid, the snapshot recorded
+// too few queries, a layer's compression failed.
 Expected<std::unique_ptr<ReplayedPrefill>> replay_prefill(const Transformer& model, const PrefillSnapshot& snapshot,
                                                           const CompressConfig* config,
-                                                          const std::vector<std::vector<float>>* o_proj);
+                                                          const std::vector<std::vector<float>>* o_proj,
+                                                          LayerScoreCache* score_cache = nullptr);
 
 }  // namespace adakv

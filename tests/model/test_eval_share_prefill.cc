@@ -2,7 +2,8 @@
 // the independent path (generate() per config), on the shipped adakv-tiny-v1 with a ~1.2K-token
 // needle prompt: for every policy, two budgets and both protocols, the same generated tokens,
 // the same cache statistics, and the same cache, row for row and entry for entry (lengths,
-// slots, positions, key and value bits), after the prefill and at the end of decoding. Then the
+// slots, positions, key and value bits), after the prefill and at the end of decoding (the shared
+// path with one layer-score cache per snapshot, as EvalRunner replays it). Then the
 // EvalRunner with share_prefill on and off gives the same rows.
 #include <gtest/gtest.h>
 
@@ -160,6 +161,9 @@ TEST(SharedPrefill, EveryPolicyMatchesIndependentGenerate) {
     auto snap = capture_prefill(model, prefill, static_cast<int64_t>(all.size()) + base.max_new_tokens,
                                 base.page_size, nq);
     ASSERT_TRUE(snap.has_value()) << snap.status().message();
+    // As EvalRunner does: one score cache per snapshot, shared by every config (two budgets per
+    // policy, and the policies that score alike), so the comparison covers the cached scores.
+    LayerScoreCache score_cache;
 
     for (const CompressConfig& config : configs) {
       const std::string what = std::string(kv_policy_name(config.policy)) + " " + std::to_string(config.budget) + " " +
@@ -187,7 +191,7 @@ TEST(SharedPrefill, EveryPolicyMatchesIndependentGenerate) {
       // The shared prefill.
       TappedRun shared;
       {
-        auto cache = replay_prefill(model, *snap, &config, &o_proj);
+        auto cache = replay_prefill(model, *snap, &config, &o_proj, &score_cache);
         ASSERT_TRUE(cache.has_value()) << what << ": " << cache.status().message();
         PrefilledSequence seq;
         seq.manager = &(*cache)->manager;
@@ -218,6 +222,9 @@ TEST(SharedPrefill, EveryPolicyMatchesIndependentGenerate) {
         EXPECT_LT(b.entries, b.full_entries / 2) << what;
       }
     }
+    // Computed once per (layer, score kind): h2o, window, window + crit, kvcompress, random.
+    EXPECT_EQ(score_cache.size(), 5u * static_cast<size_t>(model.config().num_layers));
+    EXPECT_GT(score_cache.hits(), score_cache.misses());
   }
 }
 

@@ -9,11 +9,18 @@
 // at batch 1 and 4K, 1-2 % for large steps; written and read back through L2).
 // Ceiling: cudaMemcpy device-to-device of 1 GiB, counting bytes read plus bytes written.
 //
-// Variants timed in the same run on the same data:
-//   bal-p1, bal-p2 (bal-p4 at d 64)  balanced split over all resident warps, 1/2/4 pages per iter
-//   naive                             one 4-warp block per (sequence, kv head): the head-per-chain
-//                                     baseline the issue measured at 11-48 % with skew
-// Every variant's output is compared with the first one's (max abs difference, bf16).
+// Variants timed in the same run on the same data (balanced split over all resident warps;
+// pX = X pages' loads in flight per warp; d 128: p1 p2, d 64: p2 p4):
+//   k2-pX     merge kernel as a second (PDL) launch: the default
+//   fu-pX     merge fused into the attention kernel (last-arriving warp of a row)
+//   auto-pX   DecodeMerge::kAuto (fused while no row has more than 16 partials)
+//   attn-pX   attention kernel alone, split rows left unmerged: timing only (a step's lower bound)
+//   naive     one 4-warp block per (sequence, kv head): the head-per-chain baseline the issue
+//             measured at 11-48 % with skew
+// Also: the launch floor (an empty kernel timed with events; an empty kernel per layer in a graph
+// of 32), and per layer in a graph of N = min(32, pool / step) back-to-back layers (time_graph)
+// for k2 and auto at the larger pX, on steps up to 1.1 GB.
+// Every variant's output but attn's is compared with the first one's (max abs difference, bf16).
 // Each timing: L2 flushed (a read of 1 GiB) before, CUDA events around run() (attention and
 // merge kernels; the plan upload is outside), median of --reps (default 20) after 3 warm-ups.
 // A tuning sweep (warps per SM, pages per iteration, dependent launch) over a few shapes is
@@ -43,6 +50,7 @@ namespace {
 
 using adakv::cuda::DecodeAttention;
 using adakv::cuda::DecodeAttentionOptions;
+using adakv::cuda::DecodeMerge;
 using adakv::cuda::DecodeSplit;
 using adakv::cuda::kPageSize;
 using adakv::cuda::PagedKvView;
@@ -140,6 +148,7 @@ struct Shape {
   bool ada = false;
   std::vector<int32_t> len;  // [rows]
   double bytes = 0, max_over_mean = 0;
+  int64_t pages = 0;  // pages of one layer
   PagedKvView view;
   const char* dist() const { return ada ? "ada" : "uniform"; }
 };
@@ -158,11 +167,11 @@ bool setup_shape(Bench& b, Shape* s) {
     mx = std::max(mx, s->len[r]);
   }
   s->max_over_mean = double(mx) / s->ctx;
+  s->pages = offsets[rows];
   if (s->bytes > kMaxKvBytes || offsets[rows] > b.max_pages) return false;
   // Pages: a slice of one random permutation of the pool (non-contiguous, no reuse); at d 64
   // the same ids index half-size pages, within the first half of the pool.
   ADAKV_CUDA_CHECK(cudaMemcpy(b.offsets, offsets.data(), offsets.size() * 4, cudaMemcpyHostToDevice));
-  ADAKV_CUDA_CHECK(cudaMemcpy(b.ids, b.perm.data(), size_t(offsets[rows]) * 4, cudaMemcpyHostToDevice));
   ADAKV_CUDA_CHECK(cudaMemcpy(b.lengths, s->len.data(), s->len.size() * 4, cudaMemcpyHostToDevice));
   fill_random_bf16<<<64, 256, 0, b.stream>>>(b.q, size_t(s->batch) * kQoHeads * s->d, 17 + s->batch + s->ctx);
   ADAKV_CUDA_CHECK(cudaGetLastError());
@@ -181,7 +190,8 @@ bool setup_shape(Bench& b, Shape* s) {
   return true;
 }
 
-std::unique_ptr<DecodeAttention> make_attention(int d, DecodeSplit split, int ppi, int warps_per_sm, bool pdl) {
+std::unique_ptr<DecodeAttention> make_attention(int d, DecodeSplit split, int ppi, int warps_per_sm, bool pdl,
+                                                DecodeMerge merge = DecodeMerge::kKernel) {
   DecodeAttentionOptions o;
   o.num_qo_heads = kQoHeads;
   o.num_kv_heads = kKvHeads;
@@ -191,6 +201,7 @@ std::unique_ptr<DecodeAttention> make_attention(int d, DecodeSplit split, int pp
   o.max_warps_per_sm = warps_per_sm;
   o.dependent_launch = pdl;
   o.plan.split = split;
+  o.merge = merge;
   auto a = DecodeAttention::create(o);
   if (!a) {
     std::fprintf(stderr, "create: %s\n", a.status().message().c_str());
@@ -311,11 +322,98 @@ void sweep(Bench& b) {
   }
 }
 
+// N back-to-back layers as a real decode step runs them: layer l reads its own K/V (a disjoint
+// slice of the pool's page permutation, same row lengths and plan), the N run() calls captured
+// in one CUDA graph (stream order between layers, as the layers of a forward depend on each
+// other), L2 flushed before each replay. Returns median microseconds per layer; 0 if N < 2.
+double time_graph(Bench& b, DecodeAttention& attn, const Shape& s, int* layers) {
+  const int n = int(std::min<int64_t>(32, s.pages > 0 ? b.max_pages / s.pages : 0));
+  *layers = n;
+  if (n < 2) return 0;
+  const adakv::Status st = attn.plan(s.len, b.stream);
+  if (!st) {
+    std::fprintf(stderr, "plan: %s\n", st.message().c_str());
+    std::exit(1);
+  }
+  ADAKV_CUDA_CHECK(cudaStreamSynchronize(b.stream));
+  const float scale = 1.f / std::sqrt(float(s.d));
+  cudaGraph_t graph = nullptr;
+  cudaGraphExec_t exec = nullptr;
+  ADAKV_CUDA_CHECK(cudaStreamBeginCapture(b.stream, cudaStreamCaptureModeThreadLocal));
+  for (int l = 0; l < n; ++l) {
+    PagedKvView v = s.view;
+    v.page_ids = s.view.page_ids + int64_t(l) * s.pages;
+    const adakv::Status rs =
+        attn.run(v, b.q, int64_t(kQoHeads) * s.d, b.out, int64_t(kQoHeads) * s.d, b.lse, scale, b.stream);
+    if (!rs) {
+      std::fprintf(stderr, "run (capture): %s\n", rs.message().c_str());
+      std::exit(1);
+    }
+  }
+  ADAKV_CUDA_CHECK(cudaStreamEndCapture(b.stream, &graph));
+  ADAKV_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+  std::vector<double> t;
+  const int reps = std::max(3, b.reps / 2);
+  for (int i = 0; i < reps + 2; ++i) {
+    b.flush();
+    ADAKV_CUDA_CHECK(cudaEventRecord(b.ev0, b.stream));
+    ADAKV_CUDA_CHECK(cudaGraphLaunch(exec, b.stream));
+    ADAKV_CUDA_CHECK(cudaEventRecord(b.ev1, b.stream));
+    const float ms = b.elapsed_ms();
+    if (i >= 2) t.push_back(ms * 1e-3 / n);
+  }
+  ADAKV_CUDA_CHECK(cudaGraphExecDestroy(exec));
+  ADAKV_CUDA_CHECK(cudaGraphDestroy(graph));
+  return median(t) * 1e6;
+}
+
+__global__ void empty_kernel(int* p) {
+  if (p != nullptr && threadIdx.x == 1023) *p = 0;
+}
+
+// The floor of a step's time from launches alone: one empty kernel timed with events (as a
+// single run() is), and an empty kernel per layer in a graph of 32 (as time_graph times them).
+void launch_floor(Bench& b, double* single_us, double* graph_us) {
+  std::vector<double> t;
+  for (int i = 0; i < 23; ++i) {
+    ADAKV_CUDA_CHECK(cudaEventRecord(b.ev0, b.stream));
+    empty_kernel<<<b.prop.multiProcessorCount * 4, 128, 0, b.stream>>>(nullptr);
+    ADAKV_CUDA_CHECK(cudaEventRecord(b.ev1, b.stream));
+    const float ms = b.elapsed_ms();
+    if (i >= 3) t.push_back(ms * 1e3);
+  }
+  *single_us = median(t);
+  cudaGraph_t graph = nullptr;
+  cudaGraphExec_t exec = nullptr;
+  ADAKV_CUDA_CHECK(cudaStreamBeginCapture(b.stream, cudaStreamCaptureModeThreadLocal));
+  for (int l = 0; l < 32; ++l) empty_kernel<<<b.prop.multiProcessorCount * 4, 128, 0, b.stream>>>(nullptr);
+  ADAKV_CUDA_CHECK(cudaStreamEndCapture(b.stream, &graph));
+  ADAKV_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+  t.clear();
+  for (int i = 0; i < 13; ++i) {
+    ADAKV_CUDA_CHECK(cudaEventRecord(b.ev0, b.stream));
+    ADAKV_CUDA_CHECK(cudaGraphLaunch(exec, b.stream));
+    ADAKV_CUDA_CHECK(cudaEventRecord(b.ev1, b.stream));
+    const float ms = b.elapsed_ms();
+    if (i >= 3) t.push_back(ms * 1e3 / 32);
+  }
+  *graph_us = median(t);
+  ADAKV_CUDA_CHECK(cudaGraphExecDestroy(exec));
+  ADAKV_CUDA_CHECK(cudaGraphDestroy(graph));
+}
+
+// Variant roles in the table.
+enum Role { kTwoKernel, kFusedMerge, kAutoMerge, kAttnOnly, kNaive };
+
 struct Result {
   Shape shape;
   double plan_us = 0;
   std::vector<std::string> names;
-  std::vector<double> us, diff;  // per variant; diff against variant 0
+  std::vector<int> roles;
+  std::vector<double> us, diff;  // per variant; diff against variant 0 (attn-only: not compared)
+  std::vector<double> graph_us;  // per variant; 0 = not timed
+  int layers = 0;
+  std::string auto_merge;
 };
 
 }  // namespace
@@ -377,24 +475,40 @@ int main(int argc, char** argv) {
   const int max_rows = kMaxBatch * kKvHeads;
   ADAKV_CUDA_CHECK(cudaMalloc(&b.offsets, (max_rows + 1) * sizeof(int32_t)));
   ADAKV_CUDA_CHECK(cudaMalloc(&b.ids, b.max_pages * sizeof(int32_t)));
+  ADAKV_CUDA_CHECK(cudaMemcpy(b.ids, b.perm.data(), b.max_pages * sizeof(int32_t), cudaMemcpyHostToDevice));
   ADAKV_CUDA_CHECK(cudaMalloc(&b.lengths, max_rows * sizeof(int32_t)));
   ADAKV_CUDA_CHECK(cudaMalloc(&b.q, size_t(kMaxBatch) * kQoHeads * 128 * 2));
   ADAKV_CUDA_CHECK(cudaMalloc(&b.out, size_t(kMaxBatch) * kQoHeads * 128 * 2));
   ADAKV_CUDA_CHECK(cudaMalloc(&b.lse, size_t(kMaxBatch) * kQoHeads * 4));
   ADAKV_CUDA_CHECK(cudaDeviceSynchronize());
 
+  double floor_single = 0, floor_graph = 0;
+  launch_floor(b, &floor_single, &floor_graph);
+  std::printf("launch floor: empty kernel %.1f us (events, one launch), %.2f us per kernel in a graph of 32\n",
+              floor_single, floor_graph);
   if (do_sweep && !quick) sweep(b);
 
   std::vector<Result> results;
   for (int d : {128, 64}) {
     struct Variant {
       std::string name;
+      int role;
       std::unique_ptr<DecodeAttention> attn;
     };
     std::vector<Variant> variants;
-    for (int ppi : (d == 128 ? std::vector<int>{1, 2} : std::vector<int>{1, 2, 4}))
-      variants.push_back({"bal-p" + std::to_string(ppi), make_attention(d, DecodeSplit::kBalanced, ppi, 0, true)});
-    variants.push_back({"naive", make_attention(d, DecodeSplit::kOneBlockPerRow, 2, 0, true)});
+    const std::vector<int> ppis = d == 128 ? std::vector<int>{1, 2} : std::vector<int>{2, 4};
+    const int main_ppi = ppis.back();
+    for (int ppi : ppis)
+      variants.push_back({"k2-p" + std::to_string(ppi), kTwoKernel,
+                          make_attention(d, DecodeSplit::kBalanced, ppi, 0, true, DecodeMerge::kKernel)});
+    for (int ppi : ppis)
+      variants.push_back({"fu-p" + std::to_string(ppi), kFusedMerge,
+                          make_attention(d, DecodeSplit::kBalanced, ppi, 0, true, DecodeMerge::kFused)});
+    variants.push_back({"auto-p" + std::to_string(main_ppi), kAutoMerge,
+                        make_attention(d, DecodeSplit::kBalanced, main_ppi, 0, true, DecodeMerge::kAuto)});
+    variants.push_back({"attn-p" + std::to_string(main_ppi), kAttnOnly,
+                        make_attention(d, DecodeSplit::kBalanced, main_ppi, 0, true, DecodeMerge::kNone)});
+    variants.push_back({"naive", kNaive, make_attention(d, DecodeSplit::kOneBlockPerRow, 2, 0, true)});
     for (const Variant& v : variants)
       std::printf("d %d %s: %d warp slots on the device\n", d, v.name.c_str(), v.attn->device_warp_slots());
     for (int batch : batches) {
@@ -420,9 +534,19 @@ int main(int argc, char** argv) {
           std::vector<uint16_t> ref, out;
           for (Variant& v : variants) {
             res.names.push_back(v.name);
+            res.roles.push_back(v.role);
             res.us.push_back(time_run(b, *v.attn, res.shape, &out));
             if (ref.empty()) ref = out;
-            res.diff.push_back(max_diff(ref, out));
+            res.diff.push_back(v.role == kAttnOnly ? 0.0 : max_diff(ref, out));
+            if (v.role == kAutoMerge)
+              res.auto_merge = v.attn->last_merge() == DecodeMerge::kFused ? "fused" : "kernel";
+            // Graph timing for the two-kernel and the auto variant at the main pages/iter, on
+            // steps up to 1.1 GB (larger ones are already near the ceiling per call).
+            double g = 0;
+            const bool graph_it = (v.role == kAutoMerge || (v.role == kTwoKernel && v.name.back() - '0' == main_ppi)) &&
+                                  res.shape.bytes <= 1.1e9;
+            if (graph_it) g = time_graph(b, *v.attn, res.shape, &res.layers);
+            res.graph_us.push_back(g);
           }
           std::printf("done d %d batch %d ctx %d %s\n", d, batch, ctx, res.shape.dist());
           std::fflush(stdout);
@@ -436,42 +560,60 @@ int main(int argc, char** argv) {
   if (const char* out_dir = std::getenv("OUT")) {
     const std::string path = std::string(out_dir) + "/bench_decode_attention.csv";
     if (FILE* f = std::fopen(path.c_str(), "w")) {
-      std::fprintf(f, "# device %s, copy_GBps %.1f, read_GBps %.1f\n", b.prop.name, b.copy_bw / 1e9, b.read_bw / 1e9);
-      std::fprintf(f, "head_dim,batch,context,dist,max_over_mean,kv_bytes,plan_us,variant,us,GBps,pct_copy,max_abs_diff\n");
+      std::fprintf(f, "# device %s, copy_GBps %.1f, read_GBps %.1f, launch floor %.2f us single, %.2f us in graph\n",
+                   b.prop.name, b.copy_bw / 1e9, b.read_bw / 1e9, floor_single, floor_graph);
+      std::fprintf(f, "head_dim,batch,context,dist,max_over_mean,kv_bytes,plan_us,variant,us,GBps,pct_copy,max_abs_diff,"
+                      "graph_layers,graph_us_per_layer,graph_pct_copy\n");
       for (const Result& r : results)
         for (size_t v = 0; v < r.us.size(); ++v)
-          std::fprintf(f, "%d,%d,%d,%s,%.2f,%.0f,%.1f,%s,%.2f,%.1f,%.1f,%.4g\n", r.shape.d, r.shape.batch, r.shape.ctx,
-                       r.shape.dist(), r.shape.max_over_mean, r.shape.bytes, r.plan_us, r.names[v].c_str(), r.us[v],
-                       r.shape.bytes / (r.us[v] * 1e-6) / 1e9, pct(b, r.shape.bytes, r.us[v]), r.diff[v]);
+          std::fprintf(f, "%d,%d,%d,%s,%.2f,%.0f,%.1f,%s,%.2f,%.1f,%.1f,%.4g,%d,%.2f,%.1f\n", r.shape.d, r.shape.batch,
+                       r.shape.ctx, r.shape.dist(), r.shape.max_over_mean, r.shape.bytes, r.plan_us, r.names[v].c_str(),
+                       r.us[v], r.shape.bytes / (r.us[v] * 1e-6) / 1e9, pct(b, r.shape.bytes, r.us[v]), r.diff[v],
+                       r.graph_us[v] > 0 ? r.layers : 0, r.graph_us[v],
+                       r.graph_us[v] > 0 ? pct(b, r.shape.bytes, r.graph_us[v]) : 0.0);
       std::fclose(f);
       std::printf("wrote %s\n", path.c_str());
     }
   }
 
+  // Table: per call (cold, events around one run(), L2 flushed): best two-kernel variant (the
+  // previous design), best fused-merge variant, the auto variant (the default: fused or kernel
+  // by partials per row) and the attention kernel alone (no merge: a lower bound of a step);
+  // per layer in a graph of N layers: two-kernel and auto; naive per call.
   bool mismatch = false;
-  std::printf("\n== decode attention (%s; copy %.0f GB/s, read-only %.0f GB/s; %% = of copy) ==\n", b.prop.name,
-              b.copy_bw / 1e9, b.read_bw / 1e9);
-  std::printf("%3s %5s %4s %7s %5s %7s | %8s %5s %5s %-6s | %-17s | %8s %5s | %6s\n", "d", "batch", "ctx", "dist",
-              "max/m", "KV_MB", "best_us", "GB/s", "%", "var", "bal % p1 p2 (p4)", "naive_us", "%", "plan_us");
+  std::printf("\n== decode attention (%s; copy %.0f GB/s, read-only %.0f GB/s; launch floor %.1f us per call, "
+              "%.2f us per kernel in a graph; %% = of copy) ==\n",
+              b.prop.name, b.copy_bw / 1e9, b.read_bw / 1e9, floor_single, floor_graph);
+  std::printf("%3s %5s %4s %7s %5s %6s | %7s %5s | %7s %5s %-5s| %7s %5s %-6s| %6s | %2s %6s %5s %6s %5s | %5s | %5s\n", "d",
+              "batch", "ctx", "dist", "max/m", "KV_MB", "k2_us", "%", "fu_us", "%", "var", "auto_us", "%", "merge",
+              "attn", "N", "g_k2", "%", "g_auto", "%", "naive", "plan");
   for (const Result& r : results) {
-    const size_t naive = r.us.size() - 1;
-    size_t best = 0;
-    for (size_t v = 1; v < naive; ++v)
-      if (r.us[v] < r.us[best]) best = v;
-    std::string per;
-    for (size_t v = 0; v < naive; ++v) {
-      char buf[16];
-      std::snprintf(buf, sizeof(buf), "%5.1f ", pct(b, r.shape.bytes, r.us[v]));
-      per += buf;
+    const auto best_of = [&](int role) {
+      int best = -1;
+      for (size_t v = 0; v < r.us.size(); ++v)
+        if (r.roles[v] == role && (best < 0 || r.us[v] < r.us[best])) best = int(v);
+      return best;
+    };
+    const int k2 = best_of(kTwoKernel), fu = best_of(kFusedMerge), au = best_of(kAutoMerge), at = best_of(kAttnOnly),
+              nv = best_of(kNaive);
+    double gk2 = 0, gau = 0;
+    for (size_t v = 0; v < r.us.size(); ++v) {
+      if (r.graph_us[v] <= 0) continue;
+      (r.roles[v] == kAutoMerge ? gau : gk2) = r.graph_us[v];
     }
     double diff = 0;
     for (double x : r.diff) diff = std::max(diff, x);
     const bool bad = !(diff < 0.05);
     mismatch = mismatch || bad;
-    std::printf("%3d %5d %3dK %7s %5.1f %7.0f | %8.1f %5.0f %5.1f %-6s | %-17s | %8.1f %5.1f | %6.1f%s\n", r.shape.d,
-                r.shape.batch, r.shape.ctx / 1024, r.shape.dist(), r.shape.max_over_mean, r.shape.bytes / 1e6,
-                r.us[best], r.shape.bytes / (r.us[best] * 1e-6) / 1e9, pct(b, r.shape.bytes, r.us[best]),
-                r.names[best].c_str(), per.c_str(), r.us[naive], pct(b, r.shape.bytes, r.us[naive]), r.plan_us,
+    const double by = r.shape.bytes;
+    char graph[64] = "  -      -     -      -     -";
+    if (gk2 > 0 && gau > 0)
+      std::snprintf(graph, sizeof(graph), "%2d %6.1f %5.1f %6.1f %5.1f", r.layers, gk2, pct(b, by, gk2), gau,
+                    pct(b, by, gau));
+    std::printf("%3d %5d %3dK %7s %5.1f %6.0f | %7.1f %5.1f | %7.1f %5.1f %-5s| %7.1f %5.1f %-6s| %6.1f | %s | %5.1f | %5.1f%s\n",
+                r.shape.d, r.shape.batch, r.shape.ctx / 1024, r.shape.dist(), r.shape.max_over_mean, by / 1e6,
+                r.us[k2], pct(b, by, r.us[k2]), r.us[fu], pct(b, by, r.us[fu]), r.names[fu].c_str() + 3, r.us[au],
+                pct(b, by, r.us[au]), r.auto_merge.c_str(), r.us[at], graph, pct(b, by, r.us[nv]), r.plan_us,
                 bad ? "  MISMATCH" : "");
   }
   if (mismatch) std::printf("MISMATCH: variants disagree by 0.05 or more (or a NaN) somewhere above\n");

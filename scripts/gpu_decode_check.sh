@@ -33,7 +33,7 @@ if ! cmake -S . -B "$build" "${gen[@]}" -DCMAKE_BUILD_TYPE=Release -DADAKV_GPU_O
   echo "FAIL: configure"
   exit 1
 fi
-if ! cmake --build "$build" -j "$(nproc)" >"$logs/build.log" 2>&1; then
+if ! cmake --build "$build" -j "$(nproc)" --target adakv_gpu_kernel_tests bench_decode_attention >"$logs/build.log" 2>&1; then
   grep -E "error|FAILED" "$logs/build.log" | head -30
   echo "FAIL: build"
   exit 1

@@ -4,7 +4,8 @@
 //   - the kernels against a CPU fp64 reference computed from the same bf16 values, on fresh random
 //     data each run (seed printed; ADAKV_TEST_SEED reproduces a run): row lengths 0, 1, 15, 16,
 //     17, ... and long skewed rows, shuffled page ids, NaN in the unused tail of every last page,
-//     output poisoned before each run and every element checked.
+//     output poisoned before each run and every element checked; the merge of split rows both by
+//     the merge kernel and fused into the attention kernel (last-arriving warp of a row).
 // Without a CUDA device the GPU cases skip with a message. Built with GoogleTest, or with its own
 // main() (ADAKV_PLAIN_TEST_MAIN) on a machine that has no GoogleTest libraries.
 #if !ADAKV_PLAIN_TEST_MAIN
@@ -264,6 +265,7 @@ struct GpuCase {
   float q_sigma = 1.f;  // 3: peaky softmax
   bool dependent_launch = true;
   bool default_stream = false;  // the legacy default stream instead of a created one
+  adakv::cuda::DecodeMerge merge = adakv::cuda::DecodeMerge::kAuto;
   std::vector<int32_t> lengths;  // [rows], rows a multiple of num_kv_heads
 };
 
@@ -449,6 +451,7 @@ CheckResult check_gpu(const GpuCase& cs) {
   opt.dependent_launch = cs.dependent_launch;
   opt.plan.split = cs.split;
   opt.plan.min_pages_per_warp = cs.min_pages_per_warp;
+  opt.merge = cs.merge;
   auto attn = DecodeAttention::create(opt);
   if (!attn) return {false, "create: " + attn.status().message(), ""};
   std::mt19937_64 rng(test_seed() ^ std::hash<std::string>{}(std::to_string(cs.head_dim) + std::to_string(cs.group)));
@@ -464,7 +467,8 @@ CheckResult check_gpu(const GpuCase& cs) {
   }
   std::ostringstream info;
   info << "max relative error " << max_rel << ", max lse error " << max_lse << ", " << (*attn)->last_plan().items.size()
-       << " work items, " << (*attn)->last_plan().num_partials << " partials, seed " << test_seed();
+       << " work items, " << (*attn)->last_plan().num_partials << " partials, merge "
+       << ((*attn)->last_merge() == adakv::cuda::DecodeMerge::kFused ? "fused" : "kernel") << ", seed " << test_seed();
   res.info = info.str();
   return res;
 }
@@ -539,6 +543,61 @@ std::vector<NamedCheck> all_checks() {
   v.push_back({"GpuD64G7Pages1", [] {
                  GpuCase cs = make_case(2, 7, 64, 9, 7000);
                  cs.pages_per_iter = 1;
+                 cs.q_sigma = 3.f;
+                 return check_gpu(cs);
+               }});
+  // Fused merge (the last-arriving warp of a row merges; per-row counters reset for the next
+  // launch: each case runs 2 steps x 2 launches on one workspace). Many partials per row (every
+  // resident warp), few (one warp per SM), g 8, g 1 at d 64 (fewer float4 slots than lanes).
+  using adakv::cuda::DecodeMerge;
+  v.push_back({"GpuD128G4FusedManyPartials", [] {
+                 GpuCase cs = make_case(8, 4, 128, 3, 20000);
+                 cs.merge = DecodeMerge::kFused;
+                 cs.min_pages_per_warp = 1;
+                 return check_gpu(cs);
+               }});
+  v.push_back({"GpuD128G4FusedFewWarpsFp32Query", [] {
+                 GpuCase cs = make_case(8, 4, 128, 2, 30000);
+                 cs.merge = DecodeMerge::kFused;
+                 cs.max_warps_per_sm = 1;
+                 cs.pages_per_iter = 1;
+                 cs.q_f32 = true;
+                 cs.q_sigma = 3.f;
+                 return check_gpu(cs);
+               }});
+  v.push_back({"GpuD128G8FusedDefaultStream", [] {
+                 GpuCase cs = make_case(4, 8, 128, 4, 6000);
+                 cs.merge = DecodeMerge::kFused;
+                 cs.default_stream = true;
+                 return check_gpu(cs);
+               }});
+  v.push_back({"GpuD128G4FusedOneBlockPerRow", [] {
+                 GpuCase cs = make_case(8, 4, 128, 2, 5000);
+                 cs.merge = DecodeMerge::kFused;
+                 cs.split = DecodeSplit::kOneBlockPerRow;
+                 return check_gpu(cs);
+               }});
+  v.push_back({"GpuD128G4KernelMerge", [] {
+                 GpuCase cs = make_case(8, 4, 128, 3, 20000);
+                 cs.merge = DecodeMerge::kKernel;
+                 return check_gpu(cs);
+               }});
+  v.push_back({"GpuD64G4FusedPages4", [] {
+                 GpuCase cs = make_case(8, 4, 64, 3, 20000);
+                 cs.merge = DecodeMerge::kFused;
+                 cs.pages_per_iter = 4;
+                 return check_gpu(cs);
+               }});
+  v.push_back({"GpuD64G1FusedPages2", [] {
+                 GpuCase cs = make_case(16, 1, 64, 2, 9000);
+                 cs.merge = DecodeMerge::kFused;
+                 cs.min_pages_per_warp = 1;
+                 return check_gpu(cs);
+               }});
+  v.push_back({"GpuD64G7AutoMerge", [] {
+                 GpuCase cs = make_case(2, 7, 64, 9, 7000);
+                 cs.merge = DecodeMerge::kAuto;  // picks by partials per row (here: the merge kernel)
+                 cs.max_warps_per_sm = 2;
                  cs.q_sigma = 3.f;
                  return check_gpu(cs);
                }});

@@ -91,6 +91,9 @@ Expected<std::unique_ptr<DecodeAttention>> DecodeAttention::create(const DecodeA
   const size_t partial_floats = static_cast<size_t>(self->max_items_) * g;
   ADAKV_CUDA_RETURN_IF_ERROR(cudaMalloc(&self->d_partial_o_, partial_floats * o.head_dim * sizeof(float)));
   ADAKV_CUDA_RETURN_IF_ERROR(cudaMalloc(&self->d_partial_lse_, partial_floats * sizeof(float)));
+  ADAKV_CUDA_RETURN_IF_ERROR(cudaMalloc(&self->d_row_counters_, sizeof(int32_t) * static_cast<size_t>(o.max_rows)));
+  ADAKV_CUDA_RETURN_IF_ERROR(cudaMemset(self->d_row_counters_, 0, sizeof(int32_t) * static_cast<size_t>(o.max_rows)));
+  ADAKV_CUDA_RETURN_IF_ERROR(cudaDeviceSynchronize());  // the counters are zero before any stream uses them
   return Expected<std::unique_ptr<DecodeAttention>>(std::move(self));
 }
 
@@ -104,6 +107,7 @@ DecodeAttention::~DecodeAttention() {
   cudaFreeHost(h_plan_);
   cudaFree(d_partial_o_);
   cudaFree(d_partial_lse_);
+  cudaFree(d_row_counters_);
 }
 
 Status DecodeAttention::plan(std::span<const int32_t> row_lengths, cudaStream_t stream) {
@@ -116,6 +120,12 @@ Status DecodeAttention::plan(std::span<const int32_t> row_lengths, cudaStream_t 
     return internal_error(where + "plan exceeds the workspace (" + std::to_string(plan.items.size()) + " items, " +
                           std::to_string(plan.num_warps) + " warps)");
   plan_ = std::move(plan);
+  merge_ = options_.merge;
+  if (merge_ == DecodeMerge::kAuto) {
+    int32_t most = 0;
+    for (const DecodeRowMerge& m : plan_.row_merge) most = std::max(most, m.partial_count);
+    merge_ = most <= options_.fused_max_partials ? DecodeMerge::kFused : DecodeMerge::kKernel;
+  }
 
   // The previous upload must have left the staging buffer before it is rewritten.
   ADAKV_CUDA_RETURN_IF_ERROR(cudaEventSynchronize(upload_done_));
@@ -168,11 +178,17 @@ Status DecodeAttention::run(const PagedKvView& kv, const void* q, int64_t q_seq_
   p.partial_o = d_partial_o_;
   p.partial_lse = d_partial_lse_;
 
+  const decode_detail::MergeMode mode = merge_ == DecodeMerge::kFused  ? decode_detail::MergeMode::kFused
+                                        : merge_ == DecodeMerge::kNone ? decode_detail::MergeMode::kNone
+                                                                       : decode_detail::MergeMode::kKernel;
+  p.row_counters = mode == decode_detail::MergeMode::kFused ? d_row_counters_ : nullptr;
+
   const bool q_f32 = options_.q_dtype == DType::kF32;
+  const int ppi = options_.pages_per_iter;
   const cudaError_t err =
       options_.head_dim == 64
-          ? decode_detail::decode_attention_launch<64>(p, q_f32, options_.pages_per_iter, dependent_launch_, stream)
-          : decode_detail::decode_attention_launch<128>(p, q_f32, options_.pages_per_iter, dependent_launch_, stream);
+          ? decode_detail::decode_attention_launch<64>(p, q_f32, ppi, dependent_launch_, mode, stream)
+          : decode_detail::decode_attention_launch<128>(p, q_f32, ppi, dependent_launch_, mode, stream);
   ADAKV_CUDA_RETURN_IF_ERROR(err);
   return Status::ok();
 }

@@ -184,6 +184,43 @@ __device__ __forceinline__ void page_pv(float (&o)[kHeadDim / 16][4], const Page
   }
 }
 
+// --- the fused merge (last-arriving warp of a row) -----------------------------------------------
+
+// Combines the row's partials [rm.x, rm.x + rm.y) into out (and lse) with one warp. A partial's
+// g x head_dim floats are contiguous, so lane L owns the float4 slots L, L + 32, ... of that block
+// (each slot lies in one head) and merges them over the partials with a running max: no data
+// exchange between lanes, every lane keeps the weight sum of its own slot's head. Partials are
+// read through L2 (ld.cg): other SMs wrote them in this launch.
+template <int kHeadDim>
+__device__ __forceinline__ void merge_row_warp(const DecodeParams& p, int seq, int head0, int2 rm, int lane) {
+  const int g = p.group_size;
+  const int slots = g * kHeadDim / 4;
+  __nv_bfloat16* out = p.out + seq * p.out_seq_stride + int64_t{head0} * kHeadDim;
+  for (int s = lane; s < slots; s += 32) {
+    const int hh = (4 * s) / kHeadDim;
+    float m = kNegInf, sum = 0.f;
+    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll 8
+    for (int i = 0; i < rm.y; ++i) {
+      const int64_t pi = int64_t{rm.x + i} * g;
+      const float lse_i = __ldcg(p.partial_lse + pi + hh);  // finite: every piece has an entry
+      const float4 v = __ldcg(reinterpret_cast<const float4*>(p.partial_o + pi * kHeadDim) + s);
+      const float mn = fmaxf(m, lse_i);
+      const float a = fast_exp2(m - mn), w = fast_exp2(lse_i - mn);
+      sum = sum * a + w;
+      acc.x = acc.x * a + w * v.x;
+      acc.y = acc.y * a + w * v.y;
+      acc.z = acc.z * a + w * v.z;
+      acc.w = acc.w * a + w * v.w;
+      m = mn;
+    }
+    const float inv = 1.f / sum;
+    *reinterpret_cast<uint2*>(out + 4 * s) = make_uint2(pack_bf16(acc.x * inv, acc.y * inv), pack_bf16(acc.z * inv, acc.w * inv));
+    if ((4 * s) % kHeadDim == 0 && p.lse != nullptr)
+      p.lse[int64_t{seq} * p.num_qo_heads + head0 + hh] = (m + __log2f(sum)) * kLn2;
+  }
+}
+
 // --- the attention kernel -----------------------------------------------------------------------
 
 template <int kHeadDim, typename QT, int kPagesPerIter>
@@ -329,6 +366,39 @@ __global__ void __launch_bounds__(kDecodeWarpsPerBlock * 32)
         }
       }
     }
+    if (partial >= 0 && p.row_counters != nullptr) {
+      // Fused merge: publish this partial (every lane's stores, then a device-scope fence), count
+      // the arrival; the warp that brings the row's last piece merges the row (threadFence-
+      // reduction pattern) and resets the counter for the next launch.
+      __threadfence();
+      __syncwarp();
+      int2 rm = make_int2(0, 0);
+      int last = 0;
+      if (lane == 0) {
+        rm = p.row_merge[row];
+        last = atomicAdd(p.row_counters + row, 1) == rm.y - 1;
+      }
+      last = __shfl_sync(kFullMask, last, 0);
+      if (last) {
+        rm.x = __shfl_sync(kFullMask, rm.x, 0);
+        rm.y = __shfl_sync(kFullMask, rm.y, 0);
+        __threadfence();
+        merge_row_warp<kHeadDim>(p, seq, head0, rm, lane);
+        if (lane == 0) p.row_counters[row] = 0;
+      }
+    }
+  }
+
+  if (p.row_counters != nullptr) {
+    // Fused merge: empty rows get zeros and lse -inf here (rows spread over the warps).
+    for (int row = warp; row < p.kv.num_rows; row += p.num_warps) {
+      if (p.row_merge[row].y != 0) continue;
+      const int seq = row / p.kv.num_kv_heads;
+      const int head0 = (row - seq * p.kv.num_kv_heads) * g;
+      __nv_bfloat16* dst = p.out + seq * p.out_seq_stride + int64_t{head0} * kHeadDim;
+      for (int i = lane; i < g * kHeadDim / 8; i += 32) reinterpret_cast<uint4*>(dst)[i] = make_uint4(0, 0, 0, 0);
+      if (lane < g && p.lse != nullptr) p.lse[int64_t{seq} * p.num_qo_heads + head0 + lane] = kNegInf;
+    }
   }
 }
 
@@ -441,7 +511,8 @@ void dispatch_q(bool q_f32, F&& f) {
 
 template <int kHeadDim>
 cudaError_t decode_attention_launch(const DecodeParams& p, bool q_f32, int pages_per_iter, bool dependent_launch,
-                                    cudaStream_t stream) {
+                                    MergeMode merge, cudaStream_t stream) {
+  if ((merge == MergeMode::kFused) != (p.row_counters != nullptr)) return cudaErrorInvalidValue;
   cudaError_t err = cudaErrorInvalidValue;
   dispatch_q(q_f32, [&]<typename QT>() {
     dispatch_pages_per_iter<kHeadDim>(pages_per_iter, [&]<int kPpi>() {
@@ -451,7 +522,7 @@ cudaError_t decode_attention_launch(const DecodeParams& p, bool q_f32, int pages
         err = cudaGetLastError();
         if (err != cudaSuccess) return;
       }
-      if (p.kv.num_rows > 0) {
+      if (p.kv.num_rows > 0 && merge == MergeMode::kKernel) {
         cudaLaunchConfig_t cfg = {};
         cfg.gridDim = dim3(p.kv.num_rows, p.group_size);
         cfg.blockDim = dim3(kMergeWarps * 32);

@@ -6,7 +6,8 @@
 // the total work (pages of all rows) into equal shares, one per resident warp of the device;
 // a share may end in the middle of a row and cover several rows. Each (warp, row piece) is a
 // work item; a piece that is a whole row writes the output directly, the others write a partial
-// result (normalised o and its log-sum-exp) that a second kernel merges through the softmax state.
+// result (normalised o and its log-sum-exp) merged through the softmax state, either by a second
+// kernel or, fused, by the warp that finishes the row's last piece (a per-row arrival counter).
 //
 // Computation, per row (seq s, kv head k) and each of its g = H / Hkv query heads h:
 //   out[s][h] = softmax_j(scale * q[s][h] . K[j]) V[j]      over the row's valid entries j
@@ -19,7 +20,8 @@
 // plan(row lengths on the host) and run() on the same stream. plan() does the host work and one
 // small asynchronous upload; run() reads only plain device parameters (CUDA-graph friendly: the
 // grid of the attention kernel depends only on the device and the split mode, the merge grid only
-// on the number of rows).
+// on the number of rows; with DecodeMerge::kAuto a graph keeps the merge chosen when captured, so
+// capture with kFused or kKernel set, or re-capture when the plan changes).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -86,6 +88,17 @@ Expected<DecodePlan> decode_attention_plan(std::span<const int32_t> row_lengths,
 
 // --- the runner (device side) -----------------------------------------------------------------
 
+// Who combines the partials of split rows.
+enum class DecodeMerge {
+  // kFused when no row of the plan has more than fused_max_partials pieces, else kKernel: one
+  // warp merging a few partials costs less than a second launch; many partials (a small batch
+  // split over every warp of the device) are merged faster by the merge kernel's many blocks.
+  kAuto,
+  kKernel,  // a second kernel (programmatic dependent launch on sm_90) merges every split row
+  kFused,   // no second launch: the warp that finishes a row's last piece merges the row
+  kNone,    // timing only: split rows are left unmerged (their output is NOT written)
+};
+
 struct DecodeAttentionOptions {
   int32_t num_qo_heads = 0;
   int32_t num_kv_heads = 0;
@@ -99,6 +112,11 @@ struct DecodeAttentionOptions {
   int32_t max_warps_per_sm = 0;
   // sm_90+: launch the merge kernel as a programmatic dependent of the attention kernel.
   bool dependent_launch = true;
+  // Default kKernel: on an H100 (2026-11-27) the fused merge was never faster: 1.8-3x slower at
+  // batch 1 (64-500 partials per row merged by one warp from L2), within +-2 % from batch 8 x 16K
+  // on; the merge kernel under PDL costs about 3 us at batch 1 / 4K and under 1 % from 500 MB on.
+  DecodeMerge merge = DecodeMerge::kKernel;
+  int32_t fused_max_partials = 16;  // kAuto: fuse the merge while no row has more pieces
   DecodePlanOptions plan;
 };
 
@@ -124,6 +142,8 @@ class DecodeAttention {
              int64_t out_seq_stride, float* lse, float softmax_scale, cudaStream_t stream);
 
   const DecodePlan& last_plan() const { return plan_; }
+  // The merge the last plan() chose (kAuto resolved to kKernel or kFused).
+  DecodeMerge last_merge() const { return merge_; }
   int32_t device_warp_slots() const { return device_warp_slots_; }
   const DecodeAttentionOptions& options() const { return options_; }
 
@@ -138,6 +158,7 @@ class DecodeAttention {
   int64_t max_items_ = 0;          // == max partials
 
   DecodePlan plan_;
+  DecodeMerge merge_ = DecodeMerge::kKernel;
   // Device workspace: one allocation, laid out as the staging buffer below.
   void* d_plan_ = nullptr;         // items | warp offsets | row merge
   size_t plan_bytes_ = 0;
@@ -145,6 +166,7 @@ class DecodeAttention {
   cudaEvent_t upload_done_ = nullptr;  // the staging buffer may be rewritten once this fired
   float* d_partial_o_ = nullptr;   // [max_items][g][head_dim]
   float* d_partial_lse_ = nullptr; // [max_items][g] log2 units
+  int32_t* d_row_counters_ = nullptr;  // [max_rows] fused merge arrivals, zero between launches
 };
 
 }  // namespace adakv::cuda

@@ -29,6 +29,17 @@ struct DecodeParams {
   int32_t num_warps = 0;
   float* partial_o = nullptr;               // [partials][group_size][head_dim] normalised o
   float* partial_lse = nullptr;             // [partials][group_size] log2-sum-exp2 of scaled scores
+  // Fused merge (nullptr: the merge kernel does it, or nobody when merge_kernel is false): one
+  // arrival counter per row, zero between launches. The warp that writes a row's last partial
+  // merges the row and resets its counter; empty rows are zeroed by the attention kernel.
+  int32_t* row_counters = nullptr;          // [num_rows]
+};
+
+// How the partials of split rows are combined.
+enum class MergeMode : int {
+  kKernel = 0,  // a second (programmatically dependent) kernel
+  kFused = 1,   // the last-arriving warp of each row, inside the attention kernel
+  kNone = 2,    // nobody: split rows stay unmerged (timing of the attention kernel alone)
 };
 
 // Launches the attention kernel (grid: num_warps / 4 blocks of 128 threads) and the merge kernel
@@ -36,16 +47,17 @@ struct DecodeParams {
 // (4 at head dim 64 only).
 // dependent_launch (sm_90 only): the merge kernel is a programmatic dependent launch, so its
 // launch overlaps the attention kernel's tail.
+// merge kFused needs p.row_counters; kKernel and kNone need it null.
 template <int kHeadDim>
 cudaError_t decode_attention_launch(const DecodeParams& p, bool q_f32, int pages_per_iter, bool dependent_launch,
-                                    cudaStream_t stream);
+                                    MergeMode merge, cudaStream_t stream);
 
 // Resident 128-thread blocks per SM of the attention kernel variant.
 template <int kHeadDim>
 cudaError_t decode_attention_occupancy(bool q_f32, int pages_per_iter, int* blocks_per_sm);
 
-extern template cudaError_t decode_attention_launch<64>(const DecodeParams&, bool, int, bool, cudaStream_t);
-extern template cudaError_t decode_attention_launch<128>(const DecodeParams&, bool, int, bool, cudaStream_t);
+extern template cudaError_t decode_attention_launch<64>(const DecodeParams&, bool, int, bool, MergeMode, cudaStream_t);
+extern template cudaError_t decode_attention_launch<128>(const DecodeParams&, bool, int, bool, MergeMode, cudaStream_t);
 extern template cudaError_t decode_attention_occupancy<64>(bool, int, int*);
 extern template cudaError_t decode_attention_occupancy<128>(bool, int, int*);
 

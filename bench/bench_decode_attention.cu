@@ -17,6 +17,11 @@
 //   attn-pX   attention kernel alone, split rows left unmerged: timing only (a step's lower bound)
 //   naive     one 4-warp block per (sequence, kv head): the head-per-chain baseline the issue
 //             measured at 11-48 % with skew
+//   b2-pX     v3 block items (the default: 4 warps per piece, combined in shared memory; the plan
+//             gets the host page-table offsets), merge kernel; bo-pX the same with the attention
+//             kernel's prologue overlapped (overlap_prologue); bf-pX fused merge; bw4-pX one
+//             block per SM; battn-pX the v3 attention kernel alone
+// --small: steps up to 1.1 GB, no naive and no sweep; prints the v3 table only.
 // Also: the launch floor (an empty kernel timed with events; an empty kernel per layer in a graph
 // of 32), and per layer in a graph of N = min(32, pool / step) back-to-back layers (time_graph)
 // for k2 and auto at the larger pX, on steps up to 1.1 GB.
@@ -147,6 +152,7 @@ struct Shape {
   int d = 128, batch = 1, ctx = 4096;
   bool ada = false;
   std::vector<int32_t> len;  // [rows]
+  std::vector<int32_t> offsets;  // [rows + 1] host copy of the page table's row offsets
   double bytes = 0, max_over_mean = 0;
   int64_t pages = 0;  // pages of one layer
   PagedKvView view;
@@ -167,6 +173,7 @@ bool setup_shape(Bench& b, Shape* s) {
     mx = std::max(mx, s->len[r]);
   }
   s->max_over_mean = double(mx) / s->ctx;
+  s->offsets = offsets;
   s->pages = offsets[rows];
   if (s->bytes > kMaxKvBytes || offsets[rows] > b.max_pages) return false;
   // Pages: a slice of one random permutation of the pool (non-contiguous, no reuse); at d 64
@@ -191,7 +198,8 @@ bool setup_shape(Bench& b, Shape* s) {
 }
 
 std::unique_ptr<DecodeAttention> make_attention(int d, DecodeSplit split, int ppi, int warps_per_sm, bool pdl,
-                                                DecodeMerge merge = DecodeMerge::kKernel) {
+                                                DecodeMerge merge = DecodeMerge::kKernel, bool block_items = false,
+                                                bool overlap = false) {
   DecodeAttentionOptions o;
   o.num_qo_heads = kQoHeads;
   o.num_kv_heads = kKvHeads;
@@ -202,6 +210,8 @@ std::unique_ptr<DecodeAttention> make_attention(int d, DecodeSplit split, int pp
   o.dependent_launch = pdl;
   o.plan.split = split;
   o.merge = merge;
+  o.block_items = block_items;
+  o.overlap_prologue = overlap;
   auto a = DecodeAttention::create(o);
   if (!a) {
     std::fprintf(stderr, "create: %s\n", a.status().message().c_str());
@@ -211,8 +221,13 @@ std::unique_ptr<DecodeAttention> make_attention(int d, DecodeSplit split, int pp
 }
 
 // Median microseconds of run() on the uploaded shape; its output in *out.
+// v3 block items get the host page-table offsets (absolute item offsets), as the engine can.
+adakv::Status plan_for(DecodeAttention& attn, const Shape& s, cudaStream_t stream) {
+  return attn.options().block_items ? attn.plan(s.len, s.offsets, stream) : attn.plan(s.len, stream);
+}
+
 double time_run(Bench& b, DecodeAttention& attn, const Shape& s, std::vector<uint16_t>* out) {
-  const adakv::Status st = attn.plan(s.len, b.stream);
+  const adakv::Status st = plan_for(attn, s, b.stream);
   if (!st) {
     std::fprintf(stderr, "plan: %s\n", st.message().c_str());
     std::exit(1);
@@ -330,7 +345,7 @@ double time_graph(Bench& b, DecodeAttention& attn, const Shape& s, int* layers) 
   const int n = int(std::min<int64_t>(32, s.pages > 0 ? b.max_pages / s.pages : 0));
   *layers = n;
   if (n < 2) return 0;
-  const adakv::Status st = attn.plan(s.len, b.stream);
+  const adakv::Status st = plan_for(attn, s, b.stream);
   if (!st) {
     std::fprintf(stderr, "plan: %s\n", st.message().c_str());
     std::exit(1);
@@ -403,7 +418,7 @@ void launch_floor(Bench& b, double* single_us, double* graph_us) {
 }
 
 // Variant roles in the table.
-enum Role { kTwoKernel, kFusedMerge, kAutoMerge, kAttnOnly, kNaive };
+enum Role { kTwoKernel, kFusedMerge, kAutoMerge, kAttnOnly, kNaive, kBlockKernel, kBlockOverlap, kBlockFused, kBlockAttn, kBlockFew };
 
 struct Result {
   Shape shape;
@@ -414,16 +429,20 @@ struct Result {
   std::vector<double> graph_us;  // per variant; 0 = not timed
   int layers = 0;
   std::string auto_merge;
+  double plan_v2_us = 0, plan_v3_us = 0;  // DecodeAttention::plan() host time (build + upload call)
 };
 
 }  // namespace
 
 int main(int argc, char** argv) {
-  bool quick = false, do_sweep = true;
+  bool quick = false, do_sweep = true, small = false;
   Bench b;
   for (int i = 1; i < argc; ++i) {
     if (!std::strcmp(argv[i], "--quick")) {
       quick = true;
+    } else if (!std::strcmp(argv[i], "--small")) {
+      small = true;  // v3 check: batch 1/8/32 x 4K-32K (+ batch 1 128K), no naive, no sweep
+      do_sweep = false;
     } else if (!std::strcmp(argv[i], "--no-sweep")) {
       do_sweep = false;
     } else if (!std::strcmp(argv[i], "--reps") && i + 1 < argc) {
@@ -447,14 +466,20 @@ int main(int argc, char** argv) {
   std::printf("copy bandwidth (D2D memcpy 1 GiB, read+write): %.0f GB/s; read-only kernel (1 GiB): %.0f GB/s\n",
               b.copy_bw / 1e9, b.read_bw / 1e9);
 
-  const std::vector<int> batches = quick ? std::vector<int>{1, 32} : std::vector<int>{1, 8, 32, 64};
+  const std::vector<int> batches = quick   ? std::vector<int>{1, 32}
+                                   : small ? std::vector<int>{1, 8, 32}
+                                           : std::vector<int>{1, 8, 32, 64};
   const std::vector<int> contexts = quick ? std::vector<int>{4096, 32768} : std::vector<int>{4096, 16384, 32768, 131072};
+  // --small: steps up to 1.1 GB only (batch 1 to 128K, batch 8 to 32K, batch 32 at 4K).
+  const auto wanted = [&](int batch, int ctx) { return !small || double(batch) * ctx <= 131072.0; };
 
   // One pool sized for the largest d=128 shape (d=64 uses the same memory, half-size pages).
   for (int batch : batches)
     for (int ctx : contexts)
-      if (double(batch) * kKvHeads * ctx * 128 * 4 <= kMaxKvBytes)
+      if (double(batch) * kKvHeads * ctx * 128 * 4 <= kMaxKvBytes && wanted(batch, ctx))
         b.max_pages = std::max<int64_t>(b.max_pages, int64_t(batch) * kKvHeads * (ctx / kPageSize + 1));
+  // --small: room for a graph of 32 layers of the batch 8 x 4K step (134 MB each at d 128).
+  if (small) b.max_pages = std::max<int64_t>(b.max_pages, int64_t(32) * 8 * kKvHeads * (4096 / kPageSize + 1));
   b.max_pages += 1024;
   size_t free_mem = 0, total_mem = 0;
   ADAKV_CUDA_CHECK(cudaMemGetInfo(&free_mem, &total_mem));
@@ -508,11 +533,27 @@ int main(int argc, char** argv) {
                         make_attention(d, DecodeSplit::kBalanced, main_ppi, 0, true, DecodeMerge::kAuto)});
     variants.push_back({"attn-p" + std::to_string(main_ppi), kAttnOnly,
                         make_attention(d, DecodeSplit::kBalanced, main_ppi, 0, true, DecodeMerge::kNone)});
-    variants.push_back({"naive", kNaive, make_attention(d, DecodeSplit::kOneBlockPerRow, 2, 0, true)});
+    if (!small) variants.push_back({"naive", kNaive, make_attention(d, DecodeSplit::kOneBlockPerRow, 2, 0, true)});
+    // v3: block items (4 warps per piece, combined in shared memory; absolute item offsets).
+    for (int ppi : ppis) {
+      const std::string sfx = "-p" + std::to_string(ppi);
+      variants.push_back({"b2" + sfx, kBlockKernel,
+                          make_attention(d, DecodeSplit::kBalanced, ppi, 0, true, DecodeMerge::kKernel, true)});
+      variants.push_back({"bo" + sfx, kBlockOverlap,
+                          make_attention(d, DecodeSplit::kBalanced, ppi, 0, true, DecodeMerge::kKernel, true, true)});
+      variants.push_back({"bf" + sfx, kBlockFused,
+                          make_attention(d, DecodeSplit::kBalanced, ppi, 0, true, DecodeMerge::kFused, true)});
+    }
+    // v3 with one block per SM (half or a third of the loads in flight, half the partials).
+    variants.push_back({"bw4-p" + std::to_string(main_ppi), kBlockFew,
+                        make_attention(d, DecodeSplit::kBalanced, main_ppi, 4, true, DecodeMerge::kKernel, true)});
+    variants.push_back({"battn-p" + std::to_string(main_ppi), kBlockAttn,
+                        make_attention(d, DecodeSplit::kBalanced, main_ppi, 0, true, DecodeMerge::kNone, true)});
     for (const Variant& v : variants)
       std::printf("d %d %s: %d warp slots on the device\n", d, v.name.c_str(), v.attn->device_warp_slots());
     for (int batch : batches) {
       for (int ctx : contexts) {
+        if (!wanted(batch, ctx)) continue;
         for (bool ada : {false, true}) {
           Result res;
           res.shape.d = d;
@@ -531,20 +572,38 @@ int main(int argc, char** argv) {
             if (!p) return 1;
           }
           res.plan_us = median(t) * 1e6;
+          // plan() as a step calls it (host build + staging + async upload), v2 and v3.
+          for (int which = 0; which < 2; ++which) {
+            DecodeAttention* pa = nullptr;
+            for (Variant& v : variants)
+              if (v.role == (which == 0 ? kTwoKernel : kBlockKernel)) pa = v.attn.get();
+            if (pa == nullptr) continue;
+            t.clear();
+            for (int i = 0; i < 9; ++i) {
+              ADAKV_CUDA_CHECK(cudaStreamSynchronize(b.stream));
+              const auto t0 = std::chrono::steady_clock::now();
+              if (!plan_for(*pa, res.shape, b.stream)) return 1;
+              t.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+            }
+            (which == 0 ? res.plan_v2_us : res.plan_v3_us) = median(t) * 1e6;
+          }
           std::vector<uint16_t> ref, out;
           for (Variant& v : variants) {
             res.names.push_back(v.name);
             res.roles.push_back(v.role);
             res.us.push_back(time_run(b, *v.attn, res.shape, &out));
             if (ref.empty()) ref = out;
-            res.diff.push_back(v.role == kAttnOnly ? 0.0 : max_diff(ref, out));
+            res.diff.push_back(v.role == kAttnOnly || v.role == kBlockAttn ? 0.0 : max_diff(ref, out));
             if (v.role == kAutoMerge)
               res.auto_merge = v.attn->last_merge() == DecodeMerge::kFused ? "fused" : "kernel";
             // Graph timing for the two-kernel and the auto variant at the main pages/iter, on
             // steps up to 1.1 GB (larger ones are already near the ceiling per call).
             double g = 0;
-            const bool graph_it = (v.role == kAutoMerge || (v.role == kTwoKernel && v.name.back() - '0' == main_ppi)) &&
-                                  res.shape.bytes <= 1.1e9;
+            const bool graph_it =
+                (v.role == kAutoMerge || v.role == kBlockKernel || v.role == kBlockOverlap || v.role == kBlockFused ||
+                 v.role == kBlockFew ||
+                 (v.role == kTwoKernel && v.name.back() - '0' == main_ppi)) &&
+                res.shape.bytes <= 1.1e9;
             if (graph_it) g = time_graph(b, *v.attn, res.shape, &res.layers);
             res.graph_us.push_back(g);
           }
@@ -581,7 +640,13 @@ int main(int argc, char** argv) {
   // by partials per row) and the attention kernel alone (no merge: a lower bound of a step);
   // per layer in a graph of N layers: two-kernel and auto; naive per call.
   bool mismatch = false;
-  std::printf("\n== decode attention (%s; copy %.0f GB/s, read-only %.0f GB/s; launch floor %.1f us per call, "
+  for (const Result& r : results) {
+    double diff = 0;
+    for (double x : r.diff) diff = std::max(diff, x);
+    mismatch = mismatch || !(diff < 0.05);
+  }
+  if (!small) {
+  std::printf("\n== decode attention v2 table (%s; copy %.0f GB/s, read-only %.0f GB/s; launch floor %.1f us per call, "
               "%.2f us per kernel in a graph; %% = of copy) ==\n",
               b.prop.name, b.copy_bw / 1e9, b.read_bw / 1e9, floor_single, floor_graph);
   std::printf("%3s %5s %4s %7s %5s %6s | %7s %5s | %7s %5s %-5s| %7s %5s %-6s| %6s | %2s %6s %5s %6s %5s | %5s | %5s\n", "d",
@@ -598,7 +663,7 @@ int main(int argc, char** argv) {
               nv = best_of(kNaive);
     double gk2 = 0, gau = 0;
     for (size_t v = 0; v < r.us.size(); ++v) {
-      if (r.graph_us[v] <= 0) continue;
+      if (r.graph_us[v] <= 0 || (r.roles[v] != kAutoMerge && r.roles[v] != kTwoKernel)) continue;
       (r.roles[v] == kAutoMerge ? gau : gk2) = r.graph_us[v];
     }
     double diff = 0;
@@ -615,6 +680,43 @@ int main(int argc, char** argv) {
                 r.us[k2], pct(b, by, r.us[k2]), r.us[fu], pct(b, by, r.us[fu]), r.names[fu].c_str() + 3, r.us[au],
                 pct(b, by, r.us[au]), r.auto_merge.c_str(), r.us[at], graph, pct(b, by, r.us[nv]), r.plan_us,
                 bad ? "  MISMATCH" : "");
+  }
+  }
+  // v3 table: v2 (warp items, merge kernel) against v3 block items: merge kernel (b2), merge
+  // kernel with the prologue overlapped (bo), fused merge (bf); best pages/iter of each; per call
+  // and per layer in a graph of N layers; battn = v3 attention kernel alone (per call).
+  std::printf("\n== decode attention v3 (%s; copy %.0f GB/s; launch floor %.1f us per call, %.2f us per kernel in a "
+              "graph; %% = of copy; g = graph per layer) ==\n",
+              b.prop.name, b.copy_bw / 1e9, floor_single, floor_graph);
+  std::printf("%3s %5s %4s %7s %5s %6s | %6s %5s %5s | %6s %5s %-3s %5s %-3s| %5s %5s | %5s %5s | %6s | %5s %5s | %2s | %6s %6s\n", "d",
+              "batch", "ctx", "dist", "max/m", "KV_MB", "v2_us", "%", "g%", "b2_us", "%", "pp", "g%", "pp", "bo_g%",
+              "bo%", "bf%", "bf_g%", "battn", "w4%", "w4_g%", "N", "plv2us", "plv3us");
+  for (const Result& r : results) {
+    const auto best = [&](int role, bool graph) {
+      int bi = -1;
+      for (size_t v = 0; v < r.us.size(); ++v) {
+        if (r.roles[v] != role) continue;
+        const double x = graph ? r.graph_us[v] : r.us[v];
+        if (x <= 0) continue;
+        if (bi < 0 || x < (graph ? r.graph_us[bi] : r.us[bi])) bi = int(v);
+      }
+      return bi;
+    };
+    const double by = r.shape.bytes;
+    const auto pc = [&](int v, bool graph) { return v < 0 ? 0.0 : pct(b, by, graph ? r.graph_us[v] : r.us[v]); };
+    const int v2 = best(kTwoKernel, false), v2g = best(kTwoKernel, true), b2 = best(kBlockKernel, false),
+              b2g = best(kBlockKernel, true), bog = best(kBlockOverlap, true), bo = best(kBlockOverlap, false),
+              bf = best(kBlockFused, false), bfg = best(kBlockFused, true), ba = best(kBlockAttn, false),
+              w4 = best(kBlockFew, false), w4g = best(kBlockFew, true);
+    double diff = 0;
+    for (double x : r.diff) diff = std::max(diff, x);
+    std::printf("%3d %5d %3dK %7s %5.1f %6.0f | %6.1f %5.1f %5.1f | %6.1f %5.1f %-3s %5.1f %-3s| %5.1f %5.1f | %5.1f %5.1f | %6.1f | %5.1f %5.1f | %2d | %6.1f %6.1f%s\n",
+                r.shape.d, r.shape.batch, r.shape.ctx / 1024, r.shape.dist(), r.shape.max_over_mean, by / 1e6,
+                v2 < 0 ? 0.0 : r.us[v2], pc(v2, false), pc(v2g, true), b2 < 0 ? 0.0 : r.us[b2], pc(b2, false),
+                b2 < 0 ? "-" : r.names[b2].c_str() + 3, pc(b2g, true), b2g < 0 ? "-" : r.names[b2g].c_str() + 3,
+                pc(bog, true), pc(bo, false), pc(bf, false), pc(bfg, true), ba < 0 ? 0.0 : r.us[ba], pc(w4, false),
+                pc(w4g, true), r.layers,
+                r.plan_v2_us, r.plan_v3_us, diff < 0.05 ? "" : "  MISMATCH");
   }
   if (mismatch) std::printf("MISMATCH: variants disagree by 0.05 or more (or a NaN) somewhere above\n");
   return mismatch ? 2 : 0;

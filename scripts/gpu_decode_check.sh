@@ -9,6 +9,9 @@
 #   ADAKV_CUDA_ARCHITECTURES default 90a-real: the H100's own (the full build does 80 and 90a)
 #   ADAKV_BENCH_ARGS         extra benchmark arguments, e.g. "--quick" or "--reps 10"
 #   ADAKV_SKIP_BENCH=1       build and test only
+#   ADAKV_GPU_PREBUILT=DIR   skip the build: run DIR/adakv_gpu_kernel_tests and
+#                            DIR/bench_decode_attention (built elsewhere with nvcc for sm_90a and
+#                            carried, e.g. unpacked from .carry/decode3.tar.xz)
 # Exit status: 0 when the test passed and the benchmark ran without a mismatch.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -24,6 +27,13 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.memory,driver_
 nvcc --version | tail -1
 cmake --version | head -1
 
+if [ -n "${ADAKV_GPU_PREBUILT:-}" ]; then
+  echo "== prebuilt binaries from $ADAKV_GPU_PREBUILT (no build here)"
+  test_bin="$ADAKV_GPU_PREBUILT/adakv_gpu_kernel_tests"
+  bench_bin="$ADAKV_GPU_PREBUILT/bench_decode_attention"
+else
+test_bin="$build/adakv_gpu_kernel_tests"
+bench_bin="$build/bench/bench_decode_attention"
 echo "== build ($build, $archs)"
 gen=()
 command -v ninja >/dev/null 2>&1 && gen=(-G Ninja)
@@ -55,9 +65,10 @@ awk '
     printf "  %-34s %s: %s; %s\n", name, arch, regs, spill; want = 0
   }' "$logs/build.log" | sort -u
 echo "build: $(( $(date +%s) - start )) s"
+fi
 
 echo "== test"
-"$build/adakv_gpu_kernel_tests" >"$logs/test.log" 2>&1
+"$test_bin" >"$logs/test.log" 2>&1
 test_rc=$?
 # Failures, skips and the measured errors; gtest's per-test RUN/OK lines are left in the log.
 grep -E "FAIL|SKIP|Skipped|max relative|error|passed|PASSED|tests ran" "$logs/test.log" | grep -vE "^\[ RUN" | tail -30
@@ -68,7 +79,7 @@ bench_rc=0
 if [ "${ADAKV_SKIP_BENCH:-0}" != 1 ]; then
   echo "== benchmark"
   # shellcheck disable=SC2086
-  OUT="$logs" "$build/bench/bench_decode_attention" ${ADAKV_BENCH_ARGS:-} >"$logs/bench.log" 2>&1
+  OUT="$logs" "$bench_bin" ${ADAKV_BENCH_ARGS:-} >"$logs/bench.log" 2>&1
   bench_rc=$?
   grep -E "^device|^copy|^KV pool|warp slots|^skip|CUDA call failed|^create|^plan|^run" "$logs/bench.log"
   echo "bench exit status: $bench_rc (total $(( $(date +%s) - start )) s)"

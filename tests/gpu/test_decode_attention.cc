@@ -266,6 +266,9 @@ struct GpuCase {
   bool dependent_launch = true;
   bool default_stream = false;  // the legacy default stream instead of a created one
   adakv::cuda::DecodeMerge merge = adakv::cuda::DecodeMerge::kAuto;
+  bool block_items = true;        // v3 block-item kernel (default) or the v2 warp kernel
+  bool host_offsets = false;      // plan() gets the host row_page_offsets (absolute item offsets)
+  bool overlap_prologue = false;  // the attention kernel as a programmatic dependent
   std::vector<int32_t> lengths;  // [rows], rows a multiple of num_kv_heads
 };
 
@@ -283,9 +286,11 @@ std::string run_step(DecodeAttention& attn, const GpuCase& cs, const std::vector
   const int hkv = cs.num_kv_heads, g = cs.group, d = cs.head_dim, H = hkv * g;
   const int rows = static_cast<int>(lengths.size());
   const int seqs = rows / hkv;
-  // Page table: every row's pages drawn from a shuffled pool with spare pages.
+  // Page table: every row's pages drawn from a shuffled pool with spare pages; every third row
+  // has 2 reserved pages past its last one (NaN-filled), so the table is not the dense CSR of the
+  // lengths and a kernel that used the wrong row offset would read NaN.
   std::vector<int32_t> offsets(rows + 1, 0);
-  for (int r = 0; r < rows; ++r) offsets[r + 1] = offsets[r] + pages_of(lengths[r]);
+  for (int r = 0; r < rows; ++r) offsets[r + 1] = offsets[r] + pages_of(lengths[r]) + (r % 3 == 1 ? 2 : 0);
   const int32_t used_pages = offsets[rows];
   const int32_t pool_pages = used_pages + 37;
   std::vector<int32_t> perm(pool_pages);
@@ -360,7 +365,8 @@ std::string run_step(DecodeAttention& attn, const GpuCase& cs, const std::vector
   for (int run = 0; run < 2; ++run) {  // twice: the result must be bitwise the same (no races)
     CUDA_OK(cudaMemsetAsync(dout.ptr, 0xff, dout.n * sizeof(uint16_t), stream));  // bf16 NaN everywhere
     CUDA_OK(cudaMemsetAsync(dlse.ptr, 0xff, dlse.n * sizeof(float), stream));     // fp32 NaN
-    const adakv::Status st = attn.plan(lengths, stream);
+    const adakv::Status st =
+        cs.host_offsets ? attn.plan(lengths, offsets, stream) : attn.plan(lengths, stream);
     if (!st) return "plan: " + st.message();
     const adakv::Status rs =
         attn.run(view, q, q_stride, reinterpret_cast<__nv_bfloat16*>(dout.ptr), out_stride, dlse.ptr, scale, stream);
@@ -452,6 +458,8 @@ CheckResult check_gpu(const GpuCase& cs) {
   opt.plan.split = cs.split;
   opt.plan.min_pages_per_warp = cs.min_pages_per_warp;
   opt.merge = cs.merge;
+  opt.block_items = cs.block_items;
+  opt.overlap_prologue = cs.overlap_prologue;
   auto attn = DecodeAttention::create(opt);
   if (!attn) return {false, "create: " + attn.status().message(), ""};
   std::mt19937_64 rng(test_seed() ^ std::hash<std::string>{}(std::to_string(cs.head_dim) + std::to_string(cs.group)));
@@ -600,6 +608,93 @@ std::vector<NamedCheck> all_checks() {
                  cs.max_warps_per_sm = 2;
                  cs.q_sigma = 3.f;
                  return check_gpu(cs);
+               }});
+  // v2 warp kernel (block_items off): the cases above run the v3 block-item kernel (the default).
+  v.push_back({"GpuWarpD128G4Pages2", [] {
+                 GpuCase cs = make_case(8, 4, 128, 3, 20000);
+                 cs.block_items = false;
+                 return check_gpu(cs);
+               }});
+  v.push_back({"GpuWarpD128G4FusedPages1", [] {
+                 GpuCase cs = make_case(8, 4, 128, 2, 30000);
+                 cs.block_items = false;
+                 cs.merge = DecodeMerge::kFused;
+                 cs.pages_per_iter = 1;
+                 return check_gpu(cs);
+               }});
+  v.push_back({"GpuWarpD64G4Pages4Kernel", [] {
+                 GpuCase cs = make_case(8, 4, 64, 3, 20000);
+                 cs.block_items = false;
+                 cs.pages_per_iter = 4;
+                 cs.merge = DecodeMerge::kKernel;
+                 return check_gpu(cs);
+               }});
+  // v3 block items: absolute page-table offsets from the host, the prologue overlapped (PDL),
+  // odd lengths, empty and single-page rows, Ada-like skew, fused and kernel merges.
+  v.push_back({"GpuBlockD128G4HostOffsetsOverlap", [] {
+                 GpuCase cs = make_case(8, 4, 128, 3, 20000);
+                 cs.host_offsets = true;
+                 cs.overlap_prologue = true;
+                 cs.merge = DecodeMerge::kKernel;
+                 return check_gpu(cs);
+               }});
+  v.push_back({"GpuBlockD128G4HostOffsetsFusedPages1", [] {
+                 GpuCase cs = make_case(8, 4, 128, 3, 20000);
+                 cs.host_offsets = true;
+                 cs.overlap_prologue = true;
+                 cs.merge = DecodeMerge::kFused;
+                 cs.pages_per_iter = 1;
+                 cs.min_pages_per_warp = 1;
+                 return check_gpu(cs);
+               }});
+  v.push_back({"GpuBlockD64G8HostOffsetsFusedPages4", [] {
+                 GpuCase cs = make_case(4, 8, 64, 4, 12000);
+                 cs.host_offsets = true;
+                 cs.merge = DecodeMerge::kFused;
+                 cs.pages_per_iter = 4;
+                 cs.q_f32 = true;
+                 return check_gpu(cs);
+               }});
+  v.push_back({"GpuBlockOddEmptySinglePage", [] {
+                 // Only short rows: empty, 1..16 entries (single page), odd lengths just past a
+                 // page edge; blocks whose 4 warps mostly have no page.
+                 GpuCase cs;
+                 cs.num_kv_heads = 8;
+                 cs.group = 4;
+                 cs.head_dim = 128;
+                 cs.host_offsets = true;
+                 cs.min_pages_per_warp = 1;
+                 const int32_t l[] = {0, 1, 3, 16, 17, 0, 5, 33, 15, 0, 49, 1, 7, 31, 65, 0};
+                 for (int rep = 0; rep < 3; ++rep)
+                   for (int32_t x : l) cs.lengths.push_back(x + (rep == 2 && x > 0 ? 2 * rep : 0));
+                 cs.lengths.resize(cs.lengths.size() / 8 * 8);
+                 return check_gpu(cs);
+               }});
+  v.push_back({"GpuBlockOddEmptySinglePageFused", [] {
+                 GpuCase cs;
+                 cs.num_kv_heads = 2;
+                 cs.group = 1;
+                 cs.head_dim = 64;
+                 cs.merge = DecodeMerge::kFused;
+                 cs.min_pages_per_warp = 1;
+                 cs.lengths = {0, 1, 16, 17, 0, 0, 33, 3, 1, 0, 129, 15};
+                 return check_gpu(cs);
+               }});
+  v.push_back({"GpuBlockAdaSkewKernelAndFused", [] {
+                 // One row 8x the mean, the rest lognormal-like; batch 2 x 8 kv heads.
+                 for (DecodeMerge mg : {DecodeMerge::kKernel, DecodeMerge::kFused}) {
+                   GpuCase cs;
+                   cs.host_offsets = true;
+                   cs.overlap_prologue = mg == DecodeMerge::kKernel;
+                   cs.merge = mg;
+                   std::mt19937_64 rng(test_seed() + 77);
+                   std::lognormal_distribution<double> ln(std::log(900.0), 0.6);
+                   for (int r = 0; r < 16; ++r) cs.lengths.push_back(std::max<int32_t>(1, int32_t(ln(rng))));
+                   cs.lengths[5] = 8 * 1000 + 7;
+                   const CheckResult res = check_gpu(cs);
+                   if (!res.passed()) return res;
+                 }
+                 return CheckResult{};
                }});
   return v;
 }

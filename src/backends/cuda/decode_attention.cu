@@ -22,6 +22,7 @@ struct PlanLayout {
   size_t offsets = 0;  // int32 [max_warps + 1]
   size_t merge = 0;    // int2 [max_rows]
   size_t items = 0;    // int4 [max_items]
+  size_t blocks = 0;   // int4 [2 (max_warps + max_items)] block items (heads, then the rest)
   size_t end = 0;
 };
 
@@ -30,15 +31,16 @@ PlanLayout plan_layout(int64_t max_warps, int64_t max_rows, int64_t max_items) {
   l.offsets = 0;
   l.merge = align16(l.offsets + sizeof(int32_t) * static_cast<size_t>(max_warps + 1));
   l.items = align16(l.merge + sizeof(int2) * static_cast<size_t>(max_rows));
-  l.end = l.items + sizeof(int4) * static_cast<size_t>(max_items);
+  l.blocks = l.items + sizeof(int4) * static_cast<size_t>(max_items);
+  l.end = l.blocks + 2 * sizeof(int4) * static_cast<size_t>(max_warps + max_items);
   return l;
 }
 
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 
-cudaError_t occupancy(int head_dim, bool q_f32, int ppi, int* blocks) {
-  return head_dim == 64 ? decode_detail::decode_attention_occupancy<64>(q_f32, ppi, blocks)
-                        : decode_detail::decode_attention_occupancy<128>(q_f32, ppi, blocks);
+cudaError_t occupancy(int head_dim, bool q_f32, int ppi, int* blocks, bool block_items) {
+  return head_dim == 64 ? decode_detail::decode_attention_occupancy<64>(q_f32, ppi, blocks, block_items)
+                        : decode_detail::decode_attention_occupancy<128>(q_f32, ppi, blocks, block_items);
 }
 
 }  // namespace
@@ -72,7 +74,7 @@ Expected<std::unique_ptr<DecodeAttention>> DecodeAttention::create(const DecodeA
   ADAKV_CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
   ADAKV_CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
   self->dependent_launch_ = major >= 9 && o.dependent_launch;
-  ADAKV_CUDA_RETURN_IF_ERROR(occupancy(o.head_dim, o.q_dtype == DType::kF32, o.pages_per_iter, &blocks));
+  ADAKV_CUDA_RETURN_IF_ERROR(occupancy(o.head_dim, o.q_dtype == DType::kF32, o.pages_per_iter, &blocks, o.block_items));
   if (blocks < 1) return internal_error(where + "the attention kernel cannot be resident on this device");
   int32_t warps_per_sm = blocks * kDecodeWarpsPerBlock;
   if (o.max_warps_per_sm > 0) warps_per_sm = std::min(warps_per_sm, o.max_warps_per_sm);
@@ -110,12 +112,23 @@ DecodeAttention::~DecodeAttention() {
   cudaFree(d_row_counters_);
 }
 
-Status DecodeAttention::plan(std::span<const int32_t> row_lengths, cudaStream_t stream) {
+Status DecodeAttention::plan(std::span<const int32_t> row_lengths, std::span<const int32_t> row_page_offsets,
+                             cudaStream_t stream) {
   const std::string where = "decode attention plan: ";
   if (static_cast<int64_t>(row_lengths.size()) > options_.max_rows)
     return invalid_argument(where + std::to_string(row_lengths.size()) + " rows, more than max_rows " +
                             std::to_string(options_.max_rows));
-  ADAKV_ASSIGN_OR_RETURN(DecodePlan plan, decode_attention_plan(row_lengths, device_warp_slots_, options_.plan));
+  if (!row_page_offsets.empty() && row_page_offsets.size() != row_lengths.size() + 1)
+    return invalid_argument(where + "row_page_offsets needs num_rows + 1 entries");
+  // Block items: the slots are blocks (4 warps each), and a block's share is at least twice a
+  // warp's minimum (so at least 2 pages per warp of the block).
+  DecodePlanOptions popt = options_.plan;
+  int32_t slots = device_warp_slots_;
+  if (options_.block_items) {
+    slots = std::max<int32_t>(1, device_warp_slots_ / kDecodeWarpsPerBlock);
+    popt.min_pages_per_warp = 2 * std::max<int32_t>(1, popt.min_pages_per_warp);
+  }
+  ADAKV_ASSIGN_OR_RETURN(DecodePlan plan, decode_attention_plan(row_lengths, slots, popt));
   if (plan.num_warps > max_warps_ || static_cast<int64_t>(plan.items.size()) > max_items_)
     return internal_error(where + "plan exceeds the workspace (" + std::to_string(plan.items.size()) + " items, " +
                           std::to_string(plan.num_warps) + " warps)");
@@ -131,11 +144,46 @@ Status DecodeAttention::plan(std::span<const int32_t> row_lengths, cudaStream_t 
   ADAKV_CUDA_RETURN_IF_ERROR(cudaEventSynchronize(upload_done_));
   const PlanLayout layout = plan_layout(max_warps_, options_.max_rows, max_items_);
   auto* h = static_cast<char*>(h_plan_);
-  std::memcpy(h + layout.offsets, plan_.warp_item_offsets.data(), plan_.warp_item_offsets.size() * sizeof(int32_t));
   std::memcpy(h + layout.merge, plan_.row_merge.data(), plan_.row_merge.size() * sizeof(DecodeRowMerge));
-  std::memcpy(h + layout.items, plan_.items.data(), plan_.items.size() * sizeof(DecodeWorkItem));
-  const size_t bytes = layout.items + plan_.items.size() * sizeof(DecodeWorkItem);
-  ADAKV_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(d_plan_, h_plan_, bytes, cudaMemcpyHostToDevice, stream));
+  if (options_.block_items) {
+    // Block b's first item at index b (an empty head if it has none), the others after all heads,
+    // linked in order: the kernel finds its first item with one load and the next with the current.
+    items_absolute_ = !row_page_offsets.empty();
+    int4* bi = reinterpret_cast<int4*>(h + layout.blocks);
+    const int32_t nb = plan_.num_warps;
+    int32_t extra = nb;
+    for (int32_t b = 0; b < nb; ++b) {
+      const int32_t first = plan_.warp_item_offsets[b], last = plan_.warp_item_offsets[b + 1];
+      if (first == last) {
+        bi[2 * b] = make_int4(0, 0, 0, 0);
+        bi[2 * b + 1] = make_int4(-1, -1, 0, 0);
+        continue;
+      }
+      int32_t at = b;
+      for (int32_t i = first; i < last; ++i) {
+        const DecodeWorkItem& it = plan_.items[i];
+        const int32_t n = it.page_end - it.page_begin;
+        const int32_t valid = std::min(row_lengths[it.row] - it.page_begin * kPageSize, n * kPageSize);
+        const int32_t off = (items_absolute_ ? row_page_offsets[it.row] : 0) + it.page_begin;
+        const int32_t next = i + 1 < last ? extra++ : -1;
+        bi[2 * at] = make_int4(off, n, valid, it.row);
+        bi[2 * at + 1] = make_int4(it.partial, next, 0, 0);
+        at = next;
+      }
+    }
+    auto* d = static_cast<char*>(d_plan_);
+    ADAKV_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(d + layout.merge, h + layout.merge,
+                                               plan_.row_merge.size() * sizeof(DecodeRowMerge),
+                                               cudaMemcpyHostToDevice, stream));
+    ADAKV_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(d + layout.blocks, h + layout.blocks,
+                                               2 * sizeof(int4) * static_cast<size_t>(extra), cudaMemcpyHostToDevice,
+                                               stream));
+  } else {
+    std::memcpy(h + layout.offsets, plan_.warp_item_offsets.data(), plan_.warp_item_offsets.size() * sizeof(int32_t));
+    std::memcpy(h + layout.items, plan_.items.data(), plan_.items.size() * sizeof(DecodeWorkItem));
+    const size_t bytes = layout.items + plan_.items.size() * sizeof(DecodeWorkItem);
+    ADAKV_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(d_plan_, h_plan_, bytes, cudaMemcpyHostToDevice, stream));
+  }
   ADAKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(upload_done_, stream));
   return Status::ok();
 }
@@ -175,6 +223,10 @@ Status DecodeAttention::run(const PagedKvView& kv, const void* q, int64_t q_seq_
   p.row_merge = reinterpret_cast<const int2*>(d + layout.merge);
   p.items = reinterpret_cast<const int4*>(d + layout.items);
   p.num_warps = plan_.num_warps;
+  if (options_.block_items) {
+    p.block_items = reinterpret_cast<const int4*>(d + layout.blocks);
+    p.items_absolute = items_absolute_ ? 1 : 0;
+  }
   p.partial_o = d_partial_o_;
   p.partial_lse = d_partial_lse_;
 
@@ -185,10 +237,11 @@ Status DecodeAttention::run(const PagedKvView& kv, const void* q, int64_t q_seq_
 
   const bool q_f32 = options_.q_dtype == DType::kF32;
   const int ppi = options_.pages_per_iter;
+  const bool overlap = options_.block_items && options_.overlap_prologue && dependent_launch_;
   const cudaError_t err =
       options_.head_dim == 64
-          ? decode_detail::decode_attention_launch<64>(p, q_f32, ppi, dependent_launch_, mode, stream)
-          : decode_detail::decode_attention_launch<128>(p, q_f32, ppi, dependent_launch_, mode, stream);
+          ? decode_detail::decode_attention_launch<64>(p, q_f32, ppi, dependent_launch_, mode, stream, overlap)
+          : decode_detail::decode_attention_launch<128>(p, q_f32, ppi, dependent_launch_, mode, stream, overlap);
   ADAKV_CUDA_RETURN_IF_ERROR(err);
   return Status::ok();
 }

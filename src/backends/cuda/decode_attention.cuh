@@ -8,9 +8,13 @@
 //                         bytes in flight per warp against more registers (fewer resident warps);
 //                         4 only at head dim 64 (at 128 it would spill)
 //
-// Work split: one warp per work item (a run of pages of one row); the warp computes all g <= 8
-// query heads of the row's kv head, so K/V is read once per group. No shared memory and no
-// block-level synchronisation: the 4 warps of a block are independent.
+// Work split, v2 warp kernel (decode_attention_kernel): one warp per work item (a run of pages of
+// one row); the warp computes all g <= 8 query heads of the row's kv head, so K/V is read once per
+// group. No shared memory; the 4 warps of a block are independent.
+// v3 block kernel (decode_attention_block_kernel, the default): one block per work item chain;
+// warp w of the block takes pages w, w + 4, ... of each item with the same per-page arithmetic,
+// and the 4 warps' (m, l, o) are combined in shared memory, so an item writes one output or one
+// partial. The item itself carries the page-table position and valid length (see DecodeParams).
 //
 // Tensor cores on register fragments loaded straight from global memory (16-byte loads), with
 // the KV entries (tokens) as the M dimension so that all g heads fit one n8 tile:
@@ -402,6 +406,280 @@ __global__ void __launch_bounds__(kDecodeWarpsPerBlock * 32)
   }
 }
 
+// --- the block-item attention kernel (v3, default) -----------------------------------------------
+
+// Online softmax of one warp over the pages k = 0.. of its share of an item: item page
+// j = w0 + 4k (the block's 4 warps interleave), page id ids[4k], entries valid in page j:
+// min(16, valid - 16 j). Same arithmetic as the warp kernel's loop.
+template <int kHeadDim, int kPagesPerIter>
+__device__ __forceinline__ void attend_strided(const DecodeParams& p, const int32_t* ids, int mine, int w0,
+                                               int valid_total, const uint4 (&qf)[kHeadDim / 32],
+                                               float (&o)[kHeadDim / 16][4], float (&m)[2], float (&l)[2],
+                                               int lane, int cur) {
+  constexpr int T = kHeadDim / 16;
+  const int r = lane >> 2, c = lane & 3;
+  for (int base = 0; base < mine; base += 32) {
+    const int nxt = base + 32 + lane < mine ? ids[4 * (base + 32 + lane)] : 0;
+    const int cnt = min(32, mine - base);
+    for (int i = 0; i < cnt; i += kPagesPerIter) {
+      PageFrag<kHeadDim> f[kPagesPerIter];
+      int valid[kPagesPerIter];
+#pragma unroll
+      for (int u = 0; u < kPagesPerIter; ++u) {
+        const int pid = __shfl_sync(kFullMask, cur, i + u);
+        valid[u] = i + u < cnt ? min(kPageSize, valid_total - (w0 + 4 * (base + i + u)) * kPageSize) : 0;
+        if (valid[u] > 0) {
+          const int64_t off = int64_t{pid} * p.kv.page_stride;
+          load_page<kHeadDim>(f[u], p.kv.k_pool + off, p.kv.v_pool + off, r, c);
+        } else {
+          zero_page<kHeadDim>(f[u]);
+        }
+      }
+      float t[kPagesPerIter][4];
+      float mx0 = kNegInf, mx1 = kNegInf;
+#pragma unroll
+      for (int u = 0; u < kPagesPerIter; ++u) {
+        float s[4];
+        page_scores<kHeadDim>(s, f[u], qf);
+        const bool lo_ok = r < valid[u], hi_ok = r + 8 < valid[u];
+        t[u][0] = lo_ok ? s[0] * p.scale_log2 : kNegInf;
+        t[u][1] = lo_ok ? s[1] * p.scale_log2 : kNegInf;
+        t[u][2] = hi_ok ? s[2] * p.scale_log2 : kNegInf;
+        t[u][3] = hi_ok ? s[3] * p.scale_log2 : kNegInf;
+        mx0 = fmaxf(mx0, fmaxf(t[u][0], t[u][2]));
+        mx1 = fmaxf(mx1, fmaxf(t[u][1], t[u][3]));
+        if (valid[u] < kPageSize) mask_v<kHeadDim>(f[u], valid[u], c);
+      }
+#pragma unroll
+      for (int off = 4; off < 32; off <<= 1) {
+        mx0 = fmaxf(mx0, __shfl_xor_sync(kFullMask, mx0, off));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(kFullMask, mx1, off));
+      }
+      const float mn0 = fmaxf(m[0], mx0), mn1 = fmaxf(m[1], mx1);
+      const float ref0 = mn0 == kNegInf ? 0.f : mn0, ref1 = mn1 == kNegInf ? 0.f : mn1;
+      const float alpha0 = fast_exp2(m[0] - ref0), alpha1 = fast_exp2(m[1] - ref1);
+      m[0] = mn0;
+      m[1] = mn1;
+      l[0] *= alpha0;
+      l[1] *= alpha1;
+#pragma unroll
+      for (int tt = 0; tt < T; ++tt) {
+        o[tt][0] *= alpha0;
+        o[tt][1] *= alpha1;
+        o[tt][2] *= alpha0;
+        o[tt][3] *= alpha1;
+      }
+#pragma unroll
+      for (int u = 0; u < kPagesPerIter; ++u) {
+        const float p0 = fast_exp2(t[u][0] - ref0), p1 = fast_exp2(t[u][1] - ref1);
+        const float p2 = fast_exp2(t[u][2] - ref0), p3 = fast_exp2(t[u][3] - ref1);
+        l[0] += p0 + p2;
+        l[1] += p1 + p3;
+        const uint32_t b0 = transpose_8x8(pack_bf16(p0, p1));
+        const uint32_t b1 = transpose_8x8(pack_bf16(p2, p3));
+        page_pv<kHeadDim>(o, f[u], b0, b1);
+      }
+    }
+    cur = nxt;
+  }
+}
+
+// Combines the row's partials [rm.x, rm.x + rm.y) into out (and lse) with nthreads threads
+// (thread t owns the float4 slots t, t + nthreads, ... of a partial's g x head_dim block).
+template <int kHeadDim>
+__device__ __forceinline__ void merge_row_threads(const DecodeParams& p, int seq, int head0, int2 rm, int tid,
+                                                  int nthreads) {
+  const int g = p.group_size;
+  const int slots = g * kHeadDim / 4;
+  __nv_bfloat16* out = p.out + seq * p.out_seq_stride + int64_t{head0} * kHeadDim;
+  for (int s = tid; s < slots; s += nthreads) {
+    const int hh = (4 * s) / kHeadDim;
+    float m = kNegInf, sum = 0.f;
+    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll 8
+    for (int i = 0; i < rm.y; ++i) {
+      const int64_t pi = int64_t{rm.x + i} * g;
+      const float lse_i = __ldcg(p.partial_lse + pi + hh);
+      const float4 v = __ldcg(reinterpret_cast<const float4*>(p.partial_o + pi * kHeadDim) + s);
+      const float mn = fmaxf(m, lse_i);
+      const float a = fast_exp2(m - mn), w = fast_exp2(lse_i - mn);
+      sum = sum * a + w;
+      acc.x = acc.x * a + w * v.x;
+      acc.y = acc.y * a + w * v.y;
+      acc.z = acc.z * a + w * v.z;
+      acc.w = acc.w * a + w * v.w;
+      m = mn;
+    }
+    const float inv = 1.f / sum;
+    *reinterpret_cast<uint2*>(out + 4 * s) = make_uint2(pack_bf16(acc.x * inv, acc.y * inv), pack_bf16(acc.z * inv, acc.w * inv));
+    if ((4 * s) % kHeadDim == 0 && p.lse != nullptr)
+      p.lse[int64_t{seq} * p.num_qo_heads + head0 + hh] = (m + __log2f(sum)) * kLn2;
+  }
+}
+
+// One block per slot of the plan; the block walks its item list (first item at blockIdx.x). Per
+// item, warp w takes pages w, w + 4, ...; the 4 warps' (m, l, o) meet in shared memory and the
+// block writes one output or one partial.
+template <int kHeadDim, typename QT, int kPagesPerIter>
+__global__ void __launch_bounds__(kDecodeWarpsPerBlock * 32)
+    decode_attention_block_kernel(const __grid_constant__ DecodeParams p) {
+  constexpr int T = kHeadDim / 16;
+  constexpr int W = kDecodeWarpsPerBlock;
+  __shared__ __align__(16) float s_o[W][8][kHeadDim];  // unnormalised o of each warp, [head][dim]
+  __shared__ float s_m[W][8], s_l[W][8];
+  __shared__ int s_last;
+  const int tid = threadIdx.x;
+  const int lane = tid & 31, w = tid >> 5;
+  const int r = lane >> 2, c = lane & 3;
+  const int g = p.group_size;
+#if __CUDA_ARCH__ >= 900
+  // Let the merge kernel (a programmatic dependent) be scheduled now: it waits for this grid's
+  // completion itself, and this grid is a single wave.
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+  int idx = blockIdx.x;
+  int4 a = p.block_items[2 * idx];      // {page_off, num_pages, valid, row}
+  int4 b = p.block_items[2 * idx + 1];  // {partial, next, 0, 0}
+  bool waited = false;
+  while (a.y > 0) {
+    const int row = a.w;
+    const int n = a.y;
+    const int mine = n > w ? (n - w + W - 1) / W : 0;
+    const int32_t* ids = p.kv.page_ids + a.x + w;
+    if (!p.items_absolute) ids += p.kv.row_page_offsets[row];
+    int cur = lane < mine ? ids[W * lane] : 0;
+    // The block's next item travels with this one.
+    int4 na = make_int4(0, 0, 0, 0), nb = make_int4(0, -1, 0, 0);
+    if (b.y >= 0) {
+      na = p.block_items[2 * b.y];
+      nb = p.block_items[2 * b.y + 1];
+    }
+    if (!waited) {
+#if __CUDA_ARCH__ >= 900
+      // Launched as a programmatic dependent (overlap_prologue): q, K/V and every output may
+      // belong to the preceding kernel until it has finished. A no-op otherwise.
+      asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+      waited = true;
+    }
+    const int seq = row / p.kv.num_kv_heads;
+    const int head0 = (row - seq * p.kv.num_kv_heads) * g;
+
+    uint4 qf[kHeadDim / 32];
+    if (r < g) {
+      load_q<kHeadDim>(qf, static_cast<const QT*>(p.q) + seq * p.q_seq_stride + int64_t{head0 + r} * kHeadDim, c);
+    } else {
+#pragma unroll
+      for (int j = 0; j < kHeadDim / 32; ++j) qf[j] = make_uint4(0, 0, 0, 0);
+    }
+    float o[T][4];
+#pragma unroll
+    for (int t = 0; t < T; ++t) o[t][0] = o[t][1] = o[t][2] = o[t][3] = 0.f;
+    float m[2] = {kNegInf, kNegInf};
+    float l[2] = {0.f, 0.f};
+    attend_strided<kHeadDim, kPagesPerIter>(p, ids, mine, w, a.z, qf, o, m, l, lane, cur);
+
+    // This warp's state to shared memory (unnormalised o; m = -inf, l = 0 for a warp without pages).
+#pragma unroll
+    for (int off = 4; off < 32; off <<= 1) {
+      l[0] += __shfl_xor_sync(kFullMask, l[0], off);
+      l[1] += __shfl_xor_sync(kFullMask, l[1], off);
+    }
+#pragma unroll
+    for (int bb = 0; bb < 2; ++bb) {
+      const int hh = 2 * c + bb;
+      if (hh >= g) continue;
+#pragma unroll
+      for (int q = 0; q < kHeadDim / 64; ++q) {
+        float v[8];
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+          const int i = 8 * q + e;
+          v[e] = i < T ? o[i % T][bb] : o[i % T][2 + bb];
+        }
+        float4* dst = reinterpret_cast<float4*>(&s_o[w][hh][64 * q + 8 * r]);
+        dst[0] = make_float4(v[0], v[1], v[2], v[3]);
+        dst[1] = make_float4(v[4], v[5], v[6], v[7]);
+      }
+      if (r == 0) {
+        s_m[w][hh] = m[bb];
+        s_l[w][hh] = l[bb];
+      }
+    }
+    __syncthreads();
+
+    // Combine the 4 warps and write the output or the item's partial.
+    const int partial = b.x;
+    const int slots = g * kHeadDim / 4;
+    for (int s = tid; s < slots; s += W * 32) {
+      const int hh = (4 * s) / kHeadDim, dim = 4 * s - hh * kHeadDim;
+      float mw[W], big = kNegInf;
+#pragma unroll
+      for (int k = 0; k < W; ++k) big = fmaxf(big, mw[k] = s_m[k][hh]);  // finite: warp 0 has a page
+      float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+      float sum = 0.f;
+#pragma unroll
+      for (int k = 0; k < W; ++k) {
+        const float wt = fast_exp2(mw[k] - big);  // 0 for a warp without pages
+        const float4 v = *reinterpret_cast<const float4*>(&s_o[k][hh][dim]);
+        sum += wt * s_l[k][hh];
+        acc.x += wt * v.x;
+        acc.y += wt * v.y;
+        acc.z += wt * v.z;
+        acc.w += wt * v.w;
+      }
+      const float inv = 1.f / sum;
+      if (partial < 0) {
+        __nv_bfloat16* dst = p.out + seq * p.out_seq_stride + int64_t{head0 + hh} * kHeadDim + dim;
+        *reinterpret_cast<uint2*>(dst) =
+            make_uint2(pack_bf16(acc.x * inv, acc.y * inv), pack_bf16(acc.z * inv, acc.w * inv));
+        if (dim == 0 && p.lse != nullptr)
+          p.lse[int64_t{seq} * p.num_qo_heads + head0 + hh] = (big + __log2f(sum)) * kLn2;
+      } else {
+        float* dst = p.partial_o + (int64_t{partial} * g + hh) * kHeadDim + dim;
+        *reinterpret_cast<float4*>(dst) = make_float4(acc.x * inv, acc.y * inv, acc.z * inv, acc.w * inv);
+        if (dim == 0) p.partial_lse[int64_t{partial} * g + hh] = big + __log2f(sum);
+      }
+    }
+    if (partial >= 0 && p.row_counters != nullptr) {
+      // Fused merge: the block that brings the row's last partial merges the row.
+      __threadfence();
+      __syncthreads();
+      if (tid == 0) {
+        const int2 rm = p.row_merge[row];
+        s_last = atomicAdd(p.row_counters + row, 1) == rm.y - 1;
+      }
+      __syncthreads();
+      if (s_last) {
+        __threadfence();
+        merge_row_threads<kHeadDim>(p, seq, head0, p.row_merge[row], tid, W * 32);
+        if (tid == 0) p.row_counters[row] = 0;
+      }
+    }
+    __syncthreads();  // shared memory is reused by the next item
+    if (b.y < 0) break;
+    a = na;
+    b = nb;
+  }
+
+  if (p.row_counters != nullptr) {
+    if (!waited) {
+#if __CUDA_ARCH__ >= 900
+      asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+    }
+    // Fused merge: empty rows get zeros and lse -inf here (rows spread over the blocks).
+    for (int row = blockIdx.x; row < p.kv.num_rows; row += gridDim.x) {
+      if (p.row_merge[row].y != 0) continue;
+      const int seq = row / p.kv.num_kv_heads;
+      const int head0 = (row - seq * p.kv.num_kv_heads) * g;
+      __nv_bfloat16* dst = p.out + seq * p.out_seq_stride + int64_t{head0} * kHeadDim;
+      for (int i = tid; i < g * kHeadDim / 8; i += W * 32) reinterpret_cast<uint4*>(dst)[i] = make_uint4(0, 0, 0, 0);
+      if (tid < g && p.lse != nullptr) p.lse[int64_t{seq} * p.num_qo_heads + head0 + tid] = kNegInf;
+    }
+  }
+}
+
 // --- the merge kernel ---------------------------------------------------------------------------
 
 // One block per (row, query head of the group): combines the row's partials through their
@@ -410,7 +688,9 @@ __global__ void __launch_bounds__(kDecodeWarpsPerBlock * 32)
 constexpr int kMergeWarps = 8;
 
 template <int kHeadDim>
-__global__ void __launch_bounds__(kMergeWarps * 32) decode_merge_kernel(const __grid_constant__ DecodeParams p) {
+// At most 32 registers (8 blocks of 256 threads per SM): a merge block then fits beside two
+// 222-register attention blocks, so under PDL it is resident and waiting before they finish.
+__global__ void __launch_bounds__(kMergeWarps * 32, 8) decode_merge_kernel(const __grid_constant__ DecodeParams p) {
   constexpr int kPerLane = kHeadDim / 32;  // floats of o per lane
 #if __CUDA_ARCH__ >= 900
   // Launched as a programmatic dependent of the attention kernel (sm_90): the launch overlaps the
@@ -434,49 +714,54 @@ __global__ void __launch_bounds__(kMergeWarps * 32) decode_merge_kernel(const __
   __shared__ float s_sum[kMergeWarps];
   __shared__ float s_acc[kMergeWarps][kHeadDim];
 
-  float mx = kNegInf;
-  for (int i = tid; i < rm.y; i += blockDim.x) mx = fmaxf(mx, p.partial_lse[int64_t{rm.x + i} * g + hh]);
+  // One pass (v3): each warp merges its partials (w, w + 8, ...) with a running max, loading a
+  // partial's lse and o together, so the block needs one L2 round trip for the partials instead
+  // of two (max first, then the weighted sum); the 8 warps' states are combined at the end.
+  float acc[kPerLane];
 #pragma unroll
-  for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(kFullMask, mx, off));
-  if (lane == 0) s_max[w] = mx;
+  for (int e = 0; e < kPerLane; ++e) acc[e] = 0.f;
+  float mx = kNegInf, sum = 0.f;
+#pragma unroll 4
+  for (int i = w; i < rm.y; i += kMergeWarps) {
+    const int64_t pi = int64_t{rm.x + i} * g + hh;
+    const float lse_i = p.partial_lse[pi];  // finite: every piece has an entry
+    const float* src = p.partial_o + pi * kHeadDim + lane * kPerLane;
+    float v[kPerLane];
+    if constexpr (kPerLane == 4) {
+      const float4 x = *reinterpret_cast<const float4*>(src);
+      v[0] = x.x;
+      v[1] = x.y;
+      v[2] = x.z;
+      v[3] = x.w;
+    } else {
+      const float2 x = *reinterpret_cast<const float2*>(src);
+      v[0] = x.x;
+      v[1] = x.y;
+    }
+    const float mn = fmaxf(mx, lse_i);
+    const float a = fast_exp2(mx - mn), wgt = fast_exp2(lse_i - mn);
+#pragma unroll
+    for (int e = 0; e < kPerLane; ++e) acc[e] = acc[e] * a + wgt * v[e];
+    sum = sum * a + wgt;
+    mx = mn;
+  }
+#pragma unroll
+  for (int e = 0; e < kPerLane; ++e) s_acc[w][lane * kPerLane + e] = acc[e];
+  if (lane == 0) {
+    s_max[w] = mx;
+    s_sum[w] = sum;
+  }
   __syncthreads();
   float big = s_max[0];
 #pragma unroll
   for (int i = 1; i < kMergeWarps; ++i) big = fmaxf(big, s_max[i]);
-
-  float acc[kPerLane];
-#pragma unroll
-  for (int e = 0; e < kPerLane; ++e) acc[e] = 0.f;
-  float sum = 0.f;
-#pragma unroll 8
-  for (int i = w; i < rm.y; i += kMergeWarps) {
-    const int64_t pi = int64_t{rm.x + i} * g + hh;
-    const float wgt = fast_exp2(p.partial_lse[pi] - big);
-    const float* src = p.partial_o + pi * kHeadDim + lane * kPerLane;
-    if constexpr (kPerLane == 4) {
-      const float4 v = *reinterpret_cast<const float4*>(src);
-      acc[0] += wgt * v.x;
-      acc[1] += wgt * v.y;
-      acc[2] += wgt * v.z;
-      acc[3] += wgt * v.w;
-    } else {
-      const float2 v = *reinterpret_cast<const float2*>(src);
-      acc[0] += wgt * v.x;
-      acc[1] += wgt * v.y;
-    }
-    sum += wgt;
-  }
-#pragma unroll
-  for (int e = 0; e < kPerLane; ++e) s_acc[w][lane * kPerLane + e] = acc[e];
-  if (lane == 0) s_sum[w] = sum;
-  __syncthreads();
   float total = 0.f;
 #pragma unroll
-  for (int i = 0; i < kMergeWarps; ++i) total += s_sum[i];
+  for (int i = 0; i < kMergeWarps; ++i) total += fast_exp2(s_max[i] - big) * s_sum[i];  // 0 for an idle warp
   for (int i = tid; i < kHeadDim; i += blockDim.x) {
     float v = 0.f;
 #pragma unroll
-    for (int k = 0; k < kMergeWarps; ++k) v += s_acc[k][i];
+    for (int k = 0; k < kMergeWarps; ++k) v += fast_exp2(s_max[k] - big) * s_acc[k][i];
     dst[i] = __float2bfloat16(v / total);
   }
   if (tid == 0 && p.lse != nullptr) p.lse[int64_t{seq} * p.num_qo_heads + head] = (big + __log2f(total)) * kLn2;
@@ -511,16 +796,32 @@ void dispatch_q(bool q_f32, F&& f) {
 
 template <int kHeadDim>
 cudaError_t decode_attention_launch(const DecodeParams& p, bool q_f32, int pages_per_iter, bool dependent_launch,
-                                    MergeMode merge, cudaStream_t stream) {
+                                    MergeMode merge, cudaStream_t stream, bool overlap_prologue) {
   if ((merge == MergeMode::kFused) != (p.row_counters != nullptr)) return cudaErrorInvalidValue;
   cudaError_t err = cudaErrorInvalidValue;
   dispatch_q(q_f32, [&]<typename QT>() {
     dispatch_pages_per_iter<kHeadDim>(pages_per_iter, [&]<int kPpi>() {
-      const int blocks = (p.num_warps + kDecodeWarpsPerBlock - 1) / kDecodeWarpsPerBlock;
-      if (blocks > 0) {
-        decode_attention_kernel<kHeadDim, QT, kPpi><<<blocks, kDecodeWarpsPerBlock * 32, 0, stream>>>(p);
-        err = cudaGetLastError();
-        if (err != cudaSuccess) return;
+      if (p.block_items != nullptr) {
+        if (p.num_warps > 0) {
+          cudaLaunchConfig_t cfg = {};
+          cfg.gridDim = dim3(p.num_warps);
+          cfg.blockDim = dim3(kDecodeWarpsPerBlock * 32);
+          cfg.stream = stream;
+          cudaLaunchAttribute attr[1];
+          attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+          attr[0].val.programmaticStreamSerializationAllowed = 1;
+          cfg.attrs = attr;
+          cfg.numAttrs = overlap_prologue ? 1 : 0;
+          err = cudaLaunchKernelEx(&cfg, decode_attention_block_kernel<kHeadDim, QT, kPpi>, p);
+          if (err != cudaSuccess) return;
+        }
+      } else {
+        const int blocks = (p.num_warps + kDecodeWarpsPerBlock - 1) / kDecodeWarpsPerBlock;
+        if (blocks > 0) {
+          decode_attention_kernel<kHeadDim, QT, kPpi><<<blocks, kDecodeWarpsPerBlock * 32, 0, stream>>>(p);
+          err = cudaGetLastError();
+          if (err != cudaSuccess) return;
+        }
       }
       if (p.kv.num_rows > 0 && merge == MergeMode::kKernel) {
         cudaLaunchConfig_t cfg = {};
@@ -542,12 +843,15 @@ cudaError_t decode_attention_launch(const DecodeParams& p, bool q_f32, int pages
 }
 
 template <int kHeadDim>
-cudaError_t decode_attention_occupancy(bool q_f32, int pages_per_iter, int* blocks_per_sm) {
+cudaError_t decode_attention_occupancy(bool q_f32, int pages_per_iter, int* blocks_per_sm, bool block_items) {
   cudaError_t err = cudaErrorInvalidValue;
   dispatch_q(q_f32, [&]<typename QT>() {
     dispatch_pages_per_iter<kHeadDim>(pages_per_iter, [&]<int kPpi>() {
-      err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-          blocks_per_sm, decode_attention_kernel<kHeadDim, QT, kPpi>, kDecodeWarpsPerBlock * 32, 0);
+      err = block_items ? cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+                              blocks_per_sm, decode_attention_block_kernel<kHeadDim, QT, kPpi>,
+                              kDecodeWarpsPerBlock * 32, 0)
+                        : cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+                              blocks_per_sm, decode_attention_kernel<kHeadDim, QT, kPpi>, kDecodeWarpsPerBlock * 32, 0);
     });
   });
   return err;

@@ -3,9 +3,10 @@
 //
 // Why a plan: with Ada-KV's skew (longest head 3-20x the mean) a kernel that walks each row in
 // one thread-block chain leaves most SMs idle while the long rows finish. Here the host splits
-// the total work (pages of all rows) into equal shares, one per resident warp of the device;
-// a share may end in the middle of a row and cover several rows. Each (warp, row piece) is a
-// work item; a piece that is a whole row writes the output directly, the others write a partial
+// the total work (pages of all rows) into equal shares, one per resident warp of the device (v2)
+// or one per resident 4-warp block (v3 block items, the default: the block's warps interleave
+// the pages and combine in shared memory); a share may end in the middle of a row and cover
+// several rows. Each (warp or block, row piece) is a work item; a piece that is a whole row writes the output directly, the others write a partial
 // result (normalised o and its log-sum-exp) merged through the softmax state, either by a second
 // kernel or, fused, by the warp that finishes the row's last piece (a per-row arrival counter).
 //
@@ -117,6 +118,19 @@ struct DecodeAttentionOptions {
   // on; the merge kernel under PDL costs about 3 us at batch 1 / 4K and under 1 % from 500 MB on.
   DecodeMerge merge = DecodeMerge::kKernel;
   int32_t fused_max_partials = 16;  // kAuto: fuse the merge while no row has more pieces
+  // Block items (v3, default): the plan splits the pages over thread blocks instead of warps; the
+  // 4 warps of a block take every 4th page of the block's piece of a row and combine their softmax
+  // states in shared memory, so a piece writes one partial (4x fewer partials and merge reads).
+  // Each block's first item is found at index blockIdx.x and carries its page-table position and
+  // valid length: one load before the page ids (the warp kernel's chain was four). false: the v2
+  // kernel (one item chain per warp).
+  bool block_items = true;
+  // sm_90, block items only: launch the attention kernel as a programmatic dependent of whatever
+  // kernel precedes it on the stream, so its launch and its plan and page-id loads overlap that
+  // kernel's tail; it waits (griddepcontrol.wait) before reading q or K/V and before any write.
+  // Only safe when the preceding kernel does not write the plan, the page table (row_page_offsets,
+  // page_ids) or row lengths of this call; off by default for that reason.
+  bool overlap_prologue = false;
   DecodePlanOptions plan;
 };
 
@@ -131,7 +145,13 @@ class DecodeAttention {
 
   // Builds the plan for this step's row lengths (host copy, [num_rows], row = seq * Hkv + kv
   // head) and uploads it on `stream`. The next run() on the same stream uses it.
-  Status plan(std::span<const int32_t> row_lengths, cudaStream_t stream);
+  Status plan(std::span<const int32_t> row_lengths, cudaStream_t stream) {
+    return plan(row_lengths, {}, stream);
+  }
+  // The same with a host copy of the view's row_page_offsets ([num_rows + 1], as run() will see
+  // them): the plan then carries each item's absolute page-table position, which saves the kernel
+  // one dependent load. Empty: the kernel reads row_page_offsets itself.
+  Status plan(std::span<const int32_t> row_lengths, std::span<const int32_t> row_page_offsets, cudaStream_t stream);
 
   // q:   [num_seqs][num_qo_heads][head_dim] (bf16 or fp32 per options), sequences q_seq_stride
   //      elements apart; query head h belongs to kv head h / g.
@@ -156,11 +176,12 @@ class DecodeAttention {
   int32_t device_warp_slots_ = 0;  // resident warps of the attention kernel on the whole device
   int64_t max_warps_ = 0;          // warp slots the workspace holds (balanced or one-block-per-row)
   int64_t max_items_ = 0;          // == max partials
+  bool items_absolute_ = false;    // the last plan's block items hold absolute page-table offsets
 
   DecodePlan plan_;
   DecodeMerge merge_ = DecodeMerge::kKernel;
   // Device workspace: one allocation, laid out as the staging buffer below.
-  void* d_plan_ = nullptr;         // items | warp offsets | row merge
+  void* d_plan_ = nullptr;         // warp offsets | row merge | items | block items
   size_t plan_bytes_ = 0;
   void* h_plan_ = nullptr;         // pinned staging copy of the same layout
   cudaEvent_t upload_done_ = nullptr;  // the staging buffer may be rewritten once this fired

@@ -33,6 +33,14 @@ struct DecodeParams {
   // arrival counter per row, zero between launches. The warp that writes a row's last partial
   // merges the row and resets its counter; empty rows are zeroed by the attention kernel.
   int32_t* row_counters = nullptr;          // [num_rows]
+  // Block items (DecodeAttentionOptions::block_items): num_warps counts blocks, and block b's
+  // first item is block_items[b]; each item is two int4:
+  //   {page_off, num_pages, valid, row}  page_off: into page_ids (relative to the row's
+  //                                      row_page_offsets entry unless items_absolute)
+  //   {partial, next, 0, 0}              next: index of the block's next item, -1: none
+  // valid = entries of the row from the item's first page on (capped at num_pages * kPageSize).
+  const int4* block_items = nullptr;
+  int32_t items_absolute = 0;
 };
 
 // How the partials of split rows are combined.
@@ -48,17 +56,19 @@ enum class MergeMode : int {
 // dependent_launch (sm_90 only): the merge kernel is a programmatic dependent launch, so its
 // launch overlaps the attention kernel's tail.
 // merge kFused needs p.row_counters; kKernel and kNone need it null.
+// block_items: p.block_items is set, p.num_warps counts blocks; overlap_prologue (sm_90): the
+// attention kernel is itself a programmatic dependent of the preceding kernel.
 template <int kHeadDim>
 cudaError_t decode_attention_launch(const DecodeParams& p, bool q_f32, int pages_per_iter, bool dependent_launch,
-                                    MergeMode merge, cudaStream_t stream);
+                                    MergeMode merge, cudaStream_t stream, bool overlap_prologue = false);
 
 // Resident 128-thread blocks per SM of the attention kernel variant.
 template <int kHeadDim>
-cudaError_t decode_attention_occupancy(bool q_f32, int pages_per_iter, int* blocks_per_sm);
+cudaError_t decode_attention_occupancy(bool q_f32, int pages_per_iter, int* blocks_per_sm, bool block_items = false);
 
-extern template cudaError_t decode_attention_launch<64>(const DecodeParams&, bool, int, bool, MergeMode, cudaStream_t);
-extern template cudaError_t decode_attention_launch<128>(const DecodeParams&, bool, int, bool, MergeMode, cudaStream_t);
-extern template cudaError_t decode_attention_occupancy<64>(bool, int, int*);
-extern template cudaError_t decode_attention_occupancy<128>(bool, int, int*);
+extern template cudaError_t decode_attention_launch<64>(const DecodeParams&, bool, int, bool, MergeMode, cudaStream_t, bool);
+extern template cudaError_t decode_attention_launch<128>(const DecodeParams&, bool, int, bool, MergeMode, cudaStream_t, bool);
+extern template cudaError_t decode_attention_occupancy<64>(bool, int, int*, bool);
+extern template cudaError_t decode_attention_occupancy<128>(bool, int, int*, bool);
 
 }  // namespace adakv::cuda::decode_detail

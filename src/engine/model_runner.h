@@ -31,17 +31,48 @@ enum class StepPhase : uint8_t {
 };
 const char* step_phase_name(StepPhase p);
 
+// The next token of an item chosen by the runner (ModelRunner::samples_on_device), with
+// engine/sampler.h's semantics: temperature 0 is greedy (argmax, lowest id on ties); otherwise
+// `u` is the request Sampler's own uniform draw (Sampler::next_uniform), so a seed reproduces the
+// host's choice.
+struct ItemSampling {
+  float temperature = 0.f;
+  int32_t top_k = 0;
+  float top_p = 1.f;
+  double u = 0.0;
+};
+
 struct StepItem {
   SeqId seq = -1;
   std::span<const int32_t> tokens;  // appended at the sequence's logical length
   StepPhase phase = StepPhase::kDecode;
   bool need_logits = false;         // the logits of the item's last token are wanted
+  // With need_logits on a runner that samples on the device: sample there and return the token
+  // (StepResult::sampled) instead of the logits row. Null: the logits row comes back.
+  const ItemSampling* sampling = nullptr;
+};
+
+// Host-side time of one step inside the runner, milliseconds (ADAKV_PROFILE; zero where a
+// runner does not measure). device_ms is the device's own time of the forward (events).
+struct StepTimings {
+  double prep_ms = 0;      // checks, reserve/commit, per-step metadata (host)
+  double mirror_ms = 0;    // page-table mirror: rows compared, updates staged (host)
+  double plan_ms = 0;      // decode-attention plans (host)
+  double enqueue_ms = 0;   // launching the forward (host)
+  double wait_ms = 0;      // waiting for the device (stream synchronize)
+  double results_ms = 0;   // logits / tokens copied into the result (host)
+  double compress_ms = 0;  // host side of compression (keep lists to the manager, continual)
+  double device_ms = 0;    // forward + device sampling (CUDA events)
+  double download_ms = 0;  // device->host copies after the forward (CUDA events)
+  int64_t logit_bytes = 0; // bytes of logits copied to the host
 };
 
 struct StepResult {
   std::vector<float> logits;        // [rows][vocab]: one row per item with need_logits, in item order
   std::vector<int32_t> logits_row;  // [items] the item's row in `logits`, -1 when none
+  std::vector<int32_t> sampled;     // [items] token sampled by the runner (item.sampling), else -1
   std::vector<Status> status;       // [items] ok, or why this item failed (others are unaffected)
+  StepTimings timings;
 };
 
 class ModelRunner {
@@ -75,6 +106,11 @@ class ModelRunner {
   // interval, to free pages before the scheduler preempts anyone. Returns pages freed (0 for
   // policies that only compress after the prefill).
   virtual int64_t compress_now(SeqId seq) = 0;
+
+  // Whether step() honours StepItem::sampling (the next token chosen where the logits are, only
+  // the token coming back). The scheduler then samples on the host only for requests that need
+  // the whole distribution.
+  virtual bool samples_on_device() const { return false; }
 };
 
 struct CpuRunnerOptions {

@@ -83,7 +83,7 @@ int32_t Sampler::sample(std::span<const float> logits) {
   const std::vector<double> probs = distribution(logits);
   // A uniform double in [0, 1) from the top 53 bits: the same on every standard library
   // (std::uniform_real_distribution is not specified bit for bit).
-  const double u = static_cast<double>(rng_() >> 11) * 0x1.0p-53;
+  const double u = next_uniform();
   double cum = 0.0;
   int32_t last_kept = -1;
   for (size_t i = 0; i < probs.size(); ++i) {

@@ -28,6 +28,11 @@ class Sampler {
 
   int32_t sample(std::span<const float> logits);
 
+  const SamplingParams& params() const { return params_; }
+  // The uniform draw sample() makes when temperature > 0 (the top 53 bits of one mt19937_64
+  // output): a runner that samples on the device draws it here, so a seed reproduces the host.
+  double next_uniform() { return static_cast<double>(rng_() >> 11) * 0x1.0p-53; }
+
   // The distribution sample() draws from (after temperature, top-k and top-p); zero outside
   // the kept set. Exposed for tests. Only meaningful when temperature > 0.
   std::vector<double> distribution(std::span<const float> logits) const;

@@ -1,6 +1,9 @@
 #include "engine/scheduler.h"
 
 #include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
 #include <string>
 
 #include "core/check.h"
@@ -29,16 +32,116 @@ bool decoding(const EngineRequest& r) {
   return r.fed >= r.prompt_length && (remaining == 1 || continual(r));
 }
 
+using ProfClock = std::chrono::steady_clock;
+double ms_between(ProfClock::time_point a, ProfClock::time_point b) {
+  return std::chrono::duration<double, std::milli>(b - a).count();
+}
+
+// Upper edges (ms) of the step-time histogram's buckets; the last bucket is open.
+constexpr double kBucketEdges[StepProfiler::kBuckets - 1] = {5, 10, 15, 20, 30, 50, 75, 100, 200};
+
 }  // namespace
+
+bool StepProfiler::enabled_by_env() {
+  const char* v = std::getenv("ADAKV_PROFILE");
+  return v != nullptr && v[0] != '\0' && std::string(v) != "0";
+}
+
+void StepProfiler::add(Kind kind, int64_t items, int64_t tokens, double sched_ms, double runner_ms,
+                       double sample_ms, double post_ms, const StepTimings& t) {
+  Acc& a = acc_[kind];
+  ++a.steps;
+  a.items += items;
+  a.tokens += tokens;
+  a.sched += sched_ms;
+  a.runner += runner_ms;
+  a.sample += sample_ms;
+  a.post += post_ms;
+  const double wall = sched_ms + runner_ms + post_ms;
+  a.wall += wall;
+  a.t.prep_ms += t.prep_ms;
+  a.t.mirror_ms += t.mirror_ms;
+  a.t.plan_ms += t.plan_ms;
+  a.t.enqueue_ms += t.enqueue_ms;
+  a.t.wait_ms += t.wait_ms;
+  a.t.results_ms += t.results_ms;
+  a.t.compress_ms += t.compress_ms;
+  a.t.device_ms += t.device_ms;
+  a.t.download_ms += t.download_ms;
+  a.t.logit_bytes += t.logit_bytes;
+  int bucket = 0;
+  while (bucket < kBuckets - 1 && wall > kBucketEdges[bucket]) ++bucket;
+  ++a.hist[bucket];
+}
+
+bool StepProfiler::empty() const {
+  for (const Acc& a : acc_)
+    if (a.steps > 0) return false;
+  return true;
+}
+
+std::string StepProfiler::report() const {
+  static const char* kNames[kKinds] = {"decode-only", "mixed", "prefill-only"};
+  std::string out = "== step profile (ADAKV_PROFILE): ms per step, mean over the steps of each kind\n";
+  char line[512];
+  std::snprintf(line, sizeof line,
+                "%-12s %6s %6s %7s | %7s %7s | %6s %6s %6s %6s %7s %6s %6s | %7s %7s | %6s %6s %8s\n", "kind",
+                "steps", "items", "tokens", "wall", "total_s", "sched", "prep", "mirror", "plan", "enqueue", "wait",
+                "result", "device", "d2h", "compr", "sample", "post", "logit_MB");
+  out += line;
+  for (int k = 0; k < kKinds; ++k) {
+    const Acc& a = acc_[k];
+    if (a.steps == 0) continue;
+    const double n = static_cast<double>(a.steps);
+    std::snprintf(line, sizeof line,
+                  "%-12s %6lld %6.1f %7.1f | %7.2f %7.2f | %6.2f %6.2f %6.2f %6.2f %7.2f %6.2f %6.2f | %7.2f %7.2f | "
+                  "%6.2f %6.2f %8.2f\n",
+                  kNames[k], static_cast<long long>(a.steps), a.items / n, a.tokens / n, a.wall / n, a.wall / 1e3,
+                  a.sched / n, a.t.prep_ms / n, a.t.mirror_ms / n, a.t.plan_ms / n, a.t.enqueue_ms / n,
+                  a.t.wait_ms / n, a.t.results_ms / n, a.t.device_ms / n, a.t.download_ms / n, a.t.compress_ms / n,
+                  a.sample / n, (a.post - a.sample) / n, static_cast<double>(a.t.logit_bytes) / n / 1e6);
+    out += line;
+  }
+  out += "step wall histogram (ms):";
+  for (int b = 0; b < kBuckets; ++b) {
+    std::snprintf(line, sizeof line, b < kBuckets - 1 ? " <=%g" : " >%g", kBucketEdges[b < kBuckets - 1 ? b : b - 1]);
+    out += line;
+  }
+  out += "\n";
+  for (int k = 0; k < kKinds; ++k) {
+    const Acc& a = acc_[k];
+    if (a.steps == 0) continue;
+    std::snprintf(line, sizeof line, "  %-12s", kNames[k]);
+    out += line;
+    for (int b = 0; b < kBuckets; ++b) {
+      std::snprintf(line, sizeof line, " %lld", static_cast<long long>(a.hist[b]));
+      out += line;
+    }
+    out += "\n";
+  }
+  out +=
+      "(sched: scheduler host time before the runner; prep..result: the runner's host time (wait: blocked on the "
+      "device); device: forward + device sampling (events); d2h: copies back after it; compr: host side of "
+      "compression; sample: host Sampler; post: events and bookkeeping)\n";
+  return out;
+}
 
 Scheduler::Scheduler(ModelRunner& runner, const SchedulerOptions& options) : runner_(runner), options_(options) {
   ADAKV_CHECK(options.max_running >= 1 && options.prefill_chunk >= 1 &&
                   options.max_step_tokens >= options.max_running + options.prefill_chunk,
               "scheduler options must be validated (engine_impl.cc)");
   counters_.kv_pages_total = runner.kv().num_pages();
+  profile_ = StepProfiler::enabled_by_env();
 }
 
-Scheduler::~Scheduler() { cancel_all(); }
+Scheduler::~Scheduler() {
+  cancel_all();
+  if (profile_ && !profiler_.empty()) {
+    const std::string r = profiler_.report();
+    std::fprintf(stderr, "%s", r.c_str());
+    std::fflush(stderr);
+  }
+}
 
 void Scheduler::add(std::unique_ptr<EngineRequest> request) {
   ADAKV_CHECK(request->prompt_length > 0 && static_cast<int64_t>(request->tokens.size()) == request->prompt_length,
@@ -215,6 +318,7 @@ bool Scheduler::admit_one(int64_t pages_committed, int64_t* budget, std::vector<
 
 void Scheduler::step() {
   if (idle()) return;
+  const ProfClock::time_point t_begin = ProfClock::now();
   ++counters_.steps;
   const KvCacheManager& kv = runner_.kv();
 
@@ -308,11 +412,38 @@ void Scheduler::step() {
     return;
   }
 
-  // 4. Run it, then sample, stop and report.
+  // 4. Run it, then sample, stop and report. A runner that samples on the device gets each
+  // request's sampling parameters and its Sampler's uniform draw (drawn here, for the items that
+  // run, exactly as Sampler::sample would), and returns only the token.
+  const bool device_sampling = runner_.samples_on_device();
   std::vector<StepItem> items;
   items.reserve(plan.size());
-  for (const Planned& p : plan) items.push_back(p.item);
+  sampling_.clear();
+  sampling_.reserve(plan.size());  // no reallocation: items point into it
+  int64_t n_tokens = 0;
+  bool any_decode = false, any_chunk = false;
+  for (const Planned& p : plan) {
+    StepItem it = p.item;
+    if (device_sampling && it.need_logits) {
+      const SamplingParams& sp = p.request->sampler.params();
+      ItemSampling s;
+      s.temperature = sp.temperature;
+      s.top_k = sp.top_k;
+      s.top_p = sp.top_p;
+      s.u = sp.temperature > 0.0f ? p.request->sampler.next_uniform() : 0.0;
+      sampling_.push_back(s);
+      it.sampling = &sampling_.back();
+    }
+    n_tokens += static_cast<int64_t>(it.tokens.size());
+    (it.phase == StepPhase::kDecode ? any_decode : any_chunk) = true;
+    items.push_back(it);
+  }
+  const ProfClock::time_point t_run = ProfClock::now();
+  result_.sampled.clear();
+  result_.timings = StepTimings{};
   runner_.step(items, &result_);
+  const ProfClock::time_point t_ran = ProfClock::now();
+  double sample_ms = 0.0;
   const int64_t vocab = runner_.config().vocab_size;
   for (size_t i = 0; i < plan.size(); ++i) {
     EngineRequest& r = *plan[i].request;
@@ -328,10 +459,17 @@ void Scheduler::step() {
       counters_.kv_entries_kept_total += s.entries;
       counters_.kv_entries_evicted_total += s.full_entries - s.entries;
     }
-    if (result_.logits_row[i] < 0) continue;
-    const std::span<const float> logits(result_.logits.data() + static_cast<int64_t>(result_.logits_row[i]) * vocab,
-                                        static_cast<size_t>(vocab));
-    const int32_t token = r.sampler.sample(logits);
+    int32_t token = -1;
+    if (i < result_.sampled.size() && result_.sampled[i] >= 0) {
+      token = result_.sampled[i];
+    } else {
+      if (result_.logits_row[i] < 0) continue;
+      const ProfClock::time_point t_s = profile_ ? ProfClock::now() : ProfClock::time_point{};
+      const std::span<const float> logits(result_.logits.data() + static_cast<int64_t>(result_.logits_row[i]) * vocab,
+                                          static_cast<size_t>(vocab));
+      token = r.sampler.sample(logits);
+      if (profile_) sample_ms += ms_between(t_s, ProfClock::now());
+    }
     if (std::find(r.stop_ids.begin(), r.stop_ids.end(), token) != r.stop_ids.end()) {
       if (r.generated == 0) r.first_token_seconds = seconds_since(r.submitted);
       finish(r, FinishReason::kStop, Status::ok(), -1);
@@ -350,6 +488,13 @@ void Scheduler::step() {
   counters_.requests_running = static_cast<int64_t>(running_.size());
   counters_.requests_waiting = static_cast<int64_t>(waiting_.size());
   counters_.kv_pages_used = kv.used_pages();
+  if (profile_) {
+    const StepProfiler::Kind kind = !any_chunk ? StepProfiler::kDecodeOnly
+                                    : any_decode ? StepProfiler::kMixed
+                                                 : StepProfiler::kPrefillOnly;
+    profiler_.add(kind, static_cast<int64_t>(items.size()), n_tokens, ms_between(t_begin, t_run),
+                  ms_between(t_run, t_ran), sample_ms, ms_between(t_ran, ProfClock::now()), result_.timings);
+  }
 }
 
 }  // namespace adakv

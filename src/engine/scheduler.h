@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <deque>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "adakv/engine.h"
@@ -48,6 +49,29 @@ struct SchedulerCounters {
 
 // Pages the full cache of a fresh sequence of `tokens` tokens needs in every row.
 int64_t kv_pages_for_tokens(const KvLayout& layout, int64_t tokens);
+
+// Per-step profile (ADAKV_PROFILE=1; printed to stderr when the scheduler is destroyed, i.e. at
+// the end of `adakv bench serve`): host time in the scheduler, the runner's breakdown
+// (StepTimings), sampling and events, per kind of step, and a step-time histogram.
+class StepProfiler {
+ public:
+  enum Kind { kDecodeOnly = 0, kMixed, kPrefillOnly, kKinds };
+  static constexpr int kBuckets = 10;
+  static bool enabled_by_env();
+  void add(Kind kind, int64_t items, int64_t tokens, double sched_ms, double runner_ms, double sample_ms,
+           double post_ms, const StepTimings& t);
+  std::string report() const;
+  bool empty() const;
+
+ private:
+  struct Acc {
+    int64_t steps = 0, items = 0, tokens = 0;
+    double sched = 0, runner = 0, sample = 0, post = 0, wall = 0;
+    StepTimings t;
+    int64_t hist[kBuckets] = {};
+  };
+  Acc acc_[kKinds];
+};
 
 class Scheduler {
  public:
@@ -92,6 +116,9 @@ class Scheduler {
   SchedulerCounters counters_;
   StepResult result_;
   std::vector<int32_t> step_tokens_;  // scratch
+  std::vector<ItemSampling> sampling_;  // scratch: one per item sampled by the runner
+  bool profile_ = false;
+  StepProfiler profiler_;
 };
 
 }  // namespace adakv

@@ -5,6 +5,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <numeric>
@@ -86,8 +87,9 @@ struct CudaModel::Impl {
   int64_t max_context = 0;
   int32_t max_logit_rows = 0;
   cudaStream_t stream = nullptr;
-  cudaEvent_t ev_start = nullptr, ev_end = nullptr;
+  cudaEvent_t ev_start = nullptr, ev_end = nullptr, ev_copied = nullptr;
   float last_ms = 0.f;
+  CudaModel::StepTiming timing;
   std::vector<void*> device_allocs;
   std::vector<void*> host_allocs;
   int64_t weight_bytes = 0, pool_bytes = 0, workspace_bytes = 0;
@@ -177,6 +179,7 @@ struct CudaModel::Impl {
     for (void* p : host_allocs) cudaFreeHost(p);
     if (ev_start) cudaEventDestroy(ev_start);
     if (ev_end) cudaEventDestroy(ev_end);
+    if (ev_copied) cudaEventDestroy(ev_copied);
     if (stream) cudaStreamDestroy(stream);
   }
 
@@ -579,6 +582,7 @@ Expected<std::unique_ptr<CudaModel::Impl>> make_impl(const ModelConfig& cfg, con
   ADAKV_CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&impl->stream, cudaStreamNonBlocking));
   ADAKV_CUDA_RETURN_IF_ERROR(cudaEventCreate(&impl->ev_start));
   ADAKV_CUDA_RETURN_IF_ERROR(cudaEventCreate(&impl->ev_end));
+  ADAKV_CUDA_RETURN_IF_ERROR(cudaEventCreate(&impl->ev_copied));
   return impl;
 }
 
@@ -628,6 +632,14 @@ std::string CudaModel::memory_summary() const {
 }
 const std::vector<CompressionAuditLayer>& CudaModel::compression_audit() const { return impl_->audit; }
 float CudaModel::last_step_ms() const { return impl_->last_ms; }
+const CudaModel::StepTiming& CudaModel::last_step_timing() const { return impl_->timing; }
+
+namespace {
+using HostClock = std::chrono::steady_clock;
+double host_ms(HostClock::time_point a, HostClock::time_point b) {
+  return std::chrono::duration<double, std::milli>(b - a).count();
+}
+}  // namespace
 
 Status CudaModel::read_row(const KvCacheManager& m, SeqId seq, int32_t layer, int32_t kv_head, std::vector<float>* metric,
                            std::vector<int32_t>* positions) const {
@@ -896,6 +908,8 @@ Status CudaModel::step(std::span<const SeqStep> steps, KvCacheManager& mgr, bool
   if (B == 0) return invalid_argument("cuda step: no sequences");
   if (B > I.opt.max_seqs) return invalid_argument("cuda step: more sequences than max_seqs");
   cudaStream_t st = I.stream;
+  const HostClock::time_point t_begin = HostClock::now();
+  I.timing = StepTiming{};
 
   // --- checks and order: one-token steps first (one decode launch covers them) -------------------
   std::vector<int32_t> order(static_cast<size_t>(B));
@@ -993,9 +1007,11 @@ Status CudaModel::step(std::span<const SeqStep> steps, KvCacheManager& mgr, bool
     const int32_t rows_b = s.all_logits ? n : 1;
     for (int32_t i = 0; i < rows_b; ++i) mh[f_sel + r++] = tok0[static_cast<size_t>(b)] + n - rows_b + i;
   }
+  const HostClock::time_point t_meta = HostClock::now();
   int64_t n_updates = 0;
   for (int32_t b = 0; b < B; ++b)
     ADAKV_RETURN_IF_ERROR(I.mirror_rows(steps[static_cast<size_t>(order[static_cast<size_t>(b)])].seq, mgr, &n_updates));
+  const HostClock::time_point t_mirror = HostClock::now();
 
   ADAKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(I.ev_start, st));
   ADAKV_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(I.meta_dev, I.meta_host, static_cast<size_t>(off) * 4, cudaMemcpyHostToDevice, st));
@@ -1023,6 +1039,7 @@ Status CudaModel::step(std::span<const SeqStep> steps, KvCacheManager& mgr, bool
     v.num_tokens = count;
     return v;
   };
+  const HostClock::time_point t_plan0 = HostClock::now();
   if (I.fast_decode && n_dec > 0) {
     std::vector<int32_t> lens(static_cast<size_t>(n_dec) * Hkv);
     for (int32_t l = 0; l < L; ++l) {
@@ -1030,6 +1047,7 @@ Status CudaModel::step(std::span<const SeqStep> steps, KvCacheManager& mgr, bool
       ADAKV_RETURN_IF_ERROR(I.decode[static_cast<size_t>(l)]->plan(lens, st));
     }
   }
+  const HostClock::time_point t_plan1 = HostClock::now();
 
   // --- compression bookkeeping ------------------------------------------------------------------------
   // Which sequences compress after this step (internal order): window policies during the
@@ -1341,8 +1359,21 @@ Status CudaModel::step(std::span<const SeqStep> steps, KvCacheManager& mgr, bool
       ADAKV_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(I.keep_host, I.keep_dev, sizeof(int32_t) * keep_used,
                                                  cudaMemcpyDeviceToHost, st));
   }
+  ADAKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(I.ev_copied, st));
+  const HostClock::time_point t_enqueued = HostClock::now();
   ADAKV_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(st));
+  const HostClock::time_point t_synced = HostClock::now();
   ADAKV_CUDA_RETURN_IF_ERROR(cudaEventElapsedTime(&I.last_ms, I.ev_start, I.ev_end));
+  float copy_ms = 0.f;
+  ADAKV_CUDA_RETURN_IF_ERROR(cudaEventElapsedTime(&copy_ms, I.ev_end, I.ev_copied));
+  I.timing.prep_ms = host_ms(t_begin, t_meta);
+  I.timing.mirror_ms = host_ms(t_meta, t_mirror);
+  I.timing.plan_ms = host_ms(t_plan0, t_plan1);
+  I.timing.enqueue_ms = host_ms(t_mirror, t_enqueued) - I.timing.plan_ms;
+  I.timing.wait_ms = host_ms(t_enqueued, t_synced);
+  I.timing.device_ms = I.last_ms;
+  I.timing.download_ms = copy_ms;
+  I.timing.logit_bytes = want_logits ? int64_t{R} * c.vocab_size * static_cast<int64_t>(sizeof(float)) : 0;
 
   if (result != nullptr) {
     result->sampled.assign(static_cast<size_t>(B), -1);
@@ -1365,6 +1396,8 @@ Status CudaModel::step(std::span<const SeqStep> steps, KvCacheManager& mgr, bool
     }
   }
 
+  const HostClock::time_point t_results = HostClock::now();
+  I.timing.results_ms = host_ms(t_synced, t_results);
   // --- the host side of compression: the manager learns the device's keep lists -----------------------------
   for (int32_t b = 0; b < B; ++b) {
     const int32_t slot = comp_slot[static_cast<size_t>(b)];
@@ -1400,6 +1433,7 @@ Status CudaModel::step(std::span<const SeqStep> steps, KvCacheManager& mgr, bool
     if (kvc_after[static_cast<size_t>(b)])  // KvCompressor::after_prefill: cross-layer eviction
       ADAKV_RETURN_IF_ERROR(I.compress_kvcompress(seq, *comp_cfg[static_cast<size_t>(b)], mgr));
   }
+  I.timing.compress_ms = host_ms(t_results, HostClock::now());
   return Status::ok();
 }
 

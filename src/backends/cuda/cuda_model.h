@@ -150,6 +150,21 @@ class CudaModel {
                   std::vector<int32_t>* positions) const;
   // Device time of the last step's forward (CUDA events), milliseconds.
   float last_step_ms() const;
+  // Where the last step's time went (host clock, ms; device_ms and download_ms from CUDA events):
+  // cheap, always measured; the engine's ADAKV_PROFILE reports it.
+  struct StepTiming {
+    double prep_ms = 0;      // checks, reserve / commit, metadata
+    double mirror_ms = 0;    // page-table mirror (host side)
+    double plan_ms = 0;      // decode-attention plans
+    double enqueue_ms = 0;   // the forward's launches (and compression bookkeeping)
+    double wait_ms = 0;      // cudaStreamSynchronize
+    double results_ms = 0;   // logits / sampled ids into the StepResult
+    double compress_ms = 0;  // host side of compression after the forward
+    double device_ms = 0;    // forward + device sampling
+    double download_ms = 0;  // device->host copies after the forward (logits, keep lists)
+    int64_t logit_bytes = 0;
+  };
+  const StepTiming& last_step_timing() const;
 
   struct Impl;
 

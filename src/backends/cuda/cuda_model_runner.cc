@@ -1,9 +1,14 @@
 // CudaModelRunner (cuda_model_runner.h): the scheduler's items -> one cuda::SeqStep each ->
-// one CudaModel::step; logits of the items that want them copied back (the scheduler samples on
-// the host with each request's own Sampler).
+// one CudaModel::step. Items that come with sampling parameters (StepItem::sampling: every
+// request today) choose their next token on the device (sampling.h: argmax, or temperature /
+// top-k / top-p with the request Sampler's own uniform draw) and only the token ids come back;
+// the others get their fp32 logits row copied back for the scheduler's host Sampler.
 #include "backends/cuda/cuda_model_runner.h"
 
 #include <algorithm>
+#include <chrono>
+#include <cstdlib>
+#include <string>
 #include <vector>
 
 #include "backends/cuda/cuda_model.h"
@@ -23,7 +28,12 @@ class CudaModelRunner final : public ModelRunner {
         max_seqs_(max_seqs),
         manager_(model_->kv_layout(), model_->num_pages()),
         configs_(static_cast<size_t>(max_seqs)),
-        decode_steps_(static_cast<size_t>(max_seqs), 0) {}
+        decode_steps_(static_cast<size_t>(max_seqs), 0) {
+    // ADAKV_HOST_SAMPLING=1: every logits row back to the host and the scheduler's Sampler (the
+    // old path: for comparisons and profiles).
+    const char* host = std::getenv("ADAKV_HOST_SAMPLING");
+    device_sampling_ = host == nullptr || host[0] == '\0' || std::string(host) == "0";
+  }
 
   const ModelConfig& config() const override { return model_->config(); }
   const std::string& model_dir() const override { return model_dir_; }
@@ -63,18 +73,26 @@ class CudaModelRunner final : public ModelRunner {
     decode_steps_[static_cast<size_t>(seq)] = 0;
   }
 
+  bool samples_on_device() const override { return device_sampling_; }
+
   void step(std::span<const StepItem> items, StepResult* out) override {
+    const auto t_begin = std::chrono::steady_clock::now();
     const int64_t vocab = model_->config().vocab_size;
     out->status.assign(items.size(), Status::ok());
     out->logits_row.assign(items.size(), -1);
+    out->sampled.assign(items.size(), -1);
+    // Items sampled on the device return their token only; the others (a request that needs the
+    // whole distribution, or ADAKV_HOST_SAMPLING=1) their fp32 logits row.
     int32_t rows = 0;
     for (size_t i = 0; i < items.size(); ++i)
-      if (items[i].need_logits) out->logits_row[i] = rows++;
+      if (items[i].need_logits && !device_sampled(items[i])) out->logits_row[i] = rows++;
     out->logits.resize(static_cast<size_t>(rows) * static_cast<size_t>(vocab));
 
     // Items the device step would refuse fail alone; the others run together.
     steps_.clear();
     index_.clear();
+    sampling_.clear();
+    sampling_.reserve(items.size());  // steps_ point into it
     bool want_logits = false;
     for (size_t i = 0; i < items.size(); ++i) {
       const StepItem& it = items[i];
@@ -88,23 +106,53 @@ class CudaModelRunner final : public ModelRunner {
       st.tokens = it.tokens;
       st.compress = it.phase == StepPhase::kPrefillLast;
       st.prefill_part = it.phase == StepPhase::kPrefillPart;
+      if (device_sampled(it)) {
+        cuda::StepSampling ds;
+        ds.temperature = it.sampling->temperature;
+        ds.top_k = it.sampling->top_k;
+        ds.top_p = it.sampling->top_p;
+        ds.u = it.sampling->u;
+        sampling_.push_back(ds);
+        st.sampling = &sampling_.back();
+      } else {
+        want_logits = want_logits || it.need_logits;
+      }
       steps_.push_back(st);
       index_.push_back(i);
-      want_logits = want_logits || it.need_logits;
     }
     if (steps_.empty()) return;
     const Status s = model_->step(steps_, manager_, want_logits, &result_);
+    const cuda::CudaModel::StepTiming& mt = model_->last_step_timing();
+    out->timings.prep_ms = mt.prep_ms;
+    out->timings.mirror_ms = mt.mirror_ms;
+    out->timings.plan_ms = mt.plan_ms;
+    out->timings.enqueue_ms = mt.enqueue_ms;
+    out->timings.wait_ms = mt.wait_ms;
+    out->timings.results_ms = mt.results_ms;
+    out->timings.compress_ms = mt.compress_ms;
+    out->timings.device_ms = mt.device_ms;
+    out->timings.download_ms = mt.download_ms;
+    out->timings.logit_bytes = mt.logit_bytes;
     if (!s.is_ok()) {
       for (size_t i : index_) out->status[i] = s;
       return;
     }
+    const auto t_copy = std::chrono::steady_clock::now();
+    // result_.logits holds one row per step in steps_ order when want_logits (all_logits is off).
     for (size_t k = 0; k < index_.size(); ++k) {
       const size_t i = index_[k];
       const StepItem& it = items[i];
-      if (it.need_logits) {
+      if (steps_[k].sampling != nullptr) {
+        out->sampled[i] = result_.sampled[k];
+      } else if (it.need_logits) {
         std::copy_n(result_.logits.begin() + static_cast<int64_t>(k) * vocab, vocab,
                     out->logits.begin() + static_cast<int64_t>(out->logits_row[i]) * vocab);
       }
+    }
+    const auto t_compress = std::chrono::steady_clock::now();
+    for (size_t k = 0; k < index_.size(); ++k) {
+      const size_t i = index_[k];
+      const StepItem& it = items[i];
       // Continual policies (streamingllm, h2o, kvcompress) compress every `interval` decode steps.
       const CompressConfig& c = configs_[static_cast<size_t>(it.seq)];
       if (it.phase == StepPhase::kDecode && policy_is_continual(c.policy) &&
@@ -113,6 +161,14 @@ class CudaModelRunner final : public ModelRunner {
         if (!cs.is_ok()) out->status[i] = cs;
       }
     }
+    const auto t_end = std::chrono::steady_clock::now();
+    using ms = std::chrono::duration<double, std::milli>;
+    out->timings.results_ms += ms(t_compress - t_copy).count();
+    out->timings.compress_ms += ms(t_end - t_compress).count();
+    // What step() spent outside the model's step (checks, the loop above) counts as preparation.
+    out->timings.prep_ms += ms(t_end - t_begin).count() - ms(t_end - t_copy).count() -
+                            (mt.prep_ms + mt.mirror_ms + mt.plan_ms + mt.enqueue_ms + mt.wait_ms + mt.results_ms +
+                             mt.compress_ms);
   }
 
   int64_t compress_now(SeqId seq) override {
@@ -124,6 +180,8 @@ class CudaModelRunner final : public ModelRunner {
   }
 
  private:
+  bool device_sampled(const StepItem& it) const { return device_sampling_ && it.need_logits && it.sampling != nullptr; }
+
   Status check_item(const StepItem& it) const {
     if (it.seq < 0 || it.seq >= max_seqs_ || !manager_.has_sequence(it.seq))
       return invalid_argument("cuda runner: unknown sequence " + std::to_string(it.seq));
@@ -155,6 +213,8 @@ class CudaModelRunner final : public ModelRunner {
   std::vector<int64_t> decode_steps_;     // [max_seqs] decode steps since the prompt (continual)
   std::vector<cuda::SeqStep> steps_;      // scratch: the device step
   std::vector<size_t> index_;             // [steps] item of each device step
+  std::vector<cuda::StepSampling> sampling_;  // scratch: device sampling of the step's items
+  bool device_sampling_ = true;
   cuda::StepResult result_;
 };
 

@@ -26,7 +26,7 @@ namespace {
 
 struct BenchServeArgs {
   std::string model_dir;
-  std::string device = "cpu";
+  std::string device = "auto";
   std::string random_weights;
   double gpu_memory_fraction = 0.9;
   int64_t requests = 32;

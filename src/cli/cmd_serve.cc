@@ -34,7 +34,7 @@ struct ServeArgs {
   std::string api_key;
   std::string served_model_name;
   KvFlags kv;
-  std::string device = "cpu";
+  std::string device = "auto";
   double gpu_memory_fraction = 0.9;
   std::string random_weights;
   uint64_t kv_memory = 0;

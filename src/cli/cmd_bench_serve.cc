@@ -34,7 +34,7 @@ struct BenchServeArgs {
   int64_t output_tokens = 128;
   std::string prompts = "haystack";
   std::string haystack = "data/haystack/validation.txt";
-  std::string kv_memory = "0";
+  uint64_t kv_memory = 0;  // bytes
   int64_t kv_pages = 0;
   int64_t page_size = 16;
   int64_t max_running = 64;
@@ -44,26 +44,6 @@ struct BenchServeArgs {
   uint64_t seed = 1;
   KvFlags kv;
 };
-
-// "123", "64K", "512M", "2G" (binary units) -> bytes.
-int64_t parse_bytes(const std::string& s) {
-  if (s.empty()) fail(invalid_argument("--kv-memory: empty value"));
-  size_t used = 0;
-  double v = 0.0;
-  try {
-    v = std::stod(s, &used);
-  } catch (...) {
-    fail(invalid_argument("--kv-memory '" + s + "' is not a size (e.g. 256M, 2G)"));
-  }
-  std::string unit = s.substr(used);
-  double mult = 1.0;
-  if (unit == "K" || unit == "KiB" || unit == "k") mult = 1024.0;
-  else if (unit == "M" || unit == "MiB") mult = 1024.0 * 1024.0;
-  else if (unit == "G" || unit == "GiB") mult = 1024.0 * 1024.0 * 1024.0;
-  else if (!unit.empty() && unit != "B") fail(invalid_argument("--kv-memory '" + s + "': unknown unit '" + unit + "' (K, M, G)"));
-  if (!(v >= 0.0)) fail(invalid_argument("--kv-memory '" + s + "' must be >= 0"));
-  return static_cast<int64_t>(v * mult);
-}
 
 double percentile(std::vector<double> v, double p) {
   if (v.empty()) return 0.0;
@@ -122,7 +102,7 @@ void run_bench_serve(const BenchServeArgs& a) {
   o.random_weights = a.random_weights;
   o.page_size = static_cast<int32_t>(a.page_size);
   o.kv_pages = a.kv_pages;
-  o.kv_memory_bytes = parse_bytes(a.kv_memory);
+  o.kv_memory_bytes = static_cast<int64_t>(a.kv_memory);
   o.max_running = static_cast<int32_t>(a.max_running);
   o.prefill_chunk = static_cast<int32_t>(a.prefill_chunk);
   o.max_step_tokens = static_cast<int32_t>(a.max_step_tokens > 0 ? a.max_step_tokens : a.max_running + a.prefill_chunk);
@@ -251,7 +231,9 @@ void register_bench(CLI::App& app) {
   cmd->add_option("--output-tokens", a->output_tokens, "Tokens generated per request")->capture_default_str();
   cmd->add_option("--prompts", a->prompts, "haystack (stretches of --haystack) | random (token ids)")->capture_default_str();
   cmd->add_option("--haystack", a->haystack, "Text the prompts are cut from")->capture_default_str();
-  cmd->add_option("--kv-memory", a->kv_memory, "K/V bytes of the pool (e.g. 64M, 1G); 0: 1 GiB")->capture_default_str();
+  // The same size syntax as `adakv serve` (CLI11: 64MB, 1GB, 1G, ...; binary units).
+  cmd->add_option("--kv-memory", a->kv_memory, "K/V bytes of the pool, e.g. 64MB, 4GB; 0: 1 GiB")
+      ->transform(CLI::AsSizeValue(false));
   cmd->add_option("--kv-pages", a->kv_pages, "Pool size in pages (overrides --kv-memory)")->capture_default_str();
   cmd->add_option("--page-size", a->page_size, "Tokens per page")->capture_default_str();
   cmd->add_option("--max-running", a->max_running, "Sequences decoding at once")->capture_default_str();

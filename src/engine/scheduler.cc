@@ -85,7 +85,7 @@ std::string StepProfiler::report() const {
   std::string out = "== step profile (ADAKV_PROFILE): ms per step, mean over the steps of each kind\n";
   char line[512];
   std::snprintf(line, sizeof line,
-                "%-12s %6s %6s %7s | %7s %7s | %6s %6s %6s %6s %7s %6s %6s | %7s %7s | %6s %6s %8s\n", "kind",
+                "%-12s %6s %6s %7s | %7s %7s | %6s %6s %6s %6s %7s %6s %6s | %7s %7s | %6s %6s %6s %8s\n", "kind",
                 "steps", "items", "tokens", "wall", "total_s", "sched", "prep", "mirror", "plan", "enqueue", "wait",
                 "result", "device", "d2h", "compr", "sample", "post", "logit_MB");
   out += line;
@@ -95,7 +95,7 @@ std::string StepProfiler::report() const {
     const double n = static_cast<double>(a.steps);
     std::snprintf(line, sizeof line,
                   "%-12s %6lld %6.1f %7.1f | %7.2f %7.2f | %6.2f %6.2f %6.2f %6.2f %7.2f %6.2f %6.2f | %7.2f %7.2f | "
-                  "%6.2f %6.2f %8.2f\n",
+                  "%6.2f %6.2f %6.2f %8.2f\n",
                   kNames[k], static_cast<long long>(a.steps), a.items / n, a.tokens / n, a.wall / n, a.wall / 1e3,
                   a.sched / n, a.t.prep_ms / n, a.t.mirror_ms / n, a.t.plan_ms / n, a.t.enqueue_ms / n,
                   a.t.wait_ms / n, a.t.results_ms / n, a.t.device_ms / n, a.t.download_ms / n, a.t.compress_ms / n,

@@ -247,6 +247,17 @@ void run_tasks(const TaskArgs& args) {
     }
     items = std::move(mine);
   }
+  // A synthetic prompt that cannot fit the context with its answer would fail mid-sweep, after
+  // hours of other samples: refuse the sweep before the first run instead.
+  for (const EvalItem& item : items) {
+    const eval::Sample& s = item.sample;
+    if (s.prompt_tokens > 0 && s.prompt_tokens + s.max_new_tokens > model->context_length()) {
+      fail(out_of_range("sample " + s.id + ": prompt of " + std::to_string(s.prompt_tokens) + " tokens + " +
+                        std::to_string(s.max_new_tokens) + " new tokens exceeds the model's context of " +
+                        std::to_string(model->context_length()) + " (ask for --lengths of at most " +
+                        std::to_string(model->context_length() - s.max_new_tokens) + ")"));
+    }
+  }
   const int64_t total = static_cast<int64_t>(items.size() * configs.size() * protocols.size());
   // Rows reach PREFIX.csv as each sample finishes, so a sweep that is stopped keeps what it did.
   std::ofstream csv;

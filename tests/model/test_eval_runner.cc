@@ -204,6 +204,20 @@ TEST(EvalRunnerCli, BadPolicyAndBudgetAreOneLineErrors) {
   EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
 }
 
+TEST(EvalRunnerCli, PromptOverTheContextIsRefusedBeforeTheSweep) {
+  if (!cli_has_task_kinds()) GTEST_SKIP() << "adakv eval does not register needle/ruler/longbench/kvpress yet";
+  // adakv-tiny-v1's context is 8192: an 8192-token needle leaves no room for its answer. The
+  // 256-token length first in the list would otherwise run (and write rows) before the failure.
+  const fs::path prefix = fs::temp_directory_path() / ("adakv_needle_long_" + std::to_string(::getpid()));
+  const RunResult r = run_adakv("eval needle --model '" + kModelDir + "' --haystack '" + kHaystack +
+                                "' --policies full --lengths 256,8192 --depths 0.5 --out '" + prefix.string() + "'");
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_NE(r.err.find("exceeds the model's context of 8192"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("at most 8160"), std::string::npos) << r.err;
+  EXPECT_EQ(r.err.find("runs"), std::string::npos) << "no run may start: " << r.err;
+  EXPECT_FALSE(fs::exists(prefix.string() + ".csv"));
+}
+
 TEST(EvalRunnerCli, NeedleSweepWritesCsvAndJson) {
   if (!cli_has_task_kinds()) GTEST_SKIP() << "adakv eval does not register needle/ruler/longbench/kvpress yet";
   const fs::path prefix = fs::temp_directory_path() / ("adakv_needle_" + std::to_string(::getpid()));

@@ -714,39 +714,107 @@ CheckResult check_compaction() {
 
 // --- H2O prompt accumulation, decode accumulation, KV-Compress block selection ---------------------
 
+// The whole prompt at once, and the same prompt in chunks (each chunk's queries against every key
+// before them, w = the chunk, summed over the chunks on the host as the model's metric does), both
+// against accumulated_probs over every query; each once with the scorer's own statistics pass and
+// once with the queries' log-sum-exp given (fp64 on the host here; prefill attention's in the
+// model). Shapes cover g = 1, 2, 4, 7 (rows of one query cut across chunks of 63 rows), mean and
+// max, and lengths long enough for several query segments.
 CheckResult check_h2o_scores() {
   std::mt19937_64 rng(test_seed() ^ 0x420ull);
   constexpr double kTol = 3e-5;
-  double worst = 0;
-  int shapes = 0;
+  double worst = 0, worst_chunked = 0, worst_lse = 0;
+  int shapes = 0, lse_shapes = 0;
   struct Shape {
     int32_t L, H, hkv, d;
     GqaReduce gqa;
   };
   for (const Shape& sh : {Shape{40, 8, 2, 128, GqaReduce::kMean}, Shape{333, 12, 4, 64, GqaReduce::kMax},
                           Shape{700, 8, 8, 128, GqaReduce::kMean}, Shape{129, 6, 2, 64, GqaReduce::kMean},
-                          Shape{1500, 32, 8, 128, GqaReduce::kMax}}) {
+                          Shape{1500, 32, 8, 128, GqaReduce::kMax}, Shape{3000, 32, 8, 128, GqaReduce::kMean},
+                          Shape{1100, 14, 2, 64, GqaReduce::kMean}, Shape{900, 14, 2, 128, GqaReduce::kMax}}) {
     const ScoreShape ss{sh.L, sh.L, sh.H, sh.hkv, sh.d, sh.gqa, PoolKind::kMax, 1};
     const LayerData x = make_layer(ss, 0, rng);
     auto scorer = cuda::WindowScorer::create({sh.H, sh.hkv, sh.d, sh.L, 32});
     if (!scorer) return {false, scorer.status().message(), ""};
     DeviceArray<uint16_t> dq(x.q.bits), dk(x.k.bits);
-    DeviceArray<float> out(static_cast<size_t>(sh.hkv) * (sh.L + 3));
+    const int64_t stride = sh.L + 3;
+    DeviceArray<float> out(static_cast<size_t>(sh.hkv) * stride);
     const cuda::WindowScoreInputs in{as_bf16(dq), 0, as_bf16(dk), 0, sh.L, sh.L};
-    CHECK_STATUS((*scorer)->h2o(in, sh.gqa, out.ptr, sh.L + 3, nullptr));
+    CHECK_STATUS((*scorer)->h2o(in, sh.gqa, out.ptr, stride, nullptr));
     CompressConfig c;
     c.policy = KvPolicy::kH2o;
     c.gqa = sh.gqa;
     auto host = compute_layer_scores(c, 0, host_tensors(x));
     if (!host) return {false, host.status().message(), ""};
-    const double e = max_rel_error(out.download(), sh.L + 3, host->metric);
+    const double e = max_rel_error(out.download(), stride, host->metric);
     worst = std::max(worst, e);
     if (!(e <= kTol))
       return {false, "H2O L " + std::to_string(sh.L) + " H " + std::to_string(sh.H) + ": relative error " + std::to_string(e), ""};
     ++shapes;
+    // Every query's log-sum-exp over its visible keys, fp64: [H][L] (host time: the two largest
+    // shapes are left to the statistics pass).
+    const bool have_lse = double(sh.L) * sh.L * sh.H * sh.d / 2 <= 2e9;
+    lse_shapes += have_lse;
+    const int32_t g = sh.H / sh.hkv;
+    const double scale = 1.0 / std::sqrt(static_cast<double>(sh.d));
+    std::vector<float> lse(static_cast<size_t>(sh.H) * sh.L);
+    for (int32_t h = 0; h < sh.H && have_lse; ++h)
+      for (int32_t i = 0; i < sh.L; ++i) {
+        const float* q = x.q.f32.data() + (static_cast<size_t>(i) * sh.H + h) * sh.d;
+        std::vector<double> z(static_cast<size_t>(i) + 1);
+        double m = -INFINITY;
+        for (int32_t j = 0; j <= i; ++j) {
+          const float* k = x.k.f32.data() + (static_cast<size_t>(j) * sh.hkv + h / g) * sh.d;
+          double dot = 0;
+          for (int32_t t = 0; t < sh.d; ++t) dot += double(q[t]) * k[t];
+          z[size_t(j)] = dot * scale;
+          m = std::max(m, z[size_t(j)]);
+        }
+        double sum = 0;
+        for (double v : z) sum += std::exp(v - m);
+        lse[static_cast<size_t>(h) * sh.L + i] = static_cast<float>(m + std::log(sum));
+      }
+    if (have_lse) {
+      DeviceArray<float> dl(lse);
+      CHECK_STATUS((*scorer)->h2o(in, sh.gqa, out.ptr, stride, nullptr, dl.ptr));
+      const double el = max_rel_error(out.download(), stride, host->metric);
+      worst_lse = std::max(worst_lse, el);
+      if (!(el <= kTol))
+        return {false, "H2O with lse, L " + std::to_string(sh.L) + " H " + std::to_string(sh.H) + ": relative error " +
+                           std::to_string(el), ""};
+    }
+    // Chunks of 128 (the engine's), and one of 1 token at the end when L allows; with the
+    // statistics pass, then with each chunk's lse ([H][n], sliced from the whole prompt's).
+    for (const bool with_lse : {false, true}) {
+      if (with_lse && !have_lse) continue;
+      std::vector<float> sum(static_cast<size_t>(sh.hkv) * stride, 0.0f);
+      for (int32_t p0 = 0; p0 < sh.L;) {
+        const int32_t rest = sh.L - p0;
+        const int32_t n = rest > 129 ? 128 : rest > 1 ? rest - 1 : 1;
+        const int32_t len = p0 + n;
+        const cuda::WindowScoreInputs ci{as_bf16(dq) + static_cast<int64_t>(p0) * sh.H * sh.d, 0, as_bf16(dk), 0, len, n};
+        std::vector<float> chunk_lse(static_cast<size_t>(sh.H) * n);
+        for (int32_t h = 0; h < sh.H; ++h)
+          for (int32_t i = 0; i < n; ++i) chunk_lse[static_cast<size_t>(h) * n + i] = lse[static_cast<size_t>(h) * sh.L + p0 + i];
+        DeviceArray<float> dl(chunk_lse);
+        CHECK_STATUS((*scorer)->h2o(ci, sh.gqa, out.ptr, stride, nullptr, with_lse ? dl.ptr : nullptr));
+        const std::vector<float> part = out.download();
+        for (int32_t h = 0; h < sh.hkv; ++h)
+          for (int32_t j = 0; j < len; ++j) sum[static_cast<size_t>(h * stride + j)] += part[static_cast<size_t>(h * stride + j)];
+        p0 = len;
+      }
+      const double ec = max_rel_error(sum, stride, host->metric);
+      worst_chunked = std::max(worst_chunked, ec);
+      if (!(ec <= kTol))
+        return {false, std::string("H2O in chunks") + (with_lse ? " with lse" : "") + ", L " + std::to_string(sh.L) +
+                           " H " + std::to_string(sh.H) + ": relative error " + std::to_string(ec), ""};
+    }
   }
   std::ostringstream info;
-  info << shapes << " shapes (L 40 .. 1500, g 1 .. 4, mean | max); max relative error " << worst << " (limit 3e-5)";
+  info << shapes << " shapes (L 40 .. 3000, g 1 .. 7, mean | max); max relative error " << worst << "; " << lse_shapes
+       << " of them also with lse given: " << worst_lse << ", in chunks of 128 (+1) summed with and without lse "
+       << worst_chunked << " (limit 3e-5)";
   return {false, "", info.str()};
 }
 

@@ -21,8 +21,8 @@
 namespace adakv::cuda {
 
 struct CriticalInputs {
-  const __nv_bfloat16* values = nullptr;  // [>= n][Hkv][head_dim], tokens v_token_stride apart
-  int64_t v_token_stride = 0;             // elements; 0 means Hkv * head_dim
+  const __nv_bfloat16* values = nullptr;  // entry j of kv head k at values + j * v_token_stride + k * v_head_stride
+  int64_t v_token_stride = 0;             // elements; 0 means Hkv * head_dim ([n][Hkv][head_dim])
   const __nv_bfloat16* o_proj = nullptr;  // [hidden][H * head_dim]
   int32_t hidden_size = 0;
   int32_t num_heads = 0;     // H
@@ -31,6 +31,7 @@ struct CriticalInputs {
   int32_t count = 0;         // n: entries scored per kv head (the prefix, L - w)
   const float* scores = nullptr;  // [Hkv][scores_stride] pooled SnapKV scores S
   int64_t scores_stride = 0;
+  int64_t v_head_stride = 0;      // elements; 0 means head_dim (heads of a token side by side)
 };
 
 // crit: [Hkv][crit_stride]; norms: optional [Hkv][norms_stride] (nullptr: not written). Asynchronous.

@@ -61,6 +61,31 @@ __device__ __forceinline__ void load_rows_bf16(__nv_bfloat16* dst, int count, Ro
   }
 }
 
+// cp.async: 16-byte global -> shared copies that do not wait (sm_80+), committed in groups;
+// cp_async_wait<N> waits until at most N of this thread's groups are still in flight.
+__device__ __forceinline__ void cp_async_16(void* smem_dst, const void* gmem_src) {
+  const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(smem_dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(d), "l"(gmem_src) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory"); }
+
+// load_rows_bf16 without waiting: the rows < count are cp.async copies (complete after the
+// caller's commit + wait), the rows past count are zeroed directly.
+template <int D, typename RowPtr>
+__device__ __forceinline__ void load_rows_bf16_async(__nv_bfloat16* dst, int count, RowPtr row_ptr) {
+  constexpr int kChunks = D / 8;
+  for (int idx = threadIdx.x; idx < 64 * kChunks; idx += blockDim.x) {
+    const int r = idx / kChunks, c = idx - (idx / kChunks) * kChunks;
+    __nv_bfloat16* d = dst + r * MmaShape<D>::kPitch + c * 8;
+    if (r < count)
+      cp_async_16(d, row_ptr(r) + c * 8);
+    else
+      *reinterpret_cast<uint4*>(d) = make_uint4(0u, 0u, 0u, 0u);
+  }
+}
+
 // The warp's A fragments (its 16 rows, all of D) from the shared row tile.
 template <int D>
 __device__ __forceinline__ void load_a_frags(uint32_t (&a)[MmaShape<D>::kSteps][4], const __nv_bfloat16* rows,

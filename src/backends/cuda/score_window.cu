@@ -40,6 +40,15 @@ struct WindowParams {
   int32_t gqa;         // 0 mean, 1 max, 2 sum
   float* reduced;      // [Hkv][reduced_stride]
   int64_t reduced_stride;
+  // H2O pass 2: the query chunks are cut into num_segments runs of chunks_per_segment; a block
+  // sums one run for one key tile into seg_sums [segment][Hkv][length] (fp64); a last kernel adds
+  // the runs in order. One segment: the block writes `reduced` directly.
+  int32_t num_segments;
+  int32_t chunks_per_segment;
+  double* seg_sums;
+  // H2O: the queries' log-sum-exp from the attention that just ran ([H][w], natural log), or null
+  // (pass 1 computes the statistics). With it p = exp(z - lse).
+  const float* lse;
 };
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
@@ -60,6 +69,16 @@ template <int D>
 __device__ __forceinline__ void load_query_chunk(__nv_bfloat16* dst, const WindowParams& p, int kvh, int row0) {
   const int count = min(p.rows_per_chunk, p.rows - row0);
   load_rows_bf16<D>(dst, count, [&](int r) {
+    int gi, i;
+    row_coords(p, row0 + r, gi, i);
+    return p.q + static_cast<int64_t>(i) * p.q_stride + static_cast<int64_t>(kvh * p.group + gi) * D;
+  });
+}
+
+template <int D>
+__device__ __forceinline__ void load_query_chunk_async(__nv_bfloat16* dst, const WindowParams& p, int kvh, int row0) {
+  const int count = min(p.rows_per_chunk, p.rows - row0);
+  load_rows_bf16_async<D>(dst, count, [&](int r) {
     int gi, i;
     row_coords(p, row0 + r, gi, i);
     return p.q + static_cast<int64_t>(i) * p.q_stride + static_cast<int64_t>(kvh * p.group + gi) * D;
@@ -184,13 +203,11 @@ struct ProbsSmem {
   }
 };
 
-// Pass 2. Grid (ceil(out_len / 64), Hkv), 4 warps. Logits recomputed with the pass-1 instruction
-// sequence, probabilities p = exp(z - max) / sum (or p^2) staged in shared memory, then reduced in a
-// fixed order (deterministic), fp64:
-//   head-major (window scores): sacc[gi][j] = sum over the window rows of gi, in row order; then
-//     the group reduction (mean over the window first, then mean | max | sum over the group);
-//   query-major (H2O): acc[j] = sum over queries in order of gqa_{gi}(p) (mean | max).
-// Written to reduced[kvh][j] for j < out_len.
+// Pass 2 of the window scores. Grid (ceil(out_len / 64), Hkv), 4 warps. Logits recomputed with the
+// pass-1 instruction sequence, probabilities p = exp(z - max) / sum (or p^2) staged in shared
+// memory, then reduced in a fixed order (deterministic), fp64: sacc[gi][j] = sum over the window
+// rows of gi, in row order; then the group reduction (mean over the window first, then mean | max
+// | sum over the group). Written to reduced[kvh][j] for j < out_len.
 template <int D>
 __global__ void __launch_bounds__(kMmaThreads) window_probs_kernel(const WindowParams p) {
   using S = MmaShape<D>;
@@ -207,15 +224,8 @@ __global__ void __launch_bounds__(kMmaThreads) window_probs_kernel(const WindowP
   const int r_lo = warp * 16 + lane / 4;
 
   for (int idx = threadIdx.x; idx < p.group * kMmaKeys; idx += blockDim.x) sacc[idx] = 0.0;
-  double qacc = 0.0;  // query-major: column threadIdx.x's running sum
   load_key_tile<D>(ks, p, kvh, j0);
-  // Query-major: queries before j0 see none of the tile.
-  int chunk0 = 0;
-  if (p.query_major) {
-    const int first_query = max(0, j0 - (p.length - p.window));
-    chunk0 = (first_query * p.group) / p.rows_per_chunk;
-  }
-  for (int chunk = chunk0; chunk < p.row_chunks; ++chunk) {
+  for (int chunk = 0; chunk < p.row_chunks; ++chunk) {
     const int row0 = chunk * p.rows_per_chunk;
     __syncthreads();  // the previous chunk's reads of qs / probs are done
     load_query_chunk<D>(qs, p, kvh, row0);
@@ -245,21 +255,6 @@ __global__ void __launch_bounds__(kMmaThreads) window_probs_kernel(const WindowP
     }
     __syncthreads();
     const int row_end = min(p.rows, row0 + p.rows_per_chunk);
-    if (p.query_major) {
-      const int c = threadIdx.x;
-      if (c < kMmaKeys) {
-        for (int r = 0; r + row0 < row_end; r += p.group) {
-          double v = static_cast<double>(probs[r * PS::kPPitch + c]);
-          for (int gi = 1; gi < p.group; ++gi) {
-            const double x = static_cast<double>(probs[(r + gi) * PS::kPPitch + c]);
-            v = p.gqa == 1 ? fmax(v, x) : v + x;
-          }
-          if (p.gqa == 0) v /= p.group;
-          qacc += v;
-        }
-      }
-      continue;
-    }
     // (group head, key) items of this chunk; each sums its rows in order.
     const int gi_first = row0 / p.window;
     const int gi_count = (row_end - 1) / p.window - gi_first + 1;
@@ -277,9 +272,7 @@ __global__ void __launch_bounds__(kMmaThreads) window_probs_kernel(const WindowP
   const int c = threadIdx.x;
   if (c < kMmaKeys && j0 + c < p.out_len) {
     double v = 0.0;
-    if (p.query_major) {
-      v = qacc;
-    } else if (p.squared || p.gqa == 2) {
+    if (p.squared || p.gqa == 2) {
       for (int gi = 0; gi < p.group; ++gi) v += sacc[gi * kMmaKeys + c];
     } else {
       // Mirrors reduce_group(window_mean_probs): mean over the window first, then the group.
@@ -292,6 +285,142 @@ __global__ void __launch_bounds__(kMmaThreads) window_probs_kernel(const WindowP
     }
     p.reduced[static_cast<int64_t>(kvh) * p.reduced_stride + j0 + c] = static_cast<float>(v);
   }
+}
+
+// H2O pass 2. Grid (ceil(L / 64), Hkv, num_segments), 4 warps. Block (tile, kvh, seg) recomputes
+// the logits of the tile's 64 keys against the query chunks of its segment that can see them
+// (causal: chunks before the tile's first query are skipped), makes them probabilities with the
+// pass-1 statistics and sums them per key over the queries, fp64:
+//   mean: sum_i mean_g p = (1 / g) sum over every row of p: each thread sums its 16 keys over its
+//         2 rows in registers; at the end the lanes and the 4 warps are added in a fixed order;
+//   max:  p staged in shared memory, thread c adds max_g p of the chunk's queries in order.
+// Segments split the causal triangle's long columns (the first key tiles see every query), so
+// the longest block does chunks_per_segment chunks rather than all of them. Query chunks are
+// double-buffered: chunk k + 1's copy (cp.async) is in flight while the tensor cores work on k.
+// Statistics: pass 1's (max, 1 / sum) per row, or the attention's lse (p = exp(z - lse)).
+template <int D>
+struct H2oSmem {
+  static constexpr int kPPitch = kMmaKeys + 1;
+  static constexpr size_t bytes() {
+    return static_cast<size_t>(3 * MmaShape<D>::kTileElems) * sizeof(__nv_bfloat16) +
+           static_cast<size_t>(kMmaRows * kPPitch) * sizeof(float) + static_cast<size_t>(4 * kMmaKeys) * sizeof(double);
+  }
+};
+
+template <int D>
+__global__ void __launch_bounds__(kMmaThreads) h2o_probs_kernel(const WindowParams p) {
+  using S = MmaShape<D>;
+  using HS = H2oSmem<D>;
+  ADAKV_DYNAMIC_SMEM(smem);
+  __nv_bfloat16* qs = reinterpret_cast<__nv_bfloat16*>(smem);  // [2][64][kPitch] query chunks
+  __nv_bfloat16* ks = qs + 2 * S::kTileElems;
+  float* probs = reinterpret_cast<float*>(ks + S::kTileElems);                // [64][kPPitch] (max)
+  double* warp_sums = reinterpret_cast<double*>(probs + kMmaRows * HS::kPPitch);  // [4][64] (mean)
+  const int tile = blockIdx.x, kvh = blockIdx.y, seg = blockIdx.z;
+  const int j0 = tile * kMmaKeys;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int r_lo = warp * 16 + lane / 4;
+  const bool mean = p.gqa == 0;
+  const int first_query = max(0, j0 - (p.length - p.window));  // earlier queries see none of the tile
+  const int chunk_begin = max((first_query * p.group) / p.rows_per_chunk, seg * p.chunks_per_segment);
+  const int chunk_end = min(p.row_chunks, (seg + 1) * p.chunks_per_segment);
+  double col[16];  // mean: keys t8 * 8 + 2 * (lane % 4) + u, summed over this thread's rows
+#pragma unroll
+  for (int u = 0; u < 16; ++u) col[u] = 0.0;
+  double qacc = 0.0;  // max: key threadIdx.x's running sum
+  if (chunk_begin < chunk_end) {
+    load_query_chunk_async<D>(qs, p, kvh, chunk_begin * p.rows_per_chunk);
+    cp_async_commit();
+    load_key_tile<D>(ks, p, kvh, j0);
+  }
+  for (int chunk = chunk_begin; chunk < chunk_end; ++chunk) {
+    const int row0 = chunk * p.rows_per_chunk;
+    const int buf = (chunk - chunk_begin) & 1;
+    if (chunk + 1 < chunk_end) load_query_chunk_async<D>(qs + (buf ^ 1) * S::kTileElems, p, kvh, row0 + p.rows_per_chunk);
+    cp_async_commit();  // (empty on the last chunk: the group count stays uniform)
+    cp_async_wait<1>();  // this chunk's copies (this thread's) ...
+    __syncthreads();     // ... and everyone's, and the key tile
+    uint32_t a[S::kSteps][4];
+    load_a_frags<D>(a, qs + buf * S::kTileElems, warp, lane);
+    float acc[8][4];
+    warp_logits<D>(acc, a, ks, lane);
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int local = r_lo + 8 * h;
+      const int lim = last_visible(p, row0, local);
+      float2 st = make_float2(0.0f, 0.0f);
+      if (lim >= 0) {
+        if (p.lse != nullptr) {
+          int gi, i;
+          row_coords(p, row0 + local, gi, i);
+          st = make_float2(p.lse[static_cast<int64_t>(kvh * p.group + gi) * p.window + i], 1.0f);
+        } else {
+          st = p.stats[static_cast<int64_t>(kvh) * p.rows + row0 + local];
+        }
+      }
+#pragma unroll
+      for (int t8 = 0; t8 < 8; ++t8)
+#pragma unroll
+        for (int u = 0; u < 2; ++u) {
+          const int c = t8 * 8 + 2 * (lane % 4) + u;
+          float pv = 0.0f;
+          if (j0 + c <= lim) pv = expf(__fmul_rn(acc[t8][2 * h + u], p.scale) - st.x) * st.y;
+          if (mean)
+            col[t8 * 2 + u] += static_cast<double>(pv);
+          else
+            probs[local * HS::kPPitch + c] = pv;
+        }
+    }
+    if (!mean) {
+      __syncthreads();
+      const int row_end = min(p.rows, row0 + p.rows_per_chunk);
+      const int c = threadIdx.x;
+      if (c < kMmaKeys) {
+        for (int r = 0; r + row0 < row_end; r += p.group) {
+          float v = probs[r * HS::kPPitch + c];
+          for (int gi = 1; gi < p.group; ++gi) v = fmaxf(v, probs[(r + gi) * HS::kPPitch + c]);
+          qacc += static_cast<double>(v);
+        }
+      }
+    }
+    __syncthreads();  // every warp is done with this buffer (and probs) before chunk + 2 lands in it
+  }
+  if (mean) {
+    // Over the 8 row lanes of each key (lane / 4), then the warps in order.
+#pragma unroll
+    for (int u = 0; u < 16; ++u) {
+      col[u] += __shfl_xor_sync(0xffffffffu, col[u], 4);
+      col[u] += __shfl_xor_sync(0xffffffffu, col[u], 8);
+      col[u] += __shfl_xor_sync(0xffffffffu, col[u], 16);
+    }
+    if (lane < 4) {
+#pragma unroll
+      for (int t8 = 0; t8 < 8; ++t8)
+#pragma unroll
+        for (int u = 0; u < 2; ++u) warp_sums[warp * kMmaKeys + t8 * 8 + 2 * lane + u] = col[t8 * 2 + u];
+    }
+    __syncthreads();
+  }
+  const int c = threadIdx.x;
+  if (c < kMmaKeys && j0 + c < p.out_len) {
+    double v = qacc;
+    if (mean) v = ((warp_sums[c] + warp_sums[kMmaKeys + c]) + warp_sums[2 * kMmaKeys + c]) + warp_sums[3 * kMmaKeys + c];
+    if (p.num_segments == 1)
+      p.reduced[static_cast<int64_t>(kvh) * p.reduced_stride + j0 + c] = static_cast<float>(mean ? v / p.group : v);
+    else
+      p.seg_sums[(static_cast<int64_t>(seg) * gridDim.y + kvh) * p.length + j0 + c] = v;
+  }
+}
+
+// H2O with several segments: out[kvh][j] = the segments' sums added in order (mean: / g).
+__global__ void __launch_bounds__(256) h2o_segments_kernel(const double* seg_sums, int segments, int num_kv_heads,
+                                                           int length, int divisor, float* out, int64_t out_stride) {
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= static_cast<int64_t>(num_kv_heads) * length) return;
+  const int kvh = static_cast<int>(idx / length), j = static_cast<int>(idx % length);
+  double v = 0.0;
+  for (int s = 0; s < segments; ++s) v += seg_sums[(static_cast<int64_t>(s) * num_kv_heads + kvh) * length + j];
+  out[kvh * out_stride + j] = static_cast<float>(v / divisor);
 }
 
 // 1-D pooling along each row: out[h][j] over the in-range neighbours j - k/2 .. j + k/2 (max), or
@@ -325,6 +454,7 @@ constexpr size_t stats_smem_bytes() {
 }
 
 constexpr int kMaxGroup = 64;
+constexpr int64_t kMaxH2oSegments = 16;
 
 template <int D>
 cudaError_t set_smem_limits() {
@@ -335,21 +465,37 @@ cudaError_t set_smem_limits() {
                                static_cast<int>(ProbsSmem<D>::bytes(kMaxGroup)));
   if (err == cudaSuccess)
     err = cudaFuncSetAttribute(window_probs_kernel<D>, cudaFuncAttributePreferredSharedMemoryCarveout, 100);
+  if (err == cudaSuccess)
+    err = cudaFuncSetAttribute(h2o_probs_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               static_cast<int>(H2oSmem<D>::bytes()));
+  if (err == cudaSuccess)
+    err = cudaFuncSetAttribute(h2o_probs_kernel<D>, cudaFuncAttributePreferredSharedMemoryCarveout, 100);
   return err;
 }
 
 template <int D>
 cudaError_t launch_passes(const WindowParams& p, int num_kv_heads, cudaStream_t stream) {
-  cudaError_t err = launch(window_stats_kernel<D>, dim3(p.stat_spans, num_kv_heads * p.row_chunks),
-                           dim3(kMmaThreads), stats_smem_bytes<D>(), stream, p);
-  if (err != cudaSuccess) return err;
-  const int total_rows = num_kv_heads * p.rows;
-  err = launch(window_merge_kernel, dim3(static_cast<unsigned>(ceil_div(total_rows, 8))), dim3(256), 0, stream,
-               static_cast<const float2*>(p.partial), p.stats, total_rows, p.stat_spans);
-  if (err != cudaSuccess) return err;
+  cudaError_t err = cudaSuccess;
+  if (p.lse == nullptr) {
+    err = launch(window_stats_kernel<D>, dim3(p.stat_spans, num_kv_heads * p.row_chunks), dim3(kMmaThreads),
+                 stats_smem_bytes<D>(), stream, p);
+    if (err != cudaSuccess) return err;
+    const int total_rows = num_kv_heads * p.rows;
+    err = launch(window_merge_kernel, dim3(static_cast<unsigned>(ceil_div(total_rows, 8))), dim3(256), 0, stream,
+                 static_cast<const float2*>(p.partial), p.stats, total_rows, p.stat_spans);
+    if (err != cudaSuccess) return err;
+  }
   const int prob_tiles = static_cast<int>(ceil_div(p.out_len, kMmaKeys));
-  return launch(window_probs_kernel<D>, dim3(prob_tiles, num_kv_heads), dim3(kMmaThreads), ProbsSmem<D>::bytes(p.group),
-                stream, p);
+  if (!p.query_major)
+    return launch(window_probs_kernel<D>, dim3(prob_tiles, num_kv_heads), dim3(kMmaThreads),
+                  ProbsSmem<D>::bytes(p.group), stream, p);
+  err = launch(h2o_probs_kernel<D>, dim3(prob_tiles, num_kv_heads, p.num_segments), dim3(kMmaThreads),
+               H2oSmem<D>::bytes(), stream, p);
+  if (err != cudaSuccess || p.num_segments == 1) return err;
+  const int64_t total = static_cast<int64_t>(num_kv_heads) * p.length;
+  return launch(h2o_segments_kernel, dim3(static_cast<unsigned>(ceil_div(total, 256))), dim3(256), 0, stream,
+                static_cast<const double*>(p.seg_sums), p.num_segments, num_kv_heads, p.length,
+                p.gqa == 0 ? p.group : 1, p.reduced, p.reduced_stride);
 }
 
 // Key tiles per pass-1 block: spans of 8 tiles (512 keys) for window scores, so that a layer
@@ -379,11 +525,16 @@ Expected<std::unique_ptr<WindowScorer>> WindowScorer::create(const WindowScorerO
   const size_t partial_bytes = static_cast<size_t>(o.num_kv_heads) * partial_count * sizeof(float2);
   const size_t stats_bytes = static_cast<size_t>(o.num_kv_heads) * rows * sizeof(float2);
   const size_t reduced_bytes = static_cast<size_t>(o.num_kv_heads) * o.max_length * sizeof(float);
-  ADAKV_CUDA_RETURN_IF_ERROR(cudaMalloc(&s->workspace_, partial_bytes + stats_bytes + reduced_bytes));
+  // H2O's per-segment sums: up to 16 segments, at most 64 MiB.
+  const int64_t per_segment = static_cast<int64_t>(o.num_kv_heads) * o.max_length * static_cast<int64_t>(sizeof(double));
+  s->max_segments_ = static_cast<int32_t>(std::clamp<int64_t>((int64_t{64} << 20) / per_segment, 1, kMaxH2oSegments));
+  const size_t seg_bytes = s->max_segments_ > 1 ? static_cast<size_t>(s->max_segments_ * per_segment) : 0;
+  ADAKV_CUDA_RETURN_IF_ERROR(cudaMalloc(&s->workspace_, partial_bytes + stats_bytes + reduced_bytes + seg_bytes));
   char* base = static_cast<char*>(s->workspace_);
   s->partial_ = reinterpret_cast<float2*>(base);
   s->stats_ = reinterpret_cast<float2*>(base + partial_bytes);
   s->reduced_ = reinterpret_cast<float*>(base + partial_bytes + stats_bytes);
+  s->seg_sums_ = seg_bytes > 0 ? reinterpret_cast<double*>(base + partial_bytes + stats_bytes + reduced_bytes) : nullptr;
   if (o.head_dim == 64) {
     ADAKV_CUDA_RETURN_IF_ERROR(set_smem_limits<64>());
   } else {
@@ -411,15 +562,14 @@ Status WindowScorer::kvcompress_metric(const WindowScoreInputs& in, PoolKind poo
 }
 
 Status WindowScorer::h2o(const WindowScoreInputs& in, GqaReduce gqa, float* out, int64_t out_stride,
-                         cudaStream_t stream) {
+                         cudaStream_t stream, const float* lse) {
   if (gqa == GqaReduce::kSum) return invalid_argument("WindowScorer::h2o: GQA reduction must be mean or max");
-  if (in.window != in.length)
-    return invalid_argument("WindowScorer::h2o: every prompt query is needed (window == length)");
-  return run(in, false, gqa, PoolKind::kMax, 1, in.length, out, out_stride, stream, true);
+  return run(in, false, gqa, PoolKind::kMax, 1, in.length, out, out_stride, stream, true, lse);
 }
 
 Status WindowScorer::run(const WindowScoreInputs& in, bool squared, GqaReduce gqa, PoolKind pool, int32_t kernel,
-                         int32_t out_len, float* out, int64_t out_stride, cudaStream_t stream, bool query_major) {
+                         int32_t out_len, float* out, int64_t out_stride, cudaStream_t stream, bool query_major,
+                         const float* lse) {
   const std::string where = "WindowScorer: ";
   const WindowScorerOptions& o = options_;
   const int64_t q_stride = in.q_token_stride != 0 ? in.q_token_stride : static_cast<int64_t>(o.num_heads) * o.head_dim;
@@ -452,6 +602,11 @@ Status WindowScorer::run(const WindowScoreInputs& in, bool squared, GqaReduce gq
   p.row_chunks = static_cast<int32_t>(ceil_div(p.rows, p.rows_per_chunk));
   p.key_tiles = static_cast<int32_t>(ceil_div(in.length, kMmaKeys));
   p.span_tiles = span_tiles_for(query_major, p.key_tiles);
+  // H2O: at least 8 chunks a segment (fewer add more partial sums than they save).
+  p.chunks_per_segment = static_cast<int32_t>(std::max<int64_t>(8, ceil_div(p.row_chunks, max_segments_)));
+  p.num_segments = query_major ? static_cast<int32_t>(ceil_div(p.row_chunks, p.chunks_per_segment)) : 1;
+  p.seg_sums = seg_sums_;
+  p.lse = lse;
   p.stat_spans = static_cast<int32_t>(ceil_div(p.key_tiles, p.span_tiles));
   p.scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(o.head_dim)));
   p.partial = partial_;

@@ -67,19 +67,24 @@ class WindowScorer {
                            cudaStream_t stream);
 
   // H2O prompt accumulation (method.md 1.2): out [Hkv][out_stride], L values per row:
-  //   A[kvh][j] = sum over every prompt query i >= j of gqa_{h in group}( p[h,i,j] ),
-  // gqa = mean or max, fp64 sums in query order. in.window must equal in.length (the queries are
-  // the whole prompt; max_window does not limit it: the workspace holds g * max_length rows).
-  // Equals accumulated_probs of compress/scorers.h to about 1e-5 relative. Costs about twice the
-  // prompt's attention logits (two passes on tensor cores), no L x L matrix.
-  Status h2o(const WindowScoreInputs& in, GqaReduce gqa, float* out, int64_t out_stride, cudaStream_t stream);
+  //   A[kvh][j] = sum over the w queries i (positions L - w .. L - 1) with i >= j of
+  //               gqa_{h in group}( p[h,i,j] ),
+  // gqa = mean or max, fp64 sums (mean: over every row of the group, divided by g once). w = L
+  // scores the whole prompt; w < L one chunk of a chunked prompt (its queries against every key
+  // before them), so the chunks' results add up to the whole prompt's. max_window does not limit
+  // w: the workspace holds g * max_length rows. Equals accumulated_probs of compress/scorers.h to
+  // about 1e-5 relative. Costs about twice the logits of the queries' attention (two passes on
+  // tensor cores), no L x L matrix; once with `lse`: the log-sum-exp of these queries over these
+  // keys ([H][w], natural log, e.g. prefill_attention's), which replaces the statistics pass.
+  Status h2o(const WindowScoreInputs& in, GqaReduce gqa, float* out, int64_t out_stride, cudaStream_t stream,
+             const float* lse = nullptr);
 
   const WindowScorerOptions& options() const { return options_; }
 
  private:
   WindowScorer() = default;
   Status run(const WindowScoreInputs& in, bool squared, GqaReduce gqa, PoolKind pool, int32_t kernel, int32_t out_len,
-             float* out, int64_t out_stride, cudaStream_t stream, bool query_major);
+             float* out, int64_t out_stride, cudaStream_t stream, bool query_major, const float* lse = nullptr);
 
   WindowScorerOptions options_;
   int32_t group_ = 0;
@@ -88,6 +93,8 @@ class WindowScorer {
   float2* partial_ = nullptr;  // [Hkv][rows][spans] (span max, span sum)
   float2* stats_ = nullptr;    // [Hkv][g * max_window] (row max, 1 / row sum)
   float* reduced_ = nullptr;   // [Hkv][max_length] group-reduced scores before pooling
+  int32_t max_segments_ = 1;   // H2O: query segments summed apart (see h2o_probs_kernel)
+  double* seg_sums_ = nullptr; // [max_segments][Hkv][max_length] (null when max_segments is 1)
 };
 
 }  // namespace adakv::cuda

@@ -8,6 +8,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstring>
+#include <map>
 #include <numeric>
 #include <string>
 
@@ -21,6 +22,7 @@
 #include "backends/cuda/prefill_attention.h"
 #include "backends/cuda/sampling.h"
 #include "backends/cuda/score_critical.h"
+#include "backends/cuda/score_random.h"
 #include "backends/cuda/score_window.h"
 #include "backends/cuda/select_keep.h"
 #include "compress/policy.h"
@@ -49,16 +51,14 @@ struct DevLayer {
 
 std::string mib(int64_t bytes) { return std::to_string((bytes + (1 << 19)) >> 20) + " MiB"; }
 
-bool window_policy(KvPolicy p) { return policy_uses_window_scores(p) && !policy_is_two_stage(p); }
 // H2O and KV-Compress keep a per-slot metric (accumulated attention).
 bool metric_policy(KvPolicy p) { return p == KvPolicy::kH2o || p == KvPolicy::kKvCompress; }
-// Prompt compression runs the window scorer (window scores, H2O accumulation, KV-Compress metric).
-bool scorer_policy(KvPolicy p) { return policy_uses_window_scores(p) || metric_policy(p); }
-// Chunked prompts keep their trailing window queries in the ring for the last chunk.
-bool ring_policy(KvPolicy p) { return window_policy(p) || p == KvPolicy::kKvCompress; }
-// Needs the whole prompt in one step: H2O scores every prompt query, CriticalKV reads the values
-// token-major from the step (a chunked prompt is refused at its first chunk).
-bool whole_prompt_policy(KvPolicy p) { return p == KvPolicy::kH2o || policy_is_two_stage(p); }
+// Prompt compression runs per layer on the scorer's workspace (window scores, H2O accumulation,
+// KV-Compress metric, random scores) and the keep selector.
+bool scorer_policy(KvPolicy p) { return policy_uses_window_scores(p) || metric_policy(p) || p == KvPolicy::kRandom; }
+// Chunked prompts keep their trailing window queries in the ring for the last chunk (H2O instead
+// adds each chunk's attention to the metric as it goes; random needs no queries).
+bool ring_policy(KvPolicy p) { return policy_uses_window_scores(p) || p == KvPolicy::kKvCompress; }
 // metric_decode_add's mode: 0 mean over the group, 1 max (H2O), 2 sum of p^2 (KV-Compress).
 int32_t metric_mode(const CompressConfig& c) {
   if (c.policy == KvPolicy::kKvCompress) return 2;
@@ -76,7 +76,9 @@ struct CudaModel::Impl {
   std::vector<CompressConfig> seq_comp;
   std::vector<uint8_t> seq_has_comp;    // 1: seq_comp applies, else the default
   std::vector<uint8_t> seq_compressed;  // the prompt was compressed (never twice)
-  std::vector<int64_t> ring_end;        // tokens whose trailing window queries the ring holds
+  // Chunked prompts: tokens whose trailing window queries the ring holds (window policies,
+  // KV-Compress), or whose attention the metric holds (H2O).
+  std::vector<int64_t> ring_end;
   int32_t max_window = 0;               // window capacity (scorer, ring); 0: no window policies
   Status window_status;                 // why window policies cannot run (max_window > 0, no scorer)
   // The config compressing `s`, or null (full cache).
@@ -150,6 +152,12 @@ struct CudaModel::Impl {
   int64_t keep_cap = 0;
   bf16* win_ring = nullptr;  // [max_seqs][layers][max_window][q_dim]: token p's queries at row p % w
   bf16* win_buf = nullptr;   // [max_window][q_dim] the window of a chunked prompt, assembled
+  // H2O: the step's prefill attention also writes each query's log-sum-exp, [H][n] per sequence at
+  // lse_buf + H * tok0, so that the H2O scorer skips its statistics pass.
+  float* lse_buf = nullptr;  // [max_step_tokens][H]
+  const float* h2o_lse(int32_t tok0) const {
+    return fast_prefill && lse_buf != nullptr ? lse_buf + int64_t{tok0} * cfg.num_heads : nullptr;
+  }
   int64_t stream_cap = 0;    // entries of stream_keep_dev / host
   int32_t* counts_dev = nullptr;  // [max_seqs][layers][Hkv]
   int32_t* counts_host = nullptr;
@@ -157,6 +165,8 @@ struct CudaModel::Impl {
   int32_t* stream_keep_host = nullptr;
   int32_t* stream_counts_dev = nullptr;
   std::vector<CompressionAuditLayer> audit;
+  // audit_compression, chunked H2O: the queries of the prompt's earlier chunks per (seq, layer).
+  std::map<std::pair<SeqId, int32_t>, std::vector<uint16_t>> audit_prompt_queries;
   // Per-slot metric (H2O, KV-Compress) and the pieces that use it.
   float* metric = nullptr;     // [num_pages * kPageSize] fp32, moved with K/V by compaction
   float* crit = nullptr;       // [Hkv][max_len] CriticalKV second-stage scores
@@ -236,6 +246,12 @@ struct CudaModel::Impl {
   }
   Status run_compression_window(SeqId seq, const CompressConfig& comp, int32_t tok0, int32_t n, int32_t total,
                                 const int32_t* row_len_dev, int32_t layer, int64_t keep_base, int32_t slot);
+  // H2O over one chunk of a chunked prompt (tokens tok0 .. tok0 + n - 1 of the workspace, prompt
+  // positions total - n .. total - 1): the chunk's queries' attention of every entry before them,
+  // added to the metric (new entries were zeroed). The chunks' sums make the whole prompt's.
+  // Leaves the chunk's [Hkv][total] share in `scores`; the keys gathered in gather_k (total > n).
+  Status h2o_accumulate_chunk(SeqId seq, const CompressConfig& comp, int32_t tok0, int32_t n, int32_t total,
+                              const int32_t* row_len_dev, int32_t layer);
   // Moves entries of seq's rows on the device (K, V, positions, metric): keeps[r] (r = layer * Hkv
   // + kv head) gives for each i < keeps[r].size() the entry that moves to i (i itself when it
   // stays); an empty list leaves the row alone. Synchronises. The manager is told separately.
@@ -270,7 +286,7 @@ Status compression_supported(const CompressConfig& c) {
   if (!policy_compresses(p) || scorer_policy(p) || p == KvPolicy::kStreamingLlm) return Status::ok();
   return unimplemented(std::string("cuda: kv policy ") + kv_policy_name(p) +
                        " is not on the device yet (full, snapkv, pyramidkv, ada-snapkv, ada-pyramidkv, criticalkv, "
-                       "ada-criticalkv, h2o, kvcompress and streamingllm are); use --device cpu");
+                       "ada-criticalkv, h2o, kvcompress, streamingllm and random are); use --device cpu");
 }
 
 Status cuda_device_available() {
@@ -498,6 +514,7 @@ Status CudaModel::Impl::allocate_runtime() {
       ADAKV_RETURN_IF_ERROR(regrow(&keep_dev, &keep_host, &keep_cap, rows_per_seq * T, "keep lists"));
       ADAKV_RETURN_IF_ERROR(alloc(&win_ring, S * L * int64_t{max_window} * q_dim(), "window query ring", ws));
       ADAKV_RETURN_IF_ERROR(alloc(&win_buf, int64_t{max_window} * q_dim(), "window queries", ws));
+      ADAKV_RETURN_IF_ERROR(alloc(&lse_buf, int64_t{T} * H, "h2o log-sum-exp", ws));
       // (head dims 64 / 128 only, so fast_prefill holds and the gather buffers exist: chunked
       // prompts read their keys back through them)
     }
@@ -565,10 +582,10 @@ Expected<std::unique_ptr<CudaModel::Impl>> make_impl(const ModelConfig& cfg, con
   }
   impl->opt.compress = nullptr;
   if (options.max_window < 0) return invalid_argument("cuda: max_window must be >= 0");
-  // (H2O's scorer does not use the window capacity: its queries are the whole prompt)
+  // (H2O's and random's scoring do not use the window capacity: no window ring)
   int32_t need_window = 0;
   if (impl->has_comp && scorer_policy(impl->comp.policy))
-    need_window = impl->comp.policy == KvPolicy::kH2o ? 1 : impl->comp.window;
+    need_window = ring_policy(impl->comp.policy) ? impl->comp.window : 1;
   impl->max_window = std::max(options.max_window, need_window);
   const size_t S = static_cast<size_t>(options.max_seqs);
   impl->seq_comp.resize(S);
@@ -674,7 +691,7 @@ Status CudaModel::set_compression(SeqId seq, const CompressConfig& c) {
       return unimplemented(std::string("cuda: kv policy ") + kv_policy_name(c.policy) + " needs the window scorer, " +
                            (I.max_window == 0 ? std::string("which this model was created without (max_window 0)")
                                               : "which this model cannot run: " + I.window_status.message()));
-    if (c.policy != KvPolicy::kH2o && c.window > I.max_window)
+    if (ring_policy(c.policy) && c.window > I.max_window)
       return invalid_argument("cuda: kv window " + std::to_string(c.window) + " exceeds the largest window " +
                               std::to_string(I.max_window) + " the device was sized for");
   }
@@ -724,10 +741,51 @@ Status CudaModel::Impl::mirror_rows(SeqId seq, const KvCacheManager& m, int64_t*
   return Status::ok();
 }
 
+Status CudaModel::Impl::h2o_accumulate_chunk(SeqId seq, const CompressConfig& comp, int32_t tok0, int32_t n,
+                                             int32_t total, const int32_t* row_len_dev, int32_t layer) {
+  const int32_t Hkv = static_cast<int32_t>(cfg.num_kv_heads), L = static_cast<int32_t>(cfg.num_layers);
+  const int32_t d = static_cast<int32_t>(cfg.head_dim), g = static_cast<int32_t>(cfg.num_heads) / Hkv;
+  const int64_t qd = q_dim(), hs = max_context * d;
+  WindowScoreInputs in;
+  in.queries = qkv + int64_t{tok0} * qkv_dim();
+  in.q_token_stride = qkv_dim();
+  in.length = total;
+  in.window = n;
+  const float* lse = h2o_lse(tok0);  // [H][n], written by this layer's prefill attention
+  if (n == total) {  // the first chunk: its keys are the step's
+    in.keys = in.queries + qd;
+    in.k_token_stride = qkv_dim();
+    ADAKV_RETURN_IF_ERROR(scorer->h2o(in, comp.gqa, scores, total, stream, lse));
+  } else {
+    ADAKV_RETURN_IF_ERROR(kv_gather_rows(pool, seq, layer, L, Hkv, d, row_len_dev, total, gather_k, gather_v, hs, stream));
+    for (int32_t kh = 0; kh < Hkv; ++kh) {
+      WindowScoreInputs h = in;
+      h.queries = in.queries + int64_t{kh} * g * d;
+      h.keys = gather_k + kh * hs;
+      h.k_token_stride = d;
+      ADAKV_RETURN_IF_ERROR(head_scorer->h2o(h, comp.gqa, scores + int64_t{kh} * total, total, stream,
+                                             lse == nullptr ? nullptr : lse + int64_t{kh} * g * n));
+    }
+  }
+  const MetricRows mrows{page_table, row_offsets_all + (int64_t{seq} * L + layer) * Hkv, Hkv};
+  ADAKV_RETURN_IF_ERROR(metric_add_rows(mrows, scores, total, total, metric, stream));
+  if (opt.audit_compression) {  // the test's host reference needs every prompt query
+    std::vector<uint16_t>& q = audit_prompt_queries[{seq, layer}];
+    if (n == total) q.clear();
+    const size_t at = q.size();
+    q.resize(at + static_cast<size_t>(int64_t{n} * qd));
+    ADAKV_CUDA_RETURN_IF_ERROR(cudaMemcpy2DAsync(q.data() + at, qd * 2, in.queries, qkv_dim() * 2, qd * 2, n,
+                                                 cudaMemcpyDeviceToHost, stream));
+    ADAKV_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream));
+  }
+  return Status::ok();
+}
+
 // Compresses one layer of `seq` whose rows hold its whole prompt of `total` tokens, the last `n`
 // of them this step's (tokens tok0 .. tok0 + n - 1 of the workspace). A fresh prompt (n == total)
-// is scored from the step's contiguous queries and keys; after a chunked prefill the window's
-// queries come from the chunk and the ring (earlier chunks), the keys from the pages.
+// is scored from the step's contiguous queries, keys and values; after a chunked prefill the
+// window's queries come from the chunk and the ring (earlier chunks), the keys and values from
+// the pages, and H2O adds the last chunk's share to what the earlier chunks left in the metric.
 Status CudaModel::Impl::run_compression_window(SeqId seq, const CompressConfig& comp, int32_t tok0, int32_t n,
                                                int32_t total, const int32_t* row_len_dev, int32_t layer,
                                                int64_t keep_base, int32_t slot) {
@@ -736,10 +794,10 @@ Status CudaModel::Impl::run_compression_window(SeqId seq, const CompressConfig& 
   const int32_t P = total;
   const KvPolicy pol = comp.policy;
   const bool h2o = pol == KvPolicy::kH2o, kvc = pol == KvPolicy::kKvCompress, two = policy_is_two_stage(pol);
-  const int32_t w = h2o ? P : std::min(comp.window, P);  // H2O: every prompt query
+  const bool rnd = pol == KvPolicy::kRandom;
+  const int32_t w = h2o ? n : std::min(comp.window, P);  // H2O: every query of the step
   const bool fresh = n == P;
-  if (!fresh && whole_prompt_policy(pol))
-    return internal_error(std::string("cuda compression: ") + kv_policy_name(pol) + " needs the whole prompt in one step");
+  bool gathered = false;  // gather_k / gather_v hold this layer's rows (chunked prompts)
   int32_t* counts = counts_dev + (int64_t{slot} * L + layer) * Hkv;
   int32_t* keep = keep_dev + keep_base + int64_t{layer} * Hkv * P;
   const int32_t bs = layer_selection_budget(comp, L, layer, P);
@@ -747,7 +805,9 @@ Status CudaModel::Impl::run_compression_window(SeqId seq, const CompressConfig& 
   WindowScoreInputs in;
   in.length = P;
   in.window = w;
-  if (fresh) {
+  if (rnd) {
+    // scored without queries or keys (its window may exceed the ring's)
+  } else if (fresh) {
     in.queries = qkv + int64_t(tok0 + n - w) * qkv_dim();
     in.q_token_stride = qkv_dim();
     in.keys = qkv + int64_t{tok0} * qkv_dim() + qd;
@@ -773,13 +833,22 @@ Status CudaModel::Impl::run_compression_window(SeqId seq, const CompressConfig& 
   const MetricRows mrows{page_table, row_offsets_all + (int64_t{seq} * L + layer) * Hkv, Hkv};
   if (h2o) {
     // The prompt's accumulated attention of every entry: the candidates' scores and the metric.
-    ADAKV_RETURN_IF_ERROR(scorer->h2o(in, comp.gqa, scores, P, stream));
-    ADAKV_RETURN_IF_ERROR(metric_scatter_rows(mrows, scores, P, P, metric, stream));
+    if (fresh) {
+      ADAKV_RETURN_IF_ERROR(scorer->h2o(in, comp.gqa, scores, P, stream, h2o_lse(tok0)));
+      ADAKV_RETURN_IF_ERROR(metric_scatter_rows(mrows, scores, P, P, metric, stream));
+    } else {
+      ADAKV_RETURN_IF_ERROR(h2o_accumulate_chunk(seq, comp, tok0, n, P, row_len_dev, layer));
+      ADAKV_RETURN_IF_ERROR(metric_gather_rows(mrows, metric, P, scores, P, stream));
+      gathered = true;
+    }
+  } else if (rnd) {
+    if (P > comp.window) ADAKV_RETURN_IF_ERROR(random_scores_rows(comp.seed, layer, Hkv, P - comp.window, scores, P, stream));
   } else if (kvc) {
     if (fresh) {
       ADAKV_RETURN_IF_ERROR(scorer->kvcompress_metric(in, comp.pool, comp.pool_kernel, scores, P, stream));
     } else {
       ADAKV_RETURN_IF_ERROR(kv_gather_rows(pool, seq, layer, L, Hkv, d, row_len_dev, P, gather_k, gather_v, hs, stream));
+      gathered = true;
       for (int32_t kh = 0; kh < Hkv; ++kh) {
         WindowScoreInputs h = in;
         h.queries = in.queries + int64_t{kh} * g * d;
@@ -797,6 +866,7 @@ Status CudaModel::Impl::run_compression_window(SeqId seq, const CompressConfig& 
       // Every row holds the P entries of the prompt: gather them (the attention's gather may
       // have been another sequence's) and score each kv head's group on its own row.
       ADAKV_RETURN_IF_ERROR(kv_gather_rows(pool, seq, layer, L, Hkv, d, row_len_dev, P, gather_k, gather_v, hs, stream));
+      gathered = true;
       for (int32_t kh = 0; kh < Hkv; ++kh) {
         WindowScoreInputs h = in;
         h.queries = in.queries + int64_t{kh} * g * d;
@@ -807,11 +877,14 @@ Status CudaModel::Impl::run_compression_window(SeqId seq, const CompressConfig& 
       }
     }
   }
-  const bf16* values = qkv + int64_t{tok0} * qkv_dim() + qd + kv_dim();  // fresh prompts only (two-stage)
+  // Two-stage: the values, token-major in the step (fresh) or one row per kv head (gathered).
+  const bf16* values = fresh ? qkv + int64_t{tok0} * qkv_dim() + qd + kv_dim() : gather_v;
+  const int64_t v_token_stride = fresh ? qkv_dim() : d, v_head_stride = fresh ? d : hs;
   if (two && P > comp.window) {
     CriticalInputs ci;
     ci.values = values;
-    ci.v_token_stride = qkv_dim();
+    ci.v_token_stride = v_token_stride;
+    ci.v_head_stride = v_head_stride;
     ci.o_proj = layers[static_cast<size_t>(layer)].o;
     ci.hidden_size = static_cast<int32_t>(cfg.hidden_size);
     ci.num_heads = static_cast<int32_t>(cfg.num_heads);
@@ -865,15 +938,21 @@ Status CudaModel::Impl::run_compression_window(SeqId seq, const CompressConfig& 
     if (cand > 0)  // [Hkv][P] on the device (row pitch P), [Hkv][cand] here
       ADAKV_CUDA_RETURN_IF_ERROR(cudaMemcpy2DAsync(a.scores.data(), cand * 4, scores, int64_t{P} * 4, cand * 4, Hkv,
                                                    cudaMemcpyDeviceToHost, stream));
-    a.queries.resize(static_cast<size_t>(w * cfg.num_heads * d));
-    ADAKV_CUDA_RETURN_IF_ERROR(cudaMemcpy2DAsync(a.queries.data(), cfg.num_heads * d * 2, in.queries,
-                                                 in.q_token_stride * 2, cfg.num_heads * d * 2, w,
-                                                 cudaMemcpyDeviceToHost, stream));
-    a.keys.resize(static_cast<size_t>(int64_t{P} * Hkv * d));
-    if (fresh) {
+    if (h2o && !fresh) {  // every prompt query: the earlier chunks' and this one's
+      a.queries = audit_prompt_queries[{seq, layer}];
+    } else if (!rnd) {
+      a.queries.resize(static_cast<size_t>(w * cfg.num_heads * d));
+      ADAKV_CUDA_RETURN_IF_ERROR(cudaMemcpy2DAsync(a.queries.data(), cfg.num_heads * d * 2, in.queries,
+                                                   in.q_token_stride * 2, cfg.num_heads * d * 2, w,
+                                                   cudaMemcpyDeviceToHost, stream));
+    }
+    a.keys.resize(rnd ? 0 : static_cast<size_t>(int64_t{P} * Hkv * d));
+    if (rnd) {
+      // random scores read no keys
+    } else if (fresh) {
       ADAKV_CUDA_RETURN_IF_ERROR(cudaMemcpy2DAsync(a.keys.data(), Hkv * d * 2, in.keys, qkv_dim() * 2, Hkv * d * 2, P,
                                                    cudaMemcpyDeviceToHost, stream));
-    } else if (P > comp.window || kvc) {  // the gathered rows, [Hkv][P][d] -> [P][Hkv][d]
+    } else if (gathered) {  // the gathered rows, [Hkv][P][d] -> [P][Hkv][d]
       for (int32_t kh = 0; kh < Hkv; ++kh)
         ADAKV_CUDA_RETURN_IF_ERROR(cudaMemcpy2DAsync(a.keys.data() + int64_t{kh} * d, Hkv * d * 2, gather_k + kh * hs,
                                                      int64_t{d} * 2, int64_t{d} * 2, P, cudaMemcpyDeviceToHost, stream));
@@ -888,8 +967,10 @@ Status CudaModel::Impl::run_compression_window(SeqId seq, const CompressConfig& 
       ADAKV_CUDA_RETURN_IF_ERROR(cudaMemcpy2DAsync(a.crit.data(), cand * 4, crit, int64_t{P} * 4, cand * 4, Hkv,
                                                    cudaMemcpyDeviceToHost, stream));
       a.values.resize(static_cast<size_t>(int64_t{P} * Hkv * d));
-      ADAKV_CUDA_RETURN_IF_ERROR(cudaMemcpy2DAsync(a.values.data(), Hkv * d * 2, values, qkv_dim() * 2, Hkv * d * 2, P,
-                                                   cudaMemcpyDeviceToHost, stream));
+      for (int32_t kh = 0; kh < Hkv; ++kh)  // [P][Hkv][d]
+        ADAKV_CUDA_RETURN_IF_ERROR(cudaMemcpy2DAsync(a.values.data() + int64_t{kh} * d, Hkv * d * 2,
+                                                     values + kh * v_head_stride, v_token_stride * 2, int64_t{d} * 2, P,
+                                                     cudaMemcpyDeviceToHost, stream));
     }
     ADAKV_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream));
     audit.push_back(std::move(a));
@@ -1060,6 +1141,8 @@ Status CudaModel::step(std::span<const SeqStep> steps, KvCacheManager& mgr, bool
   std::vector<uint8_t> metric_obs(static_cast<size_t>(B), 0);   // ... and the last query's attention is added
   std::vector<int32_t> metric_md(static_cast<size_t>(B), 0);
   std::vector<uint8_t> ring_save(static_cast<size_t>(B), 0);  // prefill_part of a window policy
+  std::vector<uint8_t> h2o_part(static_cast<size_t>(B), 0);   // prefill_part of H2O: its share into the metric
+  std::vector<uint8_t> want_lse(static_cast<size_t>(B), 0);   // H2O prompt steps: prefill attention writes lse
   std::vector<int32_t> comp_slot(static_cast<size_t>(B), -1);  // index into counts / keep regions
   std::vector<int64_t> keep_base(static_cast<size_t>(B), 0);
   int64_t keep_used = 0;
@@ -1077,17 +1160,23 @@ Status CudaModel::step(std::span<const SeqStep> steps, KvCacheManager& mgr, bool
     if (cc == nullptr) continue;
     const KvPolicy pol = cc->policy;
     const int32_t total = static_cast<int32_t>(p0) + ntok[static_cast<size_t>(b)];
-    if (s.prefill_part && !I.seq_compressed[sq] && whole_prompt_policy(pol))
-      return invalid_argument(std::string("cuda step: kv policy ") + kv_policy_name(pol) +
-                              " needs the whole prompt in one step on the device (sequence " + std::to_string(s.seq) +
-                              " is prefilled in chunks: raise the prefill chunk to the prompt length, or use --device cpu)");
-    if (s.prefill_part && ring_policy(pol) && !I.seq_compressed[sq]) {
+    const bool chunk_state = ring_policy(pol) || pol == KvPolicy::kH2o;  // earlier chunks leave state
+    if (s.prefill_part && chunk_state && !I.seq_compressed[sq]) {
       if (I.ring_end[sq] != p0)
         return invalid_argument("cuda step: a prompt chunk of sequence " + std::to_string(s.seq) + " at position " +
                                 std::to_string(p0) + " follows chunks not marked prefill_part");
-      ring_save[static_cast<size_t>(b)] = 1;
+      (pol == KvPolicy::kH2o ? h2o_part : ring_save)[static_cast<size_t>(b)] = 1;
     }
     const bool compressing = s.compress && !I.seq_compressed[sq] && complete[static_cast<size_t>(b)];
+    want_lse[static_cast<size_t>(b)] = pol == KvPolicy::kH2o && (h2o_part[static_cast<size_t>(b)] || compressing);
+    if (compressing && pol == KvPolicy::kH2o && p0 > 0) {
+      // The last chunk of a chunked H2O prompt adds its share to the earlier chunks': its new
+      // entries start at zero like any other chunk's.
+      if (I.ring_end[sq] != p0)
+        return invalid_argument("cuda step: the last chunk of sequence " + std::to_string(s.seq) +
+                                " needs the attention of earlier chunks, which were not marked prefill_part");
+      metric_zero[static_cast<size_t>(b)] = 1;
+    }
     if (metric_policy(pol) && !compressing) {
       metric_zero[static_cast<size_t>(b)] = 1;
       metric_obs[static_cast<size_t>(b)] = I.seq_compressed[sq];  // after the prompt: decode / append steps
@@ -1096,14 +1185,11 @@ Status CudaModel::step(std::span<const SeqStep> steps, KvCacheManager& mgr, bool
     if (!compressing) continue;
     I.seq_compressed[sq] = 1;
     comp_cfg[static_cast<size_t>(b)] = cc;
-    const bool layer_comp = (policy_uses_window_scores(pol) && total > cc->window) || metric_policy(pol);
+    const bool layer_comp = ((policy_uses_window_scores(pol) || pol == KvPolicy::kRandom) && total > cc->window) ||
+                            metric_policy(pol);
     if (layer_comp) {
-      if (p0 > 0 && whole_prompt_policy(pol))
-        return invalid_argument(std::string("cuda step: kv policy ") + kv_policy_name(pol) +
-                                " needs the whole prompt in one step on the device (sequence " +
-                                std::to_string(s.seq) + " held entries before its compressing step)");
       const int32_t wq = std::min(cc->window, total);
-      if (p0 > 0 && ntok[static_cast<size_t>(b)] < wq && I.ring_end[sq] != p0)
+      if (ring_policy(pol) && p0 > 0 && ntok[static_cast<size_t>(b)] < wq && I.ring_end[sq] != p0)
         return invalid_argument("cuda step: the last chunk of sequence " + std::to_string(s.seq) +
                                 " needs the window queries of earlier chunks, which were not marked prefill_part");
       comp_window[static_cast<size_t>(b)] = 1;
@@ -1224,6 +1310,7 @@ Status CudaModel::step(std::span<const SeqStep> steps, KvCacheManager& mgr, bool
     for (int32_t b = n_dec; b < B && I.fast_prefill; ++b) {
       const int32_t t0 = tok0[static_cast<size_t>(b)], n = ntok[static_cast<size_t>(b)];
       const SeqId seq = mh[f_seq + b];
+      float* lse = want_lse[static_cast<size_t>(b)] ? const_cast<float*>(I.h2o_lse(t0)) : nullptr;
       PrefillAttentionArgs pa;
       pa.num_q = n;
       pa.head_dim = d;
@@ -1241,6 +1328,7 @@ Status CudaModel::step(std::span<const SeqStep> steps, KvCacheManager& mgr, bool
         pa.num_kv_heads = Hkv;
         pa.k_row_stride = qkvd;
         pa.v_row_stride = qkvd;
+        pa.lse = lse;
         ADAKV_RETURN_IF_ERROR(prefill_attention(pa, st));
       } else {
         // Rows that held entries before this step: gather each kv head's row (its own length).
@@ -1259,9 +1347,18 @@ Status CudaModel::step(std::span<const SeqStep> steps, KvCacheManager& mgr, bool
           pa.num_kv_heads = 1;
           pa.k_row_stride = d;
           pa.v_row_stride = d;
+          pa.lse = lse == nullptr ? nullptr : lse + int64_t{kh} * g * n;
           ADAKV_RETURN_IF_ERROR(prefill_attention(pa, st));
         }
       }
+    }
+    for (int32_t b = 0; b < B; ++b) {  // H2O chunks before the last: their share of the metric
+      if (!h2o_part[static_cast<size_t>(b)]) continue;
+      const int32_t n = ntok[static_cast<size_t>(b)];
+      const int32_t total = static_cast<int32_t>(pos0[static_cast<size_t>(order[static_cast<size_t>(b)])]) + n;
+      const SeqId seq = mh[f_seq + b];
+      ADAKV_RETURN_IF_ERROR(I.h2o_accumulate_chunk(seq, *I.comp_of(seq), tok0[static_cast<size_t>(b)], n, total,
+                                                   md + f_rowlen + (int64_t{b} * L + l) * Hkv, l));
     }
     for (int32_t b = 0; b < B; ++b) {
       if (!comp_window[static_cast<size_t>(b)]) continue;
@@ -1423,7 +1520,7 @@ Status CudaModel::step(std::span<const SeqStep> steps, KvCacheManager& mgr, bool
   }
   for (int32_t i = 0; i < B; ++i) mgr.advance_logical_length(steps[static_cast<size_t>(i)].seq, static_cast<int64_t>(steps[static_cast<size_t>(i)].tokens.size()));
   for (int32_t b = 0; b < B; ++b)
-    if (ring_save[static_cast<size_t>(b)])
+    if (ring_save[static_cast<size_t>(b)] || h2o_part[static_cast<size_t>(b)])
       I.ring_end[static_cast<size_t>(mh[f_seq + b])] =
           pos0[static_cast<size_t>(order[static_cast<size_t>(b)])] + ntok[static_cast<size_t>(b)];
   for (int32_t b = 0; b < B; ++b) {

@@ -176,10 +176,10 @@ class CudaModel {
 // Whether a CUDA device is usable; the reason otherwise ("no CUDA device", driver errors).
 Status cuda_device_available();
 
-// Whether the device runs `config`'s policy (every policy but random: full, snapkv, pyramidkv,
-// ada-snapkv, ada-pyramidkv, criticalkv, ada-criticalkv, h2o, kvcompress, streamingllm);
-// kUnimplemented naming the policy otherwise. (h2o and the CriticalKV pair need the whole prompt
-// in one step: a chunked prompt is refused at its first chunk.)
+// Whether the device runs `config`'s policy (every policy of method.md does: full, snapkv,
+// pyramidkv, ada-snapkv, ada-pyramidkv, criticalkv, ada-criticalkv, h2o, kvcompress,
+// streamingllm, random); kUnimplemented naming the policy otherwise (a policy added to the host
+// before the device).
 Status compression_supported(const CompressConfig& config);
 
 }  // namespace adakv::cuda

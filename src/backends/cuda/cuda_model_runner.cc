@@ -191,13 +191,6 @@ class CudaModelRunner final : public ModelRunner {
       if (id < 0 || id >= vocab)
         return invalid_argument("token id " + std::to_string(id) + " is outside the vocabulary of " +
                                 std::to_string(vocab));
-    // h2o scores every prompt query, CriticalKV reads the prompt's values from the step: on the
-    // device both need the prompt in one step (refused here, so no other item of the step fails).
-    const CompressConfig& c = configs_[static_cast<size_t>(it.seq)];
-    if (it.phase == StepPhase::kPrefillPart && (c.policy == KvPolicy::kH2o || policy_is_two_stage(c.policy)))
-      return invalid_argument(std::string("cuda: kv policy ") + kv_policy_name(c.policy) +
-                              " needs the whole prompt in one step on the device; this prompt is prefilled in chunks "
-                              "(raise --prefill-chunk above the prompt length, or use --device cpu)");
     const int64_t end = manager_.logical_length(it.seq) + static_cast<int64_t>(it.tokens.size());
     if (end > model_->context_length())
       return out_of_range("a sequence of " + std::to_string(end) + " tokens exceeds the context of " +

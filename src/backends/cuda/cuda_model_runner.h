@@ -2,11 +2,9 @@
 // (the decode token of each running sequence, prompt chunks, re-fed tokens) runs as ONE batched
 // device step; bf16 K/V in the device pool (sized from the options below) with the host
 // KvCacheManager as the source of truth; each sequence's own compression config, run on the
-// device (window policies, criticalkv, ada-criticalkv and h2o after the prompt's last chunk,
-// kvcompress across layers after it; h2o, kvcompress and streamingllm again every `interval`
-// decode steps and on compress_now). Policies the device cannot run yet (random) make
-// add_sequence fail, naming them (cuda::compression_supported); h2o and the CriticalKV pair need
-// the whole prompt in one step (a prompt longer than the prefill chunk fails its request).
+// device (window policies, criticalkv, ada-criticalkv, h2o and random after the prompt's last
+// chunk, kvcompress across layers after it; h2o, kvcompress and streamingllm again every
+// `interval` decode steps and on compress_now). Every policy works with chunked prefill.
 #pragma once
 
 #include <cstdint>

@@ -21,11 +21,13 @@ __device__ __forceinline__ int64_t slot_of(const MetricRows& r, int row, int i) 
   return static_cast<int64_t>(r.page_ids[r.row_page_offsets[row] + i / kPageSize]) * kPageSize + i % kPageSize;
 }
 
-__global__ void scatter_kernel(const MetricRows r, const float* values, int64_t stride, int length, float* metric) {
+__global__ void scatter_kernel(const MetricRows r, const float* values, int64_t stride, int length, float* metric,
+                               int add) {
   const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (idx >= static_cast<int64_t>(r.num_rows) * length) return;
   const int row = static_cast<int>(idx / length), i = static_cast<int>(idx % length);
-  metric[slot_of(r, row, i)] = values[row * stride + i];
+  const int64_t slot = slot_of(r, row, i);
+  metric[slot] = add ? metric[slot] + values[row * stride + i] : values[row * stride + i];
 }
 
 __global__ void gather_kernel(const MetricRows r, const float* metric, int length, float* out, int64_t stride) {
@@ -207,13 +209,25 @@ int bits_for(int64_t values) {  // bits to hold 0 .. values - 1
 
 using namespace metric_detail;
 
-Status metric_scatter_rows(const MetricRows& rows, const float* values, int64_t stride, int32_t length, float* metric,
-                           cudaStream_t stream) {
+namespace {
+Status scatter(const MetricRows& rows, const float* values, int64_t stride, int32_t length, float* metric, int add,
+               cudaStream_t stream) {
   const int64_t total = int64_t{rows.num_rows} * length;
   if (total <= 0) return Status::ok();
   ADAKV_CUDA_RETURN_IF_ERROR(launch(scatter_kernel, dim3(static_cast<unsigned>(ceil_div(total, 256))), dim3(256), 0,
-                                    stream, rows, values, stride, static_cast<int>(length), metric));
+                                    stream, rows, values, stride, static_cast<int>(length), metric, add));
   return Status::ok();
+}
+}  // namespace
+
+Status metric_scatter_rows(const MetricRows& rows, const float* values, int64_t stride, int32_t length, float* metric,
+                           cudaStream_t stream) {
+  return scatter(rows, values, stride, length, metric, 0, stream);
+}
+
+Status metric_add_rows(const MetricRows& rows, const float* values, int64_t stride, int32_t length, float* metric,
+                       cudaStream_t stream) {
+  return scatter(rows, values, stride, length, metric, 1, stream);
 }
 
 Status metric_gather_rows(const MetricRows& rows, const float* metric, int32_t length, float* out, int64_t stride,

@@ -4,6 +4,7 @@
 // (compact_kv_rows with `metric`) moves it with its entry.
 //
 //   metric_scatter_rows   values [rows][stride] -> metric[slot of (row, i)], i < length
+//   metric_add_rows       metric[slot of (row, i)] += values [rows][stride] (a chunk's H2O share)
 //   metric_gather_rows    metric[slot of (row, i)] -> out [rows][stride]
 //   metric_decode_add     one decode query per row: metric[slot(row, i)] += reduce_g p[g][i]
 //                         (H2O: mean | max over the group; KV-Compress: sum of p^2), fp64 per entry
@@ -35,6 +36,8 @@ struct MetricRows {
 
 Status metric_scatter_rows(const MetricRows& rows, const float* values, int64_t stride, int32_t length, float* metric,
                            cudaStream_t stream);
+Status metric_add_rows(const MetricRows& rows, const float* values, int64_t stride, int32_t length, float* metric,
+                       cudaStream_t stream);
 Status metric_gather_rows(const MetricRows& rows, const float* metric, int32_t length, float* out, int64_t stride,
                           cudaStream_t stream);
 

@@ -151,6 +151,31 @@ double measure_gemm_tflops(cudaStream_t stream, cudaEvent_t e0, cudaEvent_t e1) 
 // gate/up 28672, down 4096 x 14336). Norms, RoPE and SwiGLU are left out (a few % of a layer), so
 // the prefill is slightly underestimated and the share slightly overstated. Returns ms per layer
 // (median of 10) and the attention part in *attn_ms; 0 when cuBLAS is unavailable.
+// Causal prefill attention of L queries over L keys with the model's heads (rows q_stride /
+// kv_stride elements apart; lse optional).
+cuda::PrefillAttentionArgs causal_prefill(const __nv_bfloat16* q, int64_t q_stride, const __nv_bfloat16* k,
+                                          const __nv_bfloat16* v, int64_t kv_stride, __nv_bfloat16* out, float* lse,
+                                          int L) {
+  cuda::PrefillAttentionArgs pa;
+  pa.q = q;
+  pa.k = k;
+  pa.v = v;
+  pa.out = out;
+  pa.lse = lse;
+  pa.num_q = L;
+  pa.num_k = L;
+  pa.num_qo_heads = kHeads;
+  pa.num_kv_heads = kKvHeads;
+  pa.head_dim = kDim;
+  pa.q_row_stride = q_stride;
+  pa.k_row_stride = kv_stride;
+  pa.v_row_stride = kv_stride;
+  pa.out_row_stride = kHeads * kDim;
+  pa.softmax_scale = 1.0f / std::sqrt(float(kDim));
+  pa.causal = true;
+  return pa;
+}
+
 double measure_prefill_layer_ms(int L, cudaStream_t stream, cudaEvent_t e0, cudaEvent_t e1, double* attn_ms) {
   Cublas cb;
   *attn_ms = 0;
@@ -174,22 +199,8 @@ double measure_prefill_layer_ms(int L, cudaStream_t stream, cudaEvent_t e0, cuda
     cb.gemm_ex(h, CUBLAS_OP_T, CUBLAS_OP_N, n, L, k, &one, w, CUDA_R_16BF, k, x, CUDA_R_16BF, k, &zero, y, CUDA_R_16BF,
                n, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
   };
-  cuda::PrefillAttentionArgs pa;
-  pa.q = qkv;
-  pa.k = qkv + kHeads * kDim;
-  pa.v = qkv + (kHeads + kKvHeads) * kDim;
-  pa.out = out;
-  pa.num_q = L;
-  pa.num_k = L;
-  pa.num_qo_heads = kHeads;
-  pa.num_kv_heads = kKvHeads;
-  pa.head_dim = kDim;
-  pa.q_row_stride = qkvd;
-  pa.k_row_stride = qkvd;
-  pa.v_row_stride = qkvd;
-  pa.out_row_stride = kHeads * kDim;
-  pa.softmax_scale = 1.0f / std::sqrt(float(kDim));
-  pa.causal = true;
+  const cuda::PrefillAttentionArgs pa = causal_prefill(qkv, qkvd, qkv + kHeads * kDim, qkv + (kHeads + kKvHeads) * kDim,
+                                                       qkvd, out, nullptr, L);
   std::vector<double> total, attn;
   for (int i = 0; i < 13; ++i) {
     ADAKV_CUDA_CHECK(cudaEventRecord(e0, stream));
@@ -383,24 +394,8 @@ Result run_length(int L, int reps, double gemm_tflops, bool with_critical, cudaS
     __nv_bfloat16* attn_out;
     ADAKV_CUDA_CHECK(cudaMalloc(&lse, size_t(kHeads) * L * 4));
     ADAKV_CUDA_CHECK(cudaMalloc(&attn_out, size_t(L) * kHeads * kDim * 2));
-    cuda::PrefillAttentionArgs pa;
-    pa.q = k_pool;
-    pa.k = keys;
-    pa.v = keys;
-    pa.out = attn_out;
-    pa.lse = lse;
-    pa.num_q = L;
-    pa.num_k = L;
-    pa.num_qo_heads = kHeads;
-    pa.num_kv_heads = kKvHeads;
-    pa.head_dim = kDim;
-    pa.q_row_stride = kHeads * kDim;
-    pa.k_row_stride = kKvHeads * kDim;
-    pa.v_row_stride = kKvHeads * kDim;
-    pa.out_row_stride = kHeads * kDim;
-    pa.softmax_scale = 1.0f / std::sqrt(float(kDim));
-    pa.causal = true;
-    BENCH_CHECK_STATUS(cuda::prefill_attention(pa, stream));
+    BENCH_CHECK_STATUS(
+        cuda::prefill_attention(causal_prefill(k_pool, kHeads * kDim, keys, keys, kKvHeads * kDim, attn_out, lse, L), stream));
     res.h2o_lse_ms =
         time_us([&](int) { BENCH_CHECK_STATUS((*h2o_scorer)->h2o(hin, GqaReduce::kMean, scores, L, stream, lse)); }) / 1e3;
     cudaFree(lse);

@@ -601,7 +601,7 @@ int main(int argc, char** argv) {
             double g = 0;
             const bool graph_it =
                 (v.role == kAutoMerge || v.role == kBlockKernel || v.role == kBlockOverlap || v.role == kBlockFused ||
-                 v.role == kBlockFew ||
+                 v.role == kBlockFew || v.role == kBlockAttn ||
                  (v.role == kTwoKernel && v.name.back() - '0' == main_ppi)) &&
                 res.shape.bytes <= 1.1e9;
             if (graph_it) g = time_graph(b, *v.attn, res.shape, &res.layers);

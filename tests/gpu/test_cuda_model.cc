@@ -21,6 +21,7 @@
 
 #include "backends/cuda/cuda_generate.h"
 #include "backends/cuda/cuda_model.h"
+#include "cuda_prompt_steps.h"
 #include "compress/kvcompress.h"
 #include "compress/policy.h"
 #include "core/dtype.h"
@@ -403,17 +404,8 @@ void check_policy_after_prefill(const Checkpoint& ck_ref, const char* policy, in
     KvCacheManager m((*gpu)->kv_layout(), (*gpu)->num_pages());
     const SeqId seq = m.add_sequence();
     cuda::StepResult out;
-    const size_t step_len = chunk > 0 ? size_t(chunk) : prompt.size();
-    for (size_t p = 0; p < prompt.size(); p += step_len) {
-      const size_t e = std::min(prompt.size(), p + step_len);
-      cuda::SeqStep s;
-      s.seq = seq;
-      s.tokens = std::span<const int32_t>(prompt.data() + p, e - p);
-      s.compress = e == prompt.size();
-      s.prefill_part = !s.compress;
-      const Status st = (*gpu)->step({&s, 1}, m, false, &out);
-      ASSERT_TRUE(st.is_ok()) << policy << " chunk at " << p << ": " << st.message();
-    }
+    const Status st = step_prompt(**gpu, m, seq, prompt, size_t(chunk), false, nullptr, &out);
+    ASSERT_TRUE(st.is_ok()) << policy << ": " << st.message();
     const auto& audit = (*gpu)->compression_audit();
     ASSERT_EQ(audit.size(), size_t(c.num_layers));
     const int32_t H = int32_t(c.num_heads), Hkv = int32_t(c.num_kv_heads), d = int32_t(c.head_dim);

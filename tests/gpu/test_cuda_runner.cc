@@ -24,6 +24,7 @@
 
 #include "adakv/engine.h"
 #include "backends/cuda/cuda_model.h"
+#include "cuda_prompt_steps.h"
 #include "compress/policy.h"
 #include "core/dtype.h"
 #include "core/mapped_file.h"
@@ -119,17 +120,9 @@ Reference run_alone(cuda::CudaModel& m, const std::vector<int32_t>& prompt, cons
   EXPECT_TRUE(m.set_compression(seq, cc).is_ok());
   cuda::StepResult out;
   const int64_t vocab = m.config().vocab_size;
-  for (size_t p = 0; p < prompt.size(); p += kChunk) {
-    const size_t e = std::min(prompt.size(), p + kChunk);
-    cuda::SeqStep s;
-    s.seq = seq;
-    s.tokens = std::span<const int32_t>(prompt.data() + p, e - p);
-    s.compress = e == prompt.size();
-    s.prefill_part = !s.compress;
-    const Status st = m.step({&s, 1}, mgr, s.compress, &out);
-    EXPECT_TRUE(st.is_ok()) << st.message();
-    if (!st.is_ok()) return ref;
-  }
+  const Status st = step_prompt(m, mgr, seq, prompt, kChunk, true, nullptr, &out);
+  EXPECT_TRUE(st.is_ok()) << st.message();
+  if (!st.is_ok()) return ref;
   int64_t decodes = 0;
   for (;;) {
     const std::span<const float> logits(out.logits.data(), static_cast<size_t>(vocab));
@@ -249,16 +242,8 @@ TEST(CudaRunner, ChunkedPrefillCompressionMatchesHostPolicy) {
       const SeqId seq = mgr.add_sequence();
       ASSERT_TRUE(m.set_compression(seq, cc).is_ok());
       cuda::StepResult out;
-      for (size_t p = 0; p < prompt.size(); p += kChunk) {
-        const size_t e = std::min(prompt.size(), p + kChunk);
-        cuda::SeqStep s;
-        s.seq = seq;
-        s.tokens = std::span<const int32_t>(prompt.data() + p, e - p);
-        s.compress = e == prompt.size();
-        s.prefill_part = !s.compress;
-        const Status st = m.step({&s, 1}, mgr, false, &out);
-        ASSERT_TRUE(st.is_ok()) << st.message();
-      }
+      const Status st = step_prompt(m, mgr, seq, prompt, kChunk, false, nullptr, &out);
+      ASSERT_TRUE(st.is_ok()) << st.message();
       const auto& audit = m.compression_audit();
       ASSERT_EQ(audit.size(), size_t(c.num_layers)) << name;
       const int32_t H = int32_t(c.num_heads), Hkv = int32_t(c.num_kv_heads), d = int32_t(c.head_dim);
@@ -485,19 +470,8 @@ TEST(CudaRunner, SampledOutputFollowsTheSeed) {
       ss.top_k = sp.top_k;
       ss.top_p = sp.top_p;
       const std::vector<int32_t>& prompt = prompts[i];
-      for (size_t p = 0; p < prompt.size(); p += kChunk) {
-        const size_t e = std::min(prompt.size(), p + kChunk);
-        cuda::SeqStep s;
-        s.seq = seq;
-        s.tokens = std::span<const int32_t>(prompt.data() + p, e - p);
-        s.compress = e == prompt.size();
-        s.prefill_part = !s.compress;
-        if (s.compress) {
-          ss.u = device_draws.next_uniform();
-          s.sampling = &ss;
-        }
-        ASSERT_TRUE(m.step({&s, 1}, mgr, s.compress, &out).is_ok());
-      }
+      ss.u = device_draws.next_uniform();  // the first token's draw
+      ASSERT_TRUE(step_prompt(m, mgr, seq, prompt, kChunk, true, &ss, &out).is_ok());
       for (;;) {
         const int32_t dev_tok = out.sampled.at(0);
         ASSERT_GE(dev_tok, 0);

@@ -818,6 +818,77 @@ CheckResult check_h2o_scores() {
   return {false, "", info.str()};
 }
 
+// H2O's continual plan on the device against plan_layer: rows of random lengths (1 .. 4096) over
+// scattered pages, metrics drawn from a few values (many ties, -0 and +0 among them) or random,
+// windows 0 / 16 / 32 and budgets below and above the lengths; every row's keep list must equal
+// plan_layer's (and rows kept whole must report 0).
+CheckResult check_metric_keep_top() {
+  std::mt19937_64 rng(test_seed() ^ 0x7e3ull);
+  int rows_total = 0, compressed = 0;
+  for (int round = 0; round < 12; ++round) {
+    const int32_t rows = 24;
+    CompressConfig c;
+    c.policy = KvPolicy::kH2o;
+    c.window = (round % 3) * 16;
+    c.budget = std::max(c.window + 1, std::uniform_int_distribution<int32_t>(1, 2048)(rng));
+    std::vector<int32_t> lens(rows), offsets(rows);
+    int32_t pages = 0;
+    for (int32_t r = 0; r < rows; ++r) {
+      lens[r] = r == 0 ? cuda::kMetricKeepMaxRow : std::uniform_int_distribution<int32_t>(1, cuda::kMetricKeepMaxRow)(rng);
+      offsets[r] = pages;
+      pages += (lens[r] + kPageSize - 1) / kPageSize;
+    }
+    std::vector<int32_t> ids(pages);
+    std::iota(ids.begin(), ids.end(), 0);
+    std::shuffle(ids.begin(), ids.end(), rng);
+    std::vector<float> metric(static_cast<size_t>(pages) * kPageSize);
+    const bool ties = round % 2 == 0;
+    for (float& m : metric) {
+      const int k = std::uniform_int_distribution<int>(0, 3)(rng);
+      m = ties ? (k == 0 ? -0.0f : k == 1 ? 0.0f : k == 2 ? 0.5f : 1.0f) : std::uniform_real_distribution<float>(0.f, 3.f)(rng);
+    }
+    const int32_t longest = *std::max_element(lens.begin(), lens.end());
+    DeviceArray<int32_t> did(ids), doff(offsets), dlen(lens), keep(static_cast<size_t>(rows) * longest), counts(rows);
+    DeviceArray<float> dm(metric);
+    cuda::MetricKeepParams kp;
+    kp.rows = {did.ptr, doff.ptr, rows};
+    kp.row_lengths = dlen.ptr;
+    kp.metric = dm.ptr;
+    kp.window = c.window;
+    kp.selection_budget = c.budget - c.window;
+    kp.keep = keep.ptr;
+    kp.keep_stride = longest;
+    kp.counts = counts.ptr;
+    CHECK_STATUS(cuda::metric_keep_top(kp, nullptr));
+    const std::vector<int32_t> got = keep.download(), cnt = counts.download();
+    for (int32_t r = 0; r < rows; ++r) {
+      LayerScores sc;
+      sc.lengths = {lens[r]};
+      std::vector<float> row(static_cast<size_t>(std::max(0, lens[r] - c.window)));
+      for (size_t i = 0; i < row.size(); ++i)
+        row[i] = metric[static_cast<size_t>(int64_t{ids[offsets[r] + int32_t(i) / kPageSize]} * kPageSize + int32_t(i) % kPageSize)];
+      sc.scores.push_back(row);
+      const LayerPlan plan = plan_layer(c, 0, c.budget - c.window, sc);
+      const std::vector<int32_t>& want = plan.keep[0];
+      ++rows_total;
+      if (int32_t(want.size()) == lens[r]) {
+        if (cnt[r] != 0) return {false, "row kept whole but count " + std::to_string(cnt[r]), ""};
+        continue;
+      }
+      ++compressed;
+      const std::vector<int32_t> g(got.begin() + int64_t{r} * longest, got.begin() + int64_t{r} * longest + cnt[r]);
+      if (g != want)
+        return {false, "round " + std::to_string(round) + " row " + std::to_string(r) + " (length " +
+                           std::to_string(lens[r]) + ", window " + std::to_string(c.window) + ", budget " +
+                           std::to_string(c.budget) + "): keep list differs from plan_layer's",
+                ""};
+    }
+  }
+  std::ostringstream info;
+  info << rows_total << " rows (" << compressed << " compressed; lengths 1 .. 4096, ties and -0): keep lists == plan_layer";
+  return {false, "", info.str()};
+}
+
 // Rows of random lengths over scattered pages; per row the host's window_mean_probs of one query.
 CheckResult check_decode_metric() {
   std::mt19937_64 rng(test_seed() ^ 0xDEC0ull);
@@ -841,6 +912,28 @@ CheckResult check_decode_metric() {
     for (float& m : metric) m = std::uniform_real_distribution<float>(0.f, 1.f)(rng);
     DeviceArray<uint16_t> dk(kpool.bits), dq(q.bits);
     DeviceArray<int32_t> did(ids), doff(offsets), dlen(lens);
+    // Each query's lse over its row, fp64 ([B][H]), for the one-pass variant.
+    std::vector<float> lse(static_cast<size_t>(B) * H);
+    for (int32_t r = 0; r < rows; ++r) {
+      const int32_t b = r / hkv, kh = r % hkv;
+      for (int32_t gi = 0; gi < g; ++gi) {
+        const float* qh = q.f32.data() + (static_cast<size_t>(b) * H + kh * g + gi) * d;
+        std::vector<double> z(static_cast<size_t>(lens[r]));
+        double mx = -INFINITY;
+        for (int32_t i = 0; i < lens[r]; ++i) {
+          const int64_t slot = int64_t{ids[offsets[r] + i / kPageSize]} * kPageSize + i % kPageSize;
+          double dot = 0;
+          for (int32_t t = 0; t < d; ++t) dot += double(qh[t]) * kpool.f32[static_cast<size_t>(slot * d + t)];
+          z[size_t(i)] = dot / std::sqrt(double(d));
+          mx = std::max(mx, z[size_t(i)]);
+        }
+        double sum = 0;
+        for (double v : z) sum += std::exp(v - mx);
+        lse[static_cast<size_t>(b) * H + kh * g + gi] = static_cast<float>(mx + std::log(sum));
+      }
+    }
+    DeviceArray<float> dlse(lse);
+    for (const bool with_lse : {false, true}) {
     DeviceArray<float> dm(metric);
     cuda::MetricDecodeParams p;
     p.k_pool = as_bf16(dk);
@@ -855,6 +948,11 @@ CheckResult check_decode_metric() {
     p.scale = 1.0f / std::sqrt(float(d));
     p.mode = mode;
     p.metric = dm.ptr;
+    if (with_lse) {
+      p.lse = dlse.ptr;
+      p.lse_token_stride = H;
+      p.max_length = *std::max_element(lens.begin(), lens.end());
+    }
     CHECK_STATUS(cuda::metric_decode_add(p, nullptr));
     const std::vector<float> got = dm.download();
     for (int32_t r = 0; r < rows; ++r) {
@@ -888,13 +986,17 @@ CheckResult check_decode_metric() {
         const double e = std::abs(got[slot] - want) / std::max(std::abs(want), 1e-30);
         worst = std::max(worst, e);
         if (!(e <= 3e-5))
-          return {false, "decode metric mode " + std::to_string(mode) + " row " + std::to_string(r) + " entry " +
-                             std::to_string(i) + ": relative error " + std::to_string(e), ""};
+          return {false, "decode metric mode " + std::to_string(mode) + (with_lse ? " (with lse)" : "") + " row " +
+                             std::to_string(r) + " entry " + std::to_string(i) + ": relative error " + std::to_string(e),
+                  ""};
       }
+    }
     }
   }
   std::ostringstream info;
-  info << "decode accumulation (mean, max, p^2) over paged rows: max relative error " << worst << " (limit 3e-5)";
+  info << "decode accumulation (mean, max, p^2) over paged rows, statistics pass and one pass with the lse: max "
+          "relative error "
+       << worst << " (limit 3e-5)";
   return {false, "", info.str()};
 }
 
@@ -972,6 +1074,7 @@ std::vector<NamedCheck> all_checks() {
       {"CompactionMatchesHostMoves", [] { return guarded(check_compaction); }},
       {"H2oScoresAgainstHost", [] { return guarded(check_h2o_scores); }},
       {"DecodeMetricAgainstHost", [] { return guarded(check_decode_metric); }},
+      {"H2oContinualPlanAgainstHost", [] { return guarded(check_metric_keep_top); }},
       {"KvCompressSelectionAgainstHost", [] { return guarded(check_kvc_select); }},
   };
 }

@@ -164,6 +164,8 @@ struct CudaModel::Impl {
   int32_t* stream_keep_dev = nullptr;  // streamingllm: [rows_per_seq][budget]
   int32_t* stream_keep_host = nullptr;
   int32_t* stream_counts_dev = nullptr;
+  int32_t* h2o_len_dev = nullptr;      // [rows_per_seq] H2O's continual plan: the row lengths
+  int32_t* h2o_counts_host = nullptr;  // [rows_per_seq] pinned: its kept counts
   std::vector<CompressionAuditLayer> audit;
   // audit_compression, chunked H2O: the queries of the prompt's earlier chunks per (seq, layer).
   std::map<std::pair<SeqId, int32_t>, std::vector<uint16_t>> audit_prompt_queries;
@@ -522,6 +524,8 @@ Status CudaModel::Impl::allocate_runtime() {
   ADAKV_RETURN_IF_ERROR(alloc(&counts_dev, S * rows_per_seq, "keep counts", ws));
   ADAKV_RETURN_IF_ERROR(alloc_host(&counts_host, S * rows_per_seq, "keep counts"));
   ADAKV_RETURN_IF_ERROR(alloc(&stream_counts_dev, rows_per_seq, "streamingllm keep counts", ws));
+  ADAKV_RETURN_IF_ERROR(alloc(&h2o_len_dev, rows_per_seq, "h2o row lengths", ws));
+  ADAKV_RETURN_IF_ERROR(alloc_host(&h2o_counts_host, rows_per_seq, "h2o keep counts"));
   ADAKV_RETURN_IF_ERROR(alloc(&rows_off_dev, rows_per_seq, "keep list offsets", ws));
   if (has_comp && comp.policy == KvPolicy::kStreamingLlm)
     ADAKV_RETURN_IF_ERROR(regrow(&stream_keep_dev, &stream_keep_host, &stream_cap, rows_per_seq * int64_t{comp.budget},
@@ -1235,6 +1239,10 @@ Status CudaModel::step(std::span<const SeqStep> steps, KvCacheManager& mgr, bool
   }
   if (I.opt.audit_compression) I.audit.clear();
 
+  // H2O / KV-Compress decode tokens: the decode attention also writes each query's lse ([n_dec][H]
+  // at lse_buf), so the metric kernel reads each key once for the whole group.
+  float* dec_lse = any_obs && I.fast_decode && I.lse_buf != nullptr ? I.lse_buf : nullptr;
+
   // --- the forward ---------------------------------------------------------------------------------------
   const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(d)));
   const float eps = static_cast<float>(c.rms_norm_eps);
@@ -1297,7 +1305,7 @@ Status CudaModel::step(std::span<const SeqStep> steps, KvCacheManager& mgr, bool
         v.num_kv_heads = Hkv;
         v.head_dim = d;
         v.page_stride = I.pool.page_stride;
-        ADAKV_RETURN_IF_ERROR(I.decode[static_cast<size_t>(l)]->run(v, I.qkv, qkvd, I.attn, qd, nullptr, scale, st));
+        ADAKV_RETURN_IF_ERROR(I.decode[static_cast<size_t>(l)]->run(v, I.qkv, qkvd, I.attn, qd, dec_lse, scale, st));
       } else {
         ADAKV_RETURN_IF_ERROR(attention_generic(I.pool, sub_view(0, n_dec), l, H, d, I.qkv, qkvd, I.attn, qd, scale, st));
       }
@@ -1393,6 +1401,11 @@ Status CudaModel::step(std::span<const SeqStep> steps, KvCacheManager& mgr, bool
         mp.rows = {I.page_table, md + f_doff + r0, (e - b) * Hkv};
         mp.row_lengths = md + f_dlen + r0;
         mp.queries = I.qkv + int64_t{b} * qkvd;  // decode token b is token b of the step
+        if (dec_lse != nullptr) {
+          mp.lse = dec_lse + int64_t{b} * H;
+          mp.lse_token_stride = H;
+          mp.max_length = *std::max_element(mh + f_dlen + r0, mh + f_dlen + r0 + int64_t{e - b} * Hkv);
+        }
       } else {
         const SeqId seq = mh[f_seq + b];
         mp.rows = {I.page_table, I.row_offsets_all + (int64_t{seq} * L + l) * Hkv, Hkv};
@@ -1668,6 +1681,50 @@ Status CudaModel::Impl::compress_h2o(SeqId seq, const CompressConfig& cc, KvCach
     longest = std::max(longest, lengths[static_cast<size_t>(r)]);
   }
   if (longest <= cc.budget) return Status::ok();  // nothing to evict anywhere
+  if (longest <= kMetricKeepMaxRow) {
+    // On the device: every row's plan in one launch (metric_keep_top == plan_layer here), the
+    // compaction over the rows that lose entries, then the lists to the host for the manager.
+    ADAKV_RETURN_IF_ERROR(regrow(&keep_dev, &keep_host, &keep_cap, int64_t{R} * longest, "keep lists"));
+    ADAKV_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(h2o_len_dev, lengths.data(), sizeof(int32_t) * R, cudaMemcpyHostToDevice, stream));
+    MetricKeepParams kp;
+    kp.rows = {page_table, row_offsets_all + int64_t{seq} * R, R};
+    kp.row_lengths = h2o_len_dev;
+    kp.metric = metric;
+    kp.window = cc.window;
+    kp.selection_budget = cc.budget - cc.window;
+    kp.keep = keep_dev;
+    kp.keep_stride = longest;
+    kp.counts = stream_counts_dev;
+    ADAKV_RETURN_IF_ERROR(metric_keep_top(kp, stream));
+    KvCompactParams cp;
+    cp.k_pool = pool.k_pool;
+    cp.v_pool = pool.v_pool;
+    cp.page_stride = pool.page_stride;
+    cp.head_dim = static_cast<int32_t>(cfg.head_dim);
+    cp.positions = pool.positions;
+    cp.metric = metric;
+    cp.row_page_offsets = row_offsets_all + int64_t{seq} * R;
+    cp.page_ids = page_table;
+    cp.num_rows = R;
+    cp.keep = keep_dev;
+    cp.keep_stride = longest;
+    cp.keep_counts = stream_counts_dev;  // 0 for the rows kept whole: untouched
+    ADAKV_RETURN_IF_ERROR(compact_kv_rows(cp, stream));
+    ADAKV_CUDA_RETURN_IF_ERROR(
+        cudaMemcpyAsync(h2o_counts_host, stream_counts_dev, sizeof(int32_t) * R, cudaMemcpyDeviceToHost, stream));
+    ADAKV_CUDA_RETURN_IF_ERROR(
+        cudaMemcpyAsync(keep_host, keep_dev, sizeof(int32_t) * R * longest, cudaMemcpyDeviceToHost, stream));
+    ADAKV_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream));
+    for (int32_t r = 0; r < R; ++r) {
+      const int32_t cnt = h2o_counts_host[r];
+      if (cnt == 0) continue;
+      (void)m.keep_entries(seq, r / Hkv, r % Hkv,
+                           std::span<const int32_t>(keep_host + int64_t{r} * longest, static_cast<size_t>(cnt)));
+    }
+    return Status::ok();
+  }
+  // Rows longer than the device plan takes (a compress_now long after the last compression):
+  // the same plan on the host over the device's metric.
   ADAKV_RETURN_IF_ERROR(regrow(&gath, static_cast<float**>(nullptr), &gath_cap, int64_t{R} * longest, "h2o metric rows"));
   for (int32_t r = 0; r < R;) {  // runs of rows with one length: one gather each
     int32_t e = r + 1;

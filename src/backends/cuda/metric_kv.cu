@@ -10,6 +10,8 @@
 #include "backends/cuda/score_common.cuh"
 #include "backends/cuda/select_sort.h"
 
+#include <cub/block/block_scan.cuh>
+
 namespace adakv::cuda {
 
 namespace metric_detail {
@@ -112,6 +114,138 @@ __global__ void __launch_bounds__(kDecThreads) decode_add_kernel(const MetricDec
     }
     p.metric[s] += static_cast<float>(v);
   }
+}
+
+// With the attention's lse: grid (rows, ceil(max_length / 256)), 4 warps; each block takes 256
+// entries of its row, 8 lanes per key (16-byte pieces of it), all g query heads per key read:
+//   p_h = exp(scale q_h . k - lse_h), metric += reduce_g p_h (fp64), as decode_add_kernel.
+constexpr int kLseEntries = 256;
+__global__ void __launch_bounds__(kDecThreads) decode_add_lse_kernel(const MetricDecodeParams p) {
+  ADAKV_DYNAMIC_SMEM(smem);
+  float* q = reinterpret_cast<float*>(smem);  // [g][d]
+  float* lse = q + p.group * p.head_dim;      // [g]
+  const int row = blockIdx.x;
+  const int len = p.row_lengths[row];
+  const int i0 = blockIdx.y * kLseEntries;
+  if (i0 >= len) return;  // the whole block
+  const int b = row / p.num_kv_heads, kvh = row % p.num_kv_heads;
+  const __nv_bfloat16* qb = p.queries + b * p.q_token_stride + static_cast<int64_t>(kvh) * p.group * p.head_dim;
+  for (int i = threadIdx.x; i < p.group * p.head_dim; i += blockDim.x) q[i] = __bfloat162float(qb[i]);
+  for (int i = threadIdx.x; i < p.group; i += blockDim.x)
+    lse[i] = p.lse[b * p.lse_token_stride + static_cast<int64_t>(kvh) * p.group + i];
+  __syncthreads();
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int sub = lane / 8, l8 = lane % 8;  // key sub of the warp's 4, piece l8 (+ 8, ...) of it
+  const int end = min(len, i0 + kLseEntries);
+  const int pieces = p.head_dim / 8;          // 16-byte pieces of a key (<= 32)
+  for (int base = i0 + warp * 4; base < end; base += 4 * (kDecThreads / 32)) {  // uniform per warp
+    const int i = base + sub;
+    const bool valid = i < end;
+    float k[4][8];
+    int64_t slot = 0;
+    if (valid) slot = slot_of(p.rows, row, i);
+    const __nv_bfloat16* kp = p.k_pool + (slot / kPageSize) * p.page_stride + (slot % kPageSize) * p.head_dim;
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      const int c = l8 + 8 * u;
+      if (valid && c < pieces) {
+        score_detail::load_bf16x8(kp + c * 8, k[u]);
+      } else {
+#pragma unroll
+        for (int e = 0; e < 8; ++e) k[u][e] = 0.0f;
+      }
+    }
+    double v = 0.0;
+    for (int gi = 0; gi < p.group; ++gi) {
+      float dot = 0.0f;
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        const int c = l8 + 8 * u;
+        if (c >= pieces) break;
+        const float* qq = q + gi * p.head_dim + c * 8;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) dot = fmaf(qq[e], k[u][e], dot);
+      }
+      dot += __shfl_xor_sync(0xffffffffu, dot, 1);
+      dot += __shfl_xor_sync(0xffffffffu, dot, 2);
+      dot += __shfl_xor_sync(0xffffffffu, dot, 4);
+      const double pr = static_cast<double>(expf(dot * p.scale - lse[gi]));
+      if (p.mode == 2) v += pr * pr;
+      else if (p.mode == 1) v = gi == 0 ? pr : fmax(v, pr);
+      else v += pr / p.group;
+    }
+    if (valid && l8 == 0) p.metric[slot] += static_cast<float>(v);
+  }
+}
+
+// --- H2O's continual plan -------------------------------------------------------------------------
+
+constexpr int kKeepThreads = 512;
+
+// Sort key: ascending order = metric descending, then index ascending (top_k_indices' order).
+__device__ __forceinline__ uint64_t keep_key(float m, int32_t j) {
+  if (m == 0.0f) m = 0.0f;  // -0 ties with +0, as the host's float comparison has it
+  const uint32_t b = __float_as_uint(m);
+  const uint32_t asc = (b & 0x80000000u) ? ~b : (b | 0x80000000u);  // ascending in m
+  return (static_cast<uint64_t>(~asc) << 32) | static_cast<uint32_t>(j);
+}
+
+// One block per row: the candidates' keys sorted in shared memory (bitonic), the first b marked,
+// then written in index order (a block scan), then the window.
+__global__ void __launch_bounds__(kKeepThreads) keep_top_kernel(const MetricKeepParams p) {
+  __shared__ uint64_t keys[kMetricKeepMaxRow];
+  __shared__ uint8_t chosen[kMetricKeepMaxRow];
+  using Scan = cub::BlockScan<int, kKeepThreads>;
+  __shared__ typename Scan::TempStorage scan_tmp;
+  const int row = blockIdx.x, tid = threadIdx.x;
+  const int len = p.row_lengths[row];
+  const int n = max(0, len - p.window);
+  const int b = min(max(p.selection_budget, 0), n);
+  int32_t* keep = p.keep + row * p.keep_stride;
+  if (b >= n) {  // nothing to evict: the row stays whole
+    if (tid == 0) p.counts[row] = 0;
+    return;
+  }
+  int size = 1;
+  while (size < n) size <<= 1;
+  for (int i = tid; i < size; i += kKeepThreads) {
+    keys[i] = i < n ? keep_key(p.metric[slot_of(p.rows, row, i)], i) : ~uint64_t{0};
+    if (i < n) chosen[i] = 0;
+  }
+  __syncthreads();
+  for (int k = 2; k <= size; k <<= 1)
+    for (int j = k >> 1; j > 0; j >>= 1) {
+      for (int i = tid; i < size; i += kKeepThreads) {
+        const int o = i ^ j;
+        if (o > i) {
+          const uint64_t a = keys[i], c = keys[o];
+          if (((i & k) == 0) == (a > c)) {
+            keys[i] = c;
+            keys[o] = a;
+          }
+        }
+      }
+      __syncthreads();
+    }
+  for (int t = tid; t < b; t += kKeepThreads) chosen[static_cast<uint32_t>(keys[t])] = 1;
+  __syncthreads();
+  // Thread tid owns candidates [tid * per, (tid + 1) * per): its count, the exclusive scan, then writes.
+  constexpr int per = kMetricKeepMaxRow / kKeepThreads;
+  int mine = 0;
+#pragma unroll
+  for (int u = 0; u < per; ++u) {
+    const int j = tid * per + u;
+    mine += j < n ? chosen[j] : 0;
+  }
+  int at = 0;
+  Scan(scan_tmp).ExclusiveSum(mine, at);
+#pragma unroll
+  for (int u = 0; u < per; ++u) {
+    const int j = tid * per + u;
+    if (j < n && chosen[j]) keep[at++] = j;
+  }
+  for (int j = n + tid; j < len; j += kKeepThreads) keep[b + (j - n)] = j;
+  if (tid == 0) p.counts[row] = b + (len - n);
 }
 
 // --- KV-Compress selection --------------------------------------------------------------------
@@ -243,11 +377,30 @@ Status metric_decode_add(const MetricDecodeParams& p, cudaStream_t stream) {
   if (p.rows.num_rows <= 0) return Status::ok();
   if (p.head_dim % 8 != 0 || p.head_dim > 256 || p.group < 1 || p.group > 64)
     return invalid_argument("metric_decode_add: head_dim must be a multiple of 8 up to 256, group 1..64");
+  if (p.lse != nullptr) {
+    if (p.max_length <= 0) return Status::ok();
+    const size_t smem = (static_cast<size_t>(p.group) * p.head_dim + p.group) * sizeof(float);
+    if (smem > 48 * 1024)
+      ADAKV_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(decode_add_lse_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                      static_cast<int>(smem)));
+    const dim3 grid(static_cast<unsigned>(p.rows.num_rows), static_cast<unsigned>(ceil_div(p.max_length, kLseEntries)));
+    ADAKV_CUDA_RETURN_IF_ERROR(launch(decode_add_lse_kernel, grid, dim3(kDecThreads), smem, stream, p));
+    return Status::ok();
+  }
   const size_t smem = (static_cast<size_t>(p.group) * p.head_dim + 8 + 2 * p.group) * sizeof(float);
   if (smem > 48 * 1024)
     ADAKV_CUDA_RETURN_IF_ERROR(
         cudaFuncSetAttribute(decode_add_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   ADAKV_CUDA_RETURN_IF_ERROR(launch(decode_add_kernel, dim3(p.rows.num_rows), dim3(kDecThreads), smem, stream, p));
+  return Status::ok();
+}
+
+Status metric_keep_top(const MetricKeepParams& p, cudaStream_t stream) {
+  if (p.rows.num_rows <= 0) return Status::ok();
+  if (p.keep == nullptr || p.counts == nullptr || p.metric == nullptr || p.row_lengths == nullptr)
+    return invalid_argument("metric_keep_top: null pointer");
+  ADAKV_CUDA_RETURN_IF_ERROR(launch(keep_top_kernel, dim3(static_cast<unsigned>(p.rows.num_rows)), dim3(kKeepThreads), 0,
+                                    stream, p));
   return Status::ok();
 }
 

@@ -8,7 +8,9 @@
 //   metric_gather_rows    metric[slot of (row, i)] -> out [rows][stride]
 //   metric_decode_add     one decode query per row: metric[slot(row, i)] += reduce_g p[g][i]
 //                         (H2O: mean | max over the group; KV-Compress: sum of p^2), fp64 per entry
-//                         as KvCompressor::add_attention, fp32 logits
+//                         as KvCompressor::add_attention, fp32 logits; with the attention's lse one
+//                         pass (each key read once for the whole group), else a statistics pass
+//                         first (one block per row)
 //   KvcSelector           KV-Compress: every row's entries sorted by (metric asc, position desc),
 //                         protected entries last (one 64-bit radix sort over the sequence); block
 //                         costs; the global block order (cost asc, row desc, k asc; a second sort);
@@ -54,8 +56,34 @@ struct MetricDecodeParams {
   float scale = 0.f;
   int32_t mode = 0;                           // 0: mean over the group, 1: max, 2: sum of p^2 (KV-Compress)
   float* metric = nullptr;
+  // Optional: the decode attention's log-sum-exp of these queries over these rows (natural log;
+  // token b's query head h at lse[b * lse_token_stride + h]), which spares the statistics pass:
+  // each key is then read once for all g heads. max_length: the longest row (sizes the grid).
+  const float* lse = nullptr;
+  int64_t lse_token_stride = 0;
+  int32_t max_length = 0;
 };
 Status metric_decode_add(const MetricDecodeParams& p, cudaStream_t stream);
+
+// H2O's continual plan on the device (plan_layer of compress/policy.h with uniform allocation,
+// one stage), every row of a sequence in one launch: row r of length len keeps the top
+//   b = clamp(selection_budget, 0, n),  n = max(0, len - window)
+// of its first n entries by metric (ties: the lower index), in ascending order, then its last
+// len - n entries (the window). keep [rows][keep_stride] (>= the longest row), counts [rows]: the
+// kept count of a row that loses entries, 0 for a row kept whole (nothing to move). Rows of at
+// most kMetricKeepMaxRow entries.
+inline constexpr int32_t kMetricKeepMaxRow = 4096;
+struct MetricKeepParams {
+  MetricRows rows;
+  const int32_t* row_lengths = nullptr;  // [num_rows] (device)
+  const float* metric = nullptr;
+  int32_t window = 0;
+  int32_t selection_budget = 0;
+  int32_t* keep = nullptr;
+  int64_t keep_stride = 0;
+  int32_t* counts = nullptr;
+};
+Status metric_keep_top(const MetricKeepParams& p, cudaStream_t stream);
 
 class KvcSelector {
  public:

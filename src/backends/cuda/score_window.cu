@@ -64,25 +64,20 @@ __device__ __forceinline__ void row_coords(const WindowParams& p, int row, int& 
   }
 }
 
-// Rows row0 .. row0 + rows_per_chunk - 1 (those < rows) of kv head kvh into the shared tile.
-template <int D>
+// Rows row0 .. row0 + rows_per_chunk - 1 (those < rows) of kv head kvh into the shared tile: at
+// once, or (kAsync) as cp.async copies that land after the caller's commit + wait.
+template <int D, bool kAsync = false>
 __device__ __forceinline__ void load_query_chunk(__nv_bfloat16* dst, const WindowParams& p, int kvh, int row0) {
   const int count = min(p.rows_per_chunk, p.rows - row0);
-  load_rows_bf16<D>(dst, count, [&](int r) {
+  const auto row_ptr = [&](int r) {
     int gi, i;
     row_coords(p, row0 + r, gi, i);
     return p.q + static_cast<int64_t>(i) * p.q_stride + static_cast<int64_t>(kvh * p.group + gi) * D;
-  });
-}
-
-template <int D>
-__device__ __forceinline__ void load_query_chunk_async(__nv_bfloat16* dst, const WindowParams& p, int kvh, int row0) {
-  const int count = min(p.rows_per_chunk, p.rows - row0);
-  load_rows_bf16_async<D>(dst, count, [&](int r) {
-    int gi, i;
-    row_coords(p, row0 + r, gi, i);
-    return p.q + static_cast<int64_t>(i) * p.q_stride + static_cast<int64_t>(kvh * p.group + gi) * D;
-  });
+  };
+  if constexpr (kAsync)
+    load_rows_bf16_async<D>(dst, count, row_ptr);
+  else
+    load_rows_bf16<D>(dst, count, row_ptr);
 }
 
 template <int D>
@@ -329,14 +324,14 @@ __global__ void __launch_bounds__(kMmaThreads) h2o_probs_kernel(const WindowPara
   for (int u = 0; u < 16; ++u) col[u] = 0.0;
   double qacc = 0.0;  // max: key threadIdx.x's running sum
   if (chunk_begin < chunk_end) {
-    load_query_chunk_async<D>(qs, p, kvh, chunk_begin * p.rows_per_chunk);
+    load_query_chunk<D, true>(qs, p, kvh, chunk_begin * p.rows_per_chunk);
     cp_async_commit();
     load_key_tile<D>(ks, p, kvh, j0);
   }
   for (int chunk = chunk_begin; chunk < chunk_end; ++chunk) {
     const int row0 = chunk * p.rows_per_chunk;
     const int buf = (chunk - chunk_begin) & 1;
-    if (chunk + 1 < chunk_end) load_query_chunk_async<D>(qs + (buf ^ 1) * S::kTileElems, p, kvh, row0 + p.rows_per_chunk);
+    if (chunk + 1 < chunk_end) load_query_chunk<D, true>(qs + (buf ^ 1) * S::kTileElems, p, kvh, row0 + p.rows_per_chunk);
     cp_async_commit();  // (empty on the last chunk: the group count stays uniform)
     cp_async_wait<1>();  // this chunk's copies (this thread's) ...
     __syncthreads();     // ... and everyone's, and the key tile

@@ -8,29 +8,12 @@
 //     the merge kernel and fused into the attention kernel (last-arriving warp of a row).
 // Without a CUDA device the GPU cases skip with a message. Built with GoogleTest, or with its own
 // main() (ADAKV_PLAIN_TEST_MAIN) on a machine that has no GoogleTest libraries.
-#if !ADAKV_PLAIN_TEST_MAIN
-#include <gtest/gtest.h>
-#endif
+#include "gpu_check_harness.h"
 
 #include <cstdio>
 #include <cstdlib>
-#include <functional>
 #include <string>
 #include <vector>
-
-namespace {
-// Outcome of one check: skipped with a reason, or failed with a message, or passed.
-struct CheckResult {
-  bool skipped = false;
-  std::string message;  // the skip reason or the failure; empty on a pass
-  std::string info;     // printed in any case (errors measured, seed)
-  bool passed() const { return !skipped && message.empty(); }
-};
-struct NamedCheck {
-  const char* name;
-  std::function<CheckResult()> fn;
-};
-}  // namespace
 
 #if ADAKV_HAVE_CUDA
 
@@ -711,50 +694,4 @@ std::vector<NamedCheck> all_checks() {
 
 #endif  // ADAKV_HAVE_CUDA
 
-#if ADAKV_PLAIN_TEST_MAIN
-
-int main() {
-  int passed = 0, failed = 0, skipped = 0;
-  for (const NamedCheck& c : all_checks()) {
-    const CheckResult r = c.fn();
-    if (r.skipped) {
-      ++skipped;
-      std::printf("SKIP %s: %s\n", c.name, r.message.c_str());
-    } else if (!r.message.empty()) {
-      ++failed;
-      std::printf("FAIL %s: %s\n", c.name, r.message.c_str());
-    } else {
-      ++passed;
-      std::printf("PASS %s%s%s\n", c.name, r.info.empty() ? "" : ": ", r.info.c_str());
-    }
-    std::fflush(stdout);
-  }
-  std::printf("%d passed, %d failed, %d skipped\n", passed, failed, skipped);
-  return failed == 0 ? 0 : 1;
-}
-
-#else
-
-namespace {
-// One gtest per check, registered at start-up so that ctest lists them by name.
-const bool kRegistered = [] {
-  for (const NamedCheck& c : all_checks()) {
-    testing::RegisterTest("DecodeAttention", c.name, nullptr, nullptr, __FILE__, __LINE__, [c]() -> testing::Test* {
-      struct Body : testing::Test {
-        NamedCheck check;
-        explicit Body(NamedCheck nc) : check(std::move(nc)) {}
-        void TestBody() override {
-          const CheckResult r = check.fn();
-          if (r.skipped) GTEST_SKIP() << r.message;
-          if (!r.info.empty()) std::printf("  %s\n", r.info.c_str());
-          EXPECT_TRUE(r.message.empty()) << r.message;
-        }
-      };
-      return new Body(c);
-    });
-  }
-  return true;
-}();
-}  // namespace
-
-#endif
+ADAKV_RUN_CHECKS("DecodeAttention")

@@ -225,6 +225,86 @@ __device__ __forceinline__ void merge_row_warp(const DecodeParams& p, int seq, i
   }
 }
 
+// Online softmax of one warp over its pages k = 0 .. mine - 1: row page page0 + kStride * k, page
+// id ids[kStride * k], entries valid in it: min(16, valid_total - 16 * (page0 + kStride * k)).
+// The v2 warp kernel walks its item's pages in order (kStride 1); in the v3 block kernel the
+// block's 4 warps interleave (kStride 4, page0 = the warp). Page ids travel one per lane, 32 at a
+// time, the next 32 loaded a batch ahead (`cur` holds the first batch).
+template <int kHeadDim, int kPagesPerIter, int kStride>
+__device__ __forceinline__ void attend_pages(const DecodeParams& p, const int32_t* ids, int mine, int page0,
+                                             int valid_total, const uint4 (&qf)[kHeadDim / 32],
+                                             float (&o)[kHeadDim / 16][4], float (&m)[2], float (&l)[2], int lane,
+                                             int cur) {
+  constexpr int T = kHeadDim / 16;
+  const int r = lane >> 2, c = lane & 3;
+  for (int base = 0; base < mine; base += 32) {
+    const int nxt = base + 32 + lane < mine ? ids[kStride * (base + 32 + lane)] : 0;
+    const int cnt = min(32, mine - base);
+    for (int i = 0; i < cnt; i += kPagesPerIter) {
+      PageFrag<kHeadDim> f[kPagesPerIter];
+      int valid[kPagesPerIter];
+#pragma unroll
+      for (int u = 0; u < kPagesPerIter; ++u) {
+        const int pid = __shfl_sync(kFullMask, cur, i + u);  // i + u < 32: kPagesPerIter divides 32
+        valid[u] = i + u < cnt ? min(kPageSize, valid_total - (page0 + kStride * (base + i + u)) * kPageSize) : 0;
+        if (valid[u] > 0) {
+          const int64_t off = int64_t{pid} * p.kv.page_stride;
+          load_page<kHeadDim>(f[u], p.kv.k_pool + off, p.kv.v_pool + off, r, c);
+        } else {
+          zero_page<kHeadDim>(f[u]);
+        }
+      }
+      float t[kPagesPerIter][4];
+      float mx0 = kNegInf, mx1 = kNegInf;
+#pragma unroll
+      for (int u = 0; u < kPagesPerIter; ++u) {
+        float s[4];
+        page_scores<kHeadDim>(s, f[u], qf);
+        const bool lo_ok = r < valid[u], hi_ok = r + 8 < valid[u];
+        t[u][0] = lo_ok ? s[0] * p.scale_log2 : kNegInf;
+        t[u][1] = lo_ok ? s[1] * p.scale_log2 : kNegInf;
+        t[u][2] = hi_ok ? s[2] * p.scale_log2 : kNegInf;
+        t[u][3] = hi_ok ? s[3] * p.scale_log2 : kNegInf;
+        mx0 = fmaxf(mx0, fmaxf(t[u][0], t[u][2]));
+        mx1 = fmaxf(mx1, fmaxf(t[u][1], t[u][3]));
+        if (valid[u] < kPageSize) mask_v<kHeadDim>(f[u], valid[u], c);
+      }
+#pragma unroll
+      for (int off = 4; off < 32; off <<= 1) {
+        mx0 = fmaxf(mx0, __shfl_xor_sync(kFullMask, mx0, off));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(kFullMask, mx1, off));
+      }
+      const float mn0 = fmaxf(m[0], mx0), mn1 = fmaxf(m[1], mx1);
+      // A max of -inf means nothing valid yet; subtracting 0 then keeps exp2 away from NaN.
+      const float ref0 = mn0 == kNegInf ? 0.f : mn0, ref1 = mn1 == kNegInf ? 0.f : mn1;
+      const float alpha0 = fast_exp2(m[0] - ref0), alpha1 = fast_exp2(m[1] - ref1);
+      m[0] = mn0;
+      m[1] = mn1;
+      l[0] *= alpha0;
+      l[1] *= alpha1;
+#pragma unroll
+      for (int tt = 0; tt < T; ++tt) {
+        o[tt][0] *= alpha0;
+        o[tt][1] *= alpha1;
+        o[tt][2] *= alpha0;
+        o[tt][3] *= alpha1;
+      }
+#pragma unroll
+      for (int u = 0; u < kPagesPerIter; ++u) {
+        const float p0 = fast_exp2(t[u][0] - ref0), p1 = fast_exp2(t[u][1] - ref1);
+        const float p2 = fast_exp2(t[u][2] - ref0), p3 = fast_exp2(t[u][3] - ref1);
+        l[0] += p0 + p2;
+        l[1] += p1 + p3;
+        // C layout of S^T (token r, heads 2c/2c+1) -> B layout of P^T (tokens 2c/2c+1, head r).
+        const uint32_t b0 = transpose_8x8(pack_bf16(p0, p1));
+        const uint32_t b1 = transpose_8x8(pack_bf16(p2, p3));
+        page_pv<kHeadDim>(o, f[u], b0, b1);
+      }
+    }
+    cur = nxt;
+  }
+}
+
 // --- the attention kernel -----------------------------------------------------------------------
 
 template <int kHeadDim, typename QT, int kPagesPerIter>
@@ -261,74 +341,8 @@ __global__ void __launch_bounds__(kDecodeWarpsPerBlock * 32)
     float m[2] = {kNegInf, kNegInf};  // running max of heads 2c, 2c+1 (log2 units), warp-uniform per c
     float l[2] = {0.f, 0.f};          // this thread's share of the running sums
 
-    // Page ids travel one per lane, 32 at a time; the next 32 are loaded a batch ahead.
     int cur = lane < n ? ids[lane] : 0;
-    for (int base = 0; base < n; base += 32) {
-      const int nxt = base + 32 + lane < n ? ids[base + 32 + lane] : 0;
-      const int cnt = min(32, n - base);
-      for (int i = 0; i < cnt; i += kPagesPerIter) {
-        PageFrag<kHeadDim> f[kPagesPerIter];
-        int valid[kPagesPerIter];
-#pragma unroll
-        for (int u = 0; u < kPagesPerIter; ++u) {
-          const int pid = __shfl_sync(kFullMask, cur, i + u);  // i + u < 32: kPagesPerIter divides 32
-          valid[u] = i + u < cnt ? min(kPageSize, len - (item.y + base + i + u) * kPageSize) : 0;
-          if (valid[u] > 0) {
-            const int64_t off = int64_t{pid} * p.kv.page_stride;
-            load_page<kHeadDim>(f[u], p.kv.k_pool + off, p.kv.v_pool + off, r, c);
-          } else {
-            zero_page<kHeadDim>(f[u]);
-          }
-        }
-        float t[kPagesPerIter][4];
-        float mx0 = kNegInf, mx1 = kNegInf;
-#pragma unroll
-        for (int u = 0; u < kPagesPerIter; ++u) {
-          float s[4];
-          page_scores<kHeadDim>(s, f[u], qf);
-          const bool lo_ok = r < valid[u], hi_ok = r + 8 < valid[u];
-          t[u][0] = lo_ok ? s[0] * p.scale_log2 : kNegInf;
-          t[u][1] = lo_ok ? s[1] * p.scale_log2 : kNegInf;
-          t[u][2] = hi_ok ? s[2] * p.scale_log2 : kNegInf;
-          t[u][3] = hi_ok ? s[3] * p.scale_log2 : kNegInf;
-          mx0 = fmaxf(mx0, fmaxf(t[u][0], t[u][2]));
-          mx1 = fmaxf(mx1, fmaxf(t[u][1], t[u][3]));
-          if (valid[u] < kPageSize) mask_v<kHeadDim>(f[u], valid[u], c);
-        }
-#pragma unroll
-        for (int off = 4; off < 32; off <<= 1) {
-          mx0 = fmaxf(mx0, __shfl_xor_sync(kFullMask, mx0, off));
-          mx1 = fmaxf(mx1, __shfl_xor_sync(kFullMask, mx1, off));
-        }
-        const float mn0 = fmaxf(m[0], mx0), mn1 = fmaxf(m[1], mx1);
-        // A max of -inf means nothing valid yet; subtracting 0 then keeps exp2 away from NaN.
-        const float ref0 = mn0 == kNegInf ? 0.f : mn0, ref1 = mn1 == kNegInf ? 0.f : mn1;
-        const float alpha0 = fast_exp2(m[0] - ref0), alpha1 = fast_exp2(m[1] - ref1);
-        m[0] = mn0;
-        m[1] = mn1;
-        l[0] *= alpha0;
-        l[1] *= alpha1;
-#pragma unroll
-        for (int tt = 0; tt < T; ++tt) {
-          o[tt][0] *= alpha0;
-          o[tt][1] *= alpha1;
-          o[tt][2] *= alpha0;
-          o[tt][3] *= alpha1;
-        }
-#pragma unroll
-        for (int u = 0; u < kPagesPerIter; ++u) {
-          const float p0 = fast_exp2(t[u][0] - ref0), p1 = fast_exp2(t[u][1] - ref1);
-          const float p2 = fast_exp2(t[u][2] - ref0), p3 = fast_exp2(t[u][3] - ref1);
-          l[0] += p0 + p2;
-          l[1] += p1 + p3;
-          // C layout of S^T (token r, heads 2c/2c+1) -> B layout of P^T (tokens 2c/2c+1, head r).
-          const uint32_t b0 = transpose_8x8(pack_bf16(p0, p1));
-          const uint32_t b1 = transpose_8x8(pack_bf16(p2, p3));
-          page_pv<kHeadDim>(o, f[u], b0, b1);
-        }
-      }
-      cur = nxt;
-    }
+    attend_pages<kHeadDim, kPagesPerIter, 1>(p, ids, n, item.y, len, qf, o, m, l, lane, cur);
 
     // Epilogue: full sums over the 8 lanes holding the same heads; write o / l and the lse.
 #pragma unroll
@@ -408,81 +422,6 @@ __global__ void __launch_bounds__(kDecodeWarpsPerBlock * 32)
 
 // --- the block-item attention kernel (v3, default) -----------------------------------------------
 
-// Online softmax of one warp over the pages k = 0.. of its share of an item: item page
-// j = w0 + 4k (the block's 4 warps interleave), page id ids[4k], entries valid in page j:
-// min(16, valid - 16 j). Same arithmetic as the warp kernel's loop.
-template <int kHeadDim, int kPagesPerIter>
-__device__ __forceinline__ void attend_strided(const DecodeParams& p, const int32_t* ids, int mine, int w0,
-                                               int valid_total, const uint4 (&qf)[kHeadDim / 32],
-                                               float (&o)[kHeadDim / 16][4], float (&m)[2], float (&l)[2],
-                                               int lane, int cur) {
-  constexpr int T = kHeadDim / 16;
-  const int r = lane >> 2, c = lane & 3;
-  for (int base = 0; base < mine; base += 32) {
-    const int nxt = base + 32 + lane < mine ? ids[4 * (base + 32 + lane)] : 0;
-    const int cnt = min(32, mine - base);
-    for (int i = 0; i < cnt; i += kPagesPerIter) {
-      PageFrag<kHeadDim> f[kPagesPerIter];
-      int valid[kPagesPerIter];
-#pragma unroll
-      for (int u = 0; u < kPagesPerIter; ++u) {
-        const int pid = __shfl_sync(kFullMask, cur, i + u);
-        valid[u] = i + u < cnt ? min(kPageSize, valid_total - (w0 + 4 * (base + i + u)) * kPageSize) : 0;
-        if (valid[u] > 0) {
-          const int64_t off = int64_t{pid} * p.kv.page_stride;
-          load_page<kHeadDim>(f[u], p.kv.k_pool + off, p.kv.v_pool + off, r, c);
-        } else {
-          zero_page<kHeadDim>(f[u]);
-        }
-      }
-      float t[kPagesPerIter][4];
-      float mx0 = kNegInf, mx1 = kNegInf;
-#pragma unroll
-      for (int u = 0; u < kPagesPerIter; ++u) {
-        float s[4];
-        page_scores<kHeadDim>(s, f[u], qf);
-        const bool lo_ok = r < valid[u], hi_ok = r + 8 < valid[u];
-        t[u][0] = lo_ok ? s[0] * p.scale_log2 : kNegInf;
-        t[u][1] = lo_ok ? s[1] * p.scale_log2 : kNegInf;
-        t[u][2] = hi_ok ? s[2] * p.scale_log2 : kNegInf;
-        t[u][3] = hi_ok ? s[3] * p.scale_log2 : kNegInf;
-        mx0 = fmaxf(mx0, fmaxf(t[u][0], t[u][2]));
-        mx1 = fmaxf(mx1, fmaxf(t[u][1], t[u][3]));
-        if (valid[u] < kPageSize) mask_v<kHeadDim>(f[u], valid[u], c);
-      }
-#pragma unroll
-      for (int off = 4; off < 32; off <<= 1) {
-        mx0 = fmaxf(mx0, __shfl_xor_sync(kFullMask, mx0, off));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(kFullMask, mx1, off));
-      }
-      const float mn0 = fmaxf(m[0], mx0), mn1 = fmaxf(m[1], mx1);
-      const float ref0 = mn0 == kNegInf ? 0.f : mn0, ref1 = mn1 == kNegInf ? 0.f : mn1;
-      const float alpha0 = fast_exp2(m[0] - ref0), alpha1 = fast_exp2(m[1] - ref1);
-      m[0] = mn0;
-      m[1] = mn1;
-      l[0] *= alpha0;
-      l[1] *= alpha1;
-#pragma unroll
-      for (int tt = 0; tt < T; ++tt) {
-        o[tt][0] *= alpha0;
-        o[tt][1] *= alpha1;
-        o[tt][2] *= alpha0;
-        o[tt][3] *= alpha1;
-      }
-#pragma unroll
-      for (int u = 0; u < kPagesPerIter; ++u) {
-        const float p0 = fast_exp2(t[u][0] - ref0), p1 = fast_exp2(t[u][1] - ref1);
-        const float p2 = fast_exp2(t[u][2] - ref0), p3 = fast_exp2(t[u][3] - ref1);
-        l[0] += p0 + p2;
-        l[1] += p1 + p3;
-        const uint32_t b0 = transpose_8x8(pack_bf16(p0, p1));
-        const uint32_t b1 = transpose_8x8(pack_bf16(p2, p3));
-        page_pv<kHeadDim>(o, f[u], b0, b1);
-      }
-    }
-    cur = nxt;
-  }
-}
 
 // Combines the row's partials [rm.x, rm.x + rm.y) into out (and lse) with nthreads threads
 // (thread t owns the float4 slots t, t + nthreads, ... of a partial's g x head_dim block).
@@ -577,7 +516,7 @@ __global__ void __launch_bounds__(kDecodeWarpsPerBlock * 32)
     for (int t = 0; t < T; ++t) o[t][0] = o[t][1] = o[t][2] = o[t][3] = 0.f;
     float m[2] = {kNegInf, kNegInf};
     float l[2] = {0.f, 0.f};
-    attend_strided<kHeadDim, kPagesPerIter>(p, ids, mine, w, a.z, qf, o, m, l, lane, cur);
+    attend_pages<kHeadDim, kPagesPerIter, W>(p, ids, mine, w, a.z, qf, o, m, l, lane, cur);
 
     // This warp's state to shared memory (unnormalised o; m = -inf, l = 0 for a warp without pages).
 #pragma unroll

@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <map>
 #include <numeric>
@@ -181,7 +182,39 @@ struct CudaModel::Impl {
   std::unique_ptr<KvcSelector> kvc;
   int64_t kvc_cap = 0;
 
+  // Decode-only forwards as CUDA graphs, by (batch, sampled rows); graphs_enabled: not turned off
+  // by ADAKV_CUDA_GRAPHS=0, and no capture has failed.
+  std::map<std::pair<int32_t, int32_t>, cudaGraphExec_t> graphs;
+  bool graphs_enabled = true;
+  // Launches the graph of `forward` for this shape on `stream`, capturing it first if new. A
+  // capture that fails turns graphs off and runs `forward` directly (the step is not lost).
+  template <typename F>
+  Status run_graph(int32_t batch, int32_t sampled, F&& forward) {
+    const auto key = std::make_pair(batch, sampled);
+    auto it = graphs.find(key);
+    if (it == graphs.end()) {
+      ADAKV_CUDA_RETURN_IF_ERROR(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+      const Status fs = forward();
+      cudaGraph_t g = nullptr;
+      const cudaError_t ce = cudaStreamEndCapture(stream, &g);
+      cudaGraphExec_t exec = nullptr;
+      cudaError_t ie = cudaErrorUnknown;
+      if (fs.is_ok() && ce == cudaSuccess && g != nullptr) ie = cudaGraphInstantiate(&exec, g, 0);
+      if (g != nullptr) cudaGraphDestroy(g);
+      if (!fs.is_ok()) return fs;
+      if (ce != cudaSuccess || ie != cudaSuccess) {
+        cudaGetLastError();  // clear the capture's error; run without graphs from now on
+        graphs_enabled = false;
+        return forward();
+      }
+      it = graphs.emplace(key, exec).first;
+    }
+    ADAKV_CUDA_RETURN_IF_ERROR(cudaGraphLaunch(it->second, stream));
+    return Status::ok();
+  }
+
   ~Impl() {
+    for (auto& [key, exec] : graphs) cudaGraphExecDestroy(exec);
     decode.clear();
     kvc.reset();
     scorer.reset();
@@ -596,6 +629,7 @@ Expected<std::unique_ptr<CudaModel::Impl>> make_impl(const ModelConfig& cfg, con
   impl->seq_has_comp.assign(S, 0);
   impl->seq_compressed.assign(S, 0);
   impl->ring_end.assign(S, 0);
+  if (const char* e = std::getenv("ADAKV_CUDA_GRAPHS"); e != nullptr && std::string(e) == "0") impl->graphs_enabled = false;
   int64_t ctx = cfg.max_position_embeddings;
   if (cfg.sliding_window > 0) ctx = std::min(ctx, cfg.sliding_window);
   impl->max_context = options.max_context > 0 ? std::min(options.max_context, ctx) : ctx;
@@ -654,6 +688,7 @@ std::string CudaModel::memory_summary() const {
 const std::vector<CompressionAuditLayer>& CudaModel::compression_audit() const { return impl_->audit; }
 float CudaModel::last_step_ms() const { return impl_->last_ms; }
 const CudaModel::StepTiming& CudaModel::last_step_timing() const { return impl_->timing; }
+int64_t CudaModel::num_graphs() const { return static_cast<int64_t>(impl_->graphs.size()); }
 
 namespace {
 using HostClock = std::chrono::steady_clock;
@@ -1243,9 +1278,31 @@ Status CudaModel::step(std::span<const SeqStep> steps, KvCacheManager& mgr, bool
   // at lse_buf), so the metric kernel reads each key once for the whole group.
   float* dec_lse = any_obs && I.fast_decode && I.lse_buf != nullptr ? I.lse_buf : nullptr;
 
+  // Device sampling: each sampling row's parameters (uploaded before the forward, which reads them).
+  int32_t n_samp = 0;
+  std::vector<int32_t> samp_of(static_cast<size_t>(B), -1);
+  for (int32_t b = 0; b < B; ++b) {
+    const SeqStep& s = steps[static_cast<size_t>(order[static_cast<size_t>(b)])];
+    if (s.sampling == nullptr) continue;
+    DeviceSamplingRow& p = I.samp_host[n_samp];
+    p.temperature = s.sampling->temperature;
+    p.top_k = s.sampling->top_k;
+    p.top_p = s.sampling->top_p;
+    p.u = s.sampling->u;
+    p.row = row_first[static_cast<size_t>(b)] + (s.all_logits ? ntok[static_cast<size_t>(b)] - 1 : 0);
+    samp_of[static_cast<size_t>(b)] = n_samp++;
+  }
+  if (n_samp > 0)
+    ADAKV_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(I.samp_dev, I.samp_host, sizeof(DeviceSamplingRow) * n_samp,
+                                               cudaMemcpyHostToDevice, st));
+
   // --- the forward ---------------------------------------------------------------------------------------
+  // Everything from the embedding to the sampled ids, enqueued on `st`; a decode-only step
+  // without compression replays it as a CUDA graph (its launches depend only on the batch shape:
+  // the per-step data is in the metadata, plan and sampling buffers it reads).
   const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(d)));
   const float eps = static_cast<float>(c.rms_norm_eps);
+  auto forward = [&]() -> Status {
   ADAKV_RETURN_IF_ERROR(rope_cos_sin(I.inv_freq, md + f_pos, T, d / 2, I.cos_sin, st));
   ADAKV_RETURN_IF_ERROR(embed_gather(I.embed, hidden, md + f_tokens, T, I.x, st));
   for (int32_t l = 0; l < L; ++l) {
@@ -1435,29 +1492,27 @@ Status CudaModel::step(std::span<const SeqStep> steps, KvCacheManager& mgr, bool
   fin.eps = eps;
   ADAKV_RETURN_IF_ERROR(rms_norm_residual(fin, st));
   ADAKV_RETURN_IF_ERROR(I.gemm->linear(I.hsel, I.lm_head, I.logits, DType::kF32, R, c.vocab_size, hidden, st));
-
-  // --- sampling and results ---------------------------------------------------------------------------------
-  int32_t n_samp = 0;
-  std::vector<int32_t> samp_of(static_cast<size_t>(B), -1);
-  for (int32_t b = 0; b < B; ++b) {
-    const SeqStep& s = steps[static_cast<size_t>(order[static_cast<size_t>(b)])];
-    if (s.sampling == nullptr) continue;
-    DeviceSamplingRow& p = I.samp_host[n_samp];
-    p.temperature = s.sampling->temperature;
-    p.top_k = s.sampling->top_k;
-    p.top_p = s.sampling->top_p;
-    p.u = s.sampling->u;
-    p.row = row_first[static_cast<size_t>(b)] + (s.all_logits ? ntok[static_cast<size_t>(b)] - 1 : 0);
-    samp_of[static_cast<size_t>(b)] = n_samp++;
-  }
-  if (n_samp > 0) {
-    ADAKV_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(I.samp_dev, I.samp_host, sizeof(DeviceSamplingRow) * n_samp,
-                                               cudaMemcpyHostToDevice, st));
+  if (n_samp > 0)
     ADAKV_RETURN_IF_ERROR(sample_rows(I.logits, c.vocab_size, n_samp, static_cast<int32_t>(c.vocab_size), I.samp_dev,
                                       I.sampled_dev, st));
+  return Status::ok();
+  };
+  bool graph_ok = I.opt.cuda_graphs && I.graphs_enabled && n_dec == B && T == B && R == B && I.fast_decode &&
+                  n_comp == 0 && !any_obs && !I.opt.audit_compression;
+  for (int32_t b = 0; graph_ok && b < B; ++b)
+    graph_ok = !ring_save[static_cast<size_t>(b)] && !h2o_part[static_cast<size_t>(b)] &&
+               !metric_zero[static_cast<size_t>(b)];
+  I.timing.graph = graph_ok;
+  if (graph_ok) {
+    ADAKV_RETURN_IF_ERROR(I.run_graph(B, n_samp, forward));
+  } else {
+    ADAKV_RETURN_IF_ERROR(forward());
+  }
+
+  // --- sampling and results ---------------------------------------------------------------------------------
+  if (n_samp > 0)
     ADAKV_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(I.sampled_host, I.sampled_dev, sizeof(int32_t) * n_samp,
                                                cudaMemcpyDeviceToHost, st));
-  }
   ADAKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(I.ev_end, st));
   if (want_logits)
     ADAKV_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(I.logits_host, I.logits, sizeof(float) * R * c.vocab_size,

@@ -60,6 +60,10 @@ struct CudaModelOptions {
   int32_t max_window = 0;
   // Keep each compressed layer's GPU scores and inputs on the host for tests (compression_audit()).
   bool audit_compression = false;
+  // Decode-only steps (every sequence one token, no compression or metric to update) replay a
+  // CUDA graph of the forward captured at the first step of each batch size: one launch instead
+  // of ~13 per layer. ADAKV_CUDA_GRAPHS=0 in the environment turns it off too.
+  bool cuda_graphs = true;
 };
 
 // Sampling of one sequence's next token on the device (engine/sampler.h's semantics).
@@ -163,7 +167,10 @@ class CudaModel {
     double device_ms = 0;    // forward + device sampling
     double download_ms = 0;  // device->host copies after the forward (logits, keep lists)
     int64_t logit_bytes = 0;
+    bool graph = false;      // the forward was a CUDA graph replay (or its capture)
   };
+  // CUDA graphs captured so far (one per decode batch shape).
+  int64_t num_graphs() const;
   const StepTiming& last_step_timing() const;
 
   struct Impl;

@@ -291,6 +291,25 @@ struct CudaModel::Impl {
   // + kv head) gives for each i < keeps[r].size() the entry that moves to i (i itself when it
   // stays); an empty list leaves the row alone. Synchronises. The manager is told separately.
   Status apply_row_keeps(SeqId seq, const std::vector<std::vector<int32_t>>& keeps);
+  // Compaction of `rows` rows whose page-table offsets start at row_offsets: entry keep[r][i]
+  // moves to i for i < counts[r] (K, V, positions and the metric together).
+  KvCompactParams compaction(const int32_t* row_offsets, int32_t rows, const int32_t* keep, int64_t keep_stride,
+                             const int32_t* counts) const {
+    KvCompactParams cp;
+    cp.k_pool = pool.k_pool;
+    cp.v_pool = pool.v_pool;
+    cp.page_stride = pool.page_stride;
+    cp.head_dim = static_cast<int32_t>(cfg.head_dim);
+    cp.positions = pool.positions;
+    cp.metric = metric;
+    cp.row_page_offsets = row_offsets;
+    cp.page_ids = page_table;
+    cp.num_rows = rows;
+    cp.keep = keep;
+    cp.keep_stride = keep_stride;
+    cp.keep_counts = counts;
+    return cp;
+  }
   // Continual compressions (and KV-Compress after the prefill): device state + manager.
   Status compress_kvcompress(SeqId seq, const CompressConfig& cc, KvCacheManager& m);
   Status compress_h2o(SeqId seq, const CompressConfig& cc, KvCacheManager& m);
@@ -951,19 +970,7 @@ Status CudaModel::Impl::run_compression_window(SeqId seq, const CompressConfig& 
   so.keep_stride = P;
   so.keep_counts = counts;
   ADAKV_RETURN_IF_ERROR(selector->select(si, so, stream));
-  KvCompactParams cp;
-  cp.k_pool = pool.k_pool;
-  cp.v_pool = pool.v_pool;
-  cp.page_stride = pool.page_stride;
-  cp.head_dim = d;
-  cp.positions = pool.positions;
-  cp.metric = metric;
-  cp.row_page_offsets = row_offsets_all + (int64_t{seq} * L + layer) * Hkv;
-  cp.page_ids = page_table;
-  cp.num_rows = Hkv;
-  cp.keep = keep;
-  cp.keep_stride = P;
-  cp.keep_counts = counts;
+  const KvCompactParams cp = compaction(row_offsets_all + (int64_t{seq} * L + layer) * Hkv, Hkv, keep, P, counts);
   ADAKV_RETURN_IF_ERROR(compact_kv_rows(cp, stream));
   }
   if (opt.audit_compression) {
@@ -1640,19 +1647,7 @@ Status CudaModel::Impl::apply_row_keeps(SeqId seq, const std::vector<std::vector
                                              cudaMemcpyHostToDevice, stream));
   ADAKV_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(rows_off_dev, offs.data(), sizeof(int32_t) * offs.size(),
                                              cudaMemcpyHostToDevice, stream));
-  KvCompactParams cp;
-  cp.k_pool = pool.k_pool;
-  cp.v_pool = pool.v_pool;
-  cp.page_stride = pool.page_stride;
-  cp.head_dim = static_cast<int32_t>(cfg.head_dim);
-  cp.positions = pool.positions;
-  cp.metric = metric;
-  cp.row_page_offsets = row_offsets_all + int64_t{seq} * rows_per_seq;
-  cp.page_ids = page_table;
-  cp.num_rows = rows_per_seq;
-  cp.keep = keep_dev;
-  cp.keep_stride = 0;
-  cp.keep_counts = stream_counts_dev;
+  KvCompactParams cp = compaction(row_offsets_all + int64_t{seq} * rows_per_seq, rows_per_seq, keep_dev, 0, stream_counts_dev);
   cp.keep_offsets = rows_off_dev;
   ADAKV_RETURN_IF_ERROR(compact_kv_rows(cp, stream));
   ADAKV_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream));
@@ -1751,20 +1746,9 @@ Status CudaModel::Impl::compress_h2o(SeqId seq, const CompressConfig& cc, KvCach
     kp.keep_stride = longest;
     kp.counts = stream_counts_dev;
     ADAKV_RETURN_IF_ERROR(metric_keep_top(kp, stream));
-    KvCompactParams cp;
-    cp.k_pool = pool.k_pool;
-    cp.v_pool = pool.v_pool;
-    cp.page_stride = pool.page_stride;
-    cp.head_dim = static_cast<int32_t>(cfg.head_dim);
-    cp.positions = pool.positions;
-    cp.metric = metric;
-    cp.row_page_offsets = row_offsets_all + int64_t{seq} * R;
-    cp.page_ids = page_table;
-    cp.num_rows = R;
-    cp.keep = keep_dev;
-    cp.keep_stride = longest;
-    cp.keep_counts = stream_counts_dev;  // 0 for the rows kept whole: untouched
-    ADAKV_RETURN_IF_ERROR(compact_kv_rows(cp, stream));
+    // (counts are 0 for the rows kept whole: untouched)
+    ADAKV_RETURN_IF_ERROR(
+        compact_kv_rows(compaction(row_offsets_all + int64_t{seq} * R, R, keep_dev, longest, stream_counts_dev), stream));
     ADAKV_CUDA_RETURN_IF_ERROR(
         cudaMemcpyAsync(h2o_counts_host, stream_counts_dev, sizeof(int32_t) * R, cudaMemcpyDeviceToHost, stream));
     ADAKV_CUDA_RETURN_IF_ERROR(
@@ -1846,18 +1830,9 @@ Status CudaModel::Impl::compress_streamingllm(SeqId seq, const CompressConfig& c
                                              I.stream));
   ADAKV_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(I.stream_counts_dev, counts.data(), sizeof(int32_t) * counts.size(),
                                              cudaMemcpyHostToDevice, I.stream));
-  KvCompactParams cp;
-  cp.k_pool = I.pool.k_pool;
-  cp.v_pool = I.pool.v_pool;
-  cp.page_stride = I.pool.page_stride;
-  cp.head_dim = static_cast<int32_t>(I.cfg.head_dim);
-  cp.positions = I.pool.positions;
-  cp.row_page_offsets = I.row_offsets_all + int64_t{seq} * I.rows_per_seq;
-  cp.page_ids = I.page_table;
-  cp.num_rows = I.rows_per_seq;
-  cp.keep = I.stream_keep_dev;
-  cp.keep_stride = budget;
-  cp.keep_counts = I.stream_counts_dev;
+  KvCompactParams cp = I.compaction(I.row_offsets_all + int64_t{seq} * I.rows_per_seq, I.rows_per_seq,
+                                     I.stream_keep_dev, budget, I.stream_counts_dev);
+  cp.metric = nullptr;  // streamingllm keeps no metric
   ADAKV_RETURN_IF_ERROR(compact_kv_rows(cp, I.stream));
   ADAKV_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(I.stream));
   for (int32_t l = 0; l < L; ++l)

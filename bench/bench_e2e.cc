@@ -24,6 +24,9 @@
 #include <vector>
 
 #include "backends/cuda/cuda_model.h"
+#include "backends/cuda/gemm_lt.h"
+#include "backends/cuda/gemv.h"
+#include "backends/cuda/model_ops.h"
 #include "compress/compress_config.h"
 #include "kv/kv_cache_manager.h"
 #include "model/model_config.h"
@@ -86,11 +89,91 @@ double copy_bandwidth() {
   return 2.0 * double(bytes) / (ms[ms.size() / 2] * 1e-3);
 }
 
+// The decode step's projections alone through GemmLt, as the model calls them: cuBLASLt, and the
+// GEMV kernel (gemv.h, m <= 8: GemmLt's default there); each shape at m = 1, 8, 32 rows, over 4
+// copies of the weight taken in turn so that L2 holds none of it; median of 20 after 3.
+// % = weight bytes / time / copy bandwidth (x and y are < 1 %).
+void decode_gemms(double copy_bw) {
+  struct Shape {
+    const char* name;
+    int64_t n, k;
+    DType y;
+  };
+  const Shape shapes[] = {{"qkv", 6144, 4096, DType::kBF16},
+                          {"o", 4096, 4096, DType::kBF16},
+                          {"gate_up", 28672, 4096, DType::kBF16},
+                          {"down", 4096, 14336, DType::kBF16},
+                          {"lm_head", 128256, 4096, DType::kF32}};
+  auto gemm = cuda::GemmLt::create();
+  die(gemm.status(), "cuBLASLt");
+  cudaStream_t st = nullptr;
+  cudaStreamCreate(&st);
+  cudaEvent_t e0, e1;
+  cudaEventCreate(&e0);
+  cudaEventCreate(&e1);
+  std::printf("\n== decode projections (weights 4 copies, taken in turn)\n");
+  std::printf("| proj | n x k | m | cuBLASLt µs | %% of copy bw | gemv µs | %% of copy bw | gemv / cuBLASLt |\n"
+              "|---|---|---|---|---|---|---|---|\n");
+  for (const Shape& sh : shapes) {
+    const size_t welems = size_t(sh.n) * size_t(sh.k);
+    __nv_bfloat16* w = nullptr;
+    __nv_bfloat16* x = nullptr;
+    void* y = nullptr;
+    if (cudaMalloc(&w, 4 * welems * 2) != cudaSuccess || cudaMalloc(&x, size_t(32) * sh.k * 2) != cudaSuccess ||
+        cudaMalloc(&y, size_t(32) * sh.n * 4) != cudaSuccess) {
+      std::printf("| %s | out of memory |\n", sh.name);
+      cudaFree(w);
+      cudaFree(x);
+      continue;
+    }
+    die(cuda::random_fill_bf16(w, int64_t(4 * welems), 5, 0.02f, 0.f, st), "fill");
+    die(cuda::random_fill_bf16(x, 32 * sh.k, 6, 1.f, 0.f, st), "fill");
+    for (const int64_t m : {1, 2, 4, 8, 32}) {
+      double sec[2] = {0, 0};
+      for (int mode = 0; mode < 2; ++mode) {
+        gemm.value()->set_gemv(mode == 1);
+        gemm.value()->set_gemv_rows(cuda::kGemvMaxRows);
+        std::vector<float> ms;
+        for (int i = 0; i < 23; ++i) {
+          cudaEventRecord(e0, st);
+          die(gemm.value()->linear(x, w + size_t(i % 4) * welems, y, sh.y, m, sh.n, sh.k, st), "gemm");
+          cudaEventRecord(e1, st);
+          cudaEventSynchronize(e1);
+          float t = 0;
+          cudaEventElapsedTime(&t, e0, e1);
+          if (i >= 3) ms.push_back(t);
+        }
+        std::sort(ms.begin(), ms.end());
+        sec[mode] = ms[ms.size() / 2] * 1e-3;
+      }
+      const double bytes = 2.0 * double(welems);
+      if (m <= cuda::kGemvMaxRows)
+        std::printf("| %s | %lld x %lld | %lld | %.1f | %.1f | %.1f | %.1f | %.2fx |\n", sh.name,
+                    static_cast<long long>(sh.n), static_cast<long long>(sh.k), static_cast<long long>(m),
+                    sec[0] * 1e6, 100.0 * bytes / sec[0] / copy_bw, sec[1] * 1e6, 100.0 * bytes / sec[1] / copy_bw,
+                    sec[0] / sec[1]);
+      else
+        std::printf("| %s | %lld x %lld | %lld | %.1f | %.1f | - | - | - |\n", sh.name, static_cast<long long>(sh.n),
+                    static_cast<long long>(sh.k), static_cast<long long>(m), sec[0] * 1e6,
+                    100.0 * bytes / sec[0] / copy_bw);
+    }
+    gemm.value()->set_gemv(true);
+    gemm.value()->set_gemv_rows(cuda::kGemvDefaultRows);
+    cudaFree(w);
+    cudaFree(x);
+    cudaFree(y);
+  }
+  cudaEventDestroy(e0);
+  cudaEventDestroy(e1);
+  cudaStreamDestroy(st);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   int32_t ctx = 32768, budget = 1024, steps = 24;
   double fraction = 0.9;
+  bool gemms_only = false;  // --gemms: only the decode projections through cuBLASLt
   std::vector<int32_t> batches = {1, 8, 32};
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
@@ -99,6 +182,7 @@ int main(int argc, char** argv) {
     else if (a == "--budget") budget = std::atoi(next().c_str());
     else if (a == "--steps") steps = std::atoi(next().c_str());
     else if (a == "--gpu-memory-fraction") fraction = std::atof(next().c_str());
+    else if (a == "--gemms") gemms_only = true;
     else if (a == "--batches") {
       batches.clear();
       std::string s = next();
@@ -108,7 +192,8 @@ int main(int argc, char** argv) {
         p = q == std::string::npos ? s.size() : q + 1;
       }
     } else {
-      std::fprintf(stderr, "usage: bench_e2e [--ctx N] [--budget B] [--steps N] [--batches 1,8,32] [--gpu-memory-fraction F]\n");
+      std::fprintf(stderr, "usage: bench_e2e [--ctx N] [--budget B] [--steps N] [--batches 1,8,32] [--gpu-memory-fraction F] "
+                           "[--gemms]\n");
       return 2;
     }
   }
@@ -118,6 +203,10 @@ int main(int argc, char** argv) {
   const double copy_bw = copy_bandwidth();
   std::printf("device %s, %d SMs; device copy bandwidth %.0f GB/s (read + write)\n", prop.name,
               prop.multiProcessorCount, copy_bw / 1e9);
+  if (gemms_only) {
+    decode_gemms(copy_bw);
+    return 0;
+  }
 
   const ModelConfig cfg = llama31_8b();
   CompressConfig cc;

@@ -23,6 +23,7 @@
 #include "backends/cpu/cpu_attention.h"
 #include "backends/cpu/cpu_ops.h"
 #include "backends/cuda/gemm_lt.h"
+#include "backends/cuda/gemv.h"
 #include "backends/cuda/model_ops.h"
 #include "backends/cuda/paged_kv_view.h"
 #include "backends/cuda/sampling.h"
@@ -266,13 +267,22 @@ TEST(CudaModelOps, SwiGlu) {
   }
 }
 
+// Projections through GemmLt: cuBLASLt, and for m <= 8 the GEMV kernel (gemv.h), which splits K
+// into slices of 2048 summed in order: shapes with 1 and several slices (k 64 .. 14336), n not a
+// multiple of its 16-row tiles, every m of 1..8; each GEMV result also bit-identical on a second
+// call (the slices' order is fixed) and within tolerance of cuBLASLt's.
 TEST(CudaModelOps, GemmLt) {
   SKIP_WITHOUT_DEVICE();
   std::mt19937_64 rng(test_seed() + 5);
   auto gemm = cuda::GemmLt::create();
   ASSERT_TRUE(gemm.has_value()) << gemm.status().message();
   struct Shape { int64_t m, n, k; };
-  for (const Shape s : {Shape{1, 2000, 64}, Shape{7, 384, 384}, Shape{33, 1024, 768}, Shape{300, 2048, 4096}, Shape{8, 8192, 384}}) {
+  for (const Shape s : {Shape{1, 2000, 64}, Shape{7, 384, 384}, Shape{33, 1024, 768}, Shape{300, 2048, 4096}, Shape{8, 8192, 384},
+                        Shape{1, 4096, 4096}, Shape{2, 1000, 14336}, Shape{3, 6144, 4104}, Shape{4, 37, 2048},
+                        Shape{5, 4099, 6144}, Shape{6, 512, 8}, Shape{8, 4096, 14336}}) {
+    for (const bool gemv : {true, false}) {
+    (*gemm)->set_gemv(gemv);
+    (*gemm)->set_gemv_rows(cuda::kGemvMaxRows);  // the kernel at every m it takes
     const std::vector<float> x = round_bf16(randn(rng, size_t(s.m * s.k)));
     const std::vector<float> w = round_bf16(randn(rng, size_t(s.n * s.k), 0.05f));
     std::vector<float> ref(size_t(s.m * s.n));
@@ -286,9 +296,19 @@ TEST(CudaModelOps, GemmLt) {
     OK((*gemm)->linear(bf(dx.p), bf(dw.p), dy.p, DType::kBF16, s.m, s.n, s.k, nullptr));
     OK((*gemm)->linear(bf(dx.p), bf(dw.p), dyf.p, DType::kF32, s.m, s.n, s.k, nullptr));
     CK(cudaDeviceSynchronize());
-    EXPECT_LE(rel_err(from_bf16(dy.get()), ref), 1e-2) << s.m << "x" << s.n << "x" << s.k << " bf16 out";
-    EXPECT_LE(rel_err(dyf.get(), ref), 1e-4) << s.m << "x" << s.n << "x" << s.k << " fp32 out";
+    const char* path = gemv && s.m <= cuda::kGemvMaxRows ? " (gemv)" : " (cuBLASLt)";
+    EXPECT_LE(rel_err(from_bf16(dy.get()), ref), 1e-2) << s.m << "x" << s.n << "x" << s.k << " bf16 out" << path;
+    EXPECT_LE(rel_err(dyf.get(), ref), 1e-4) << s.m << "x" << s.n << "x" << s.k << " fp32 out" << path;
+    if (gemv && s.m <= cuda::kGemvMaxRows) {  // the same bits again
+      const std::vector<float> first = dyf.get();
+      dyf.poison();
+      OK((*gemm)->linear(bf(dx.p), bf(dw.p), dyf.p, DType::kF32, s.m, s.n, s.k, nullptr));
+      CK(cudaDeviceSynchronize());
+      EXPECT_EQ(dyf.get(), first) << s.m << "x" << s.n << "x" << s.k << ": gemv not deterministic";
+    }
+    }
   }
+  (*gemm)->set_gemv(true);
 }
 
 // K/V append into pages and the generic paged attention, for a batch holding a decode token, a

@@ -3,9 +3,11 @@
 
 #include <cublasLt.h>
 
+#include <cstdlib>
 #include <string>
 
 #include "backends/cuda/cuda_check.h"
+#include "backends/cuda/gemv.h"
 
 namespace adakv::cuda {
 
@@ -15,6 +17,11 @@ Status lt_status(cublasStatus_t s, const char* what) {
   return internal_error(std::string("cuBLASLt: ") + what + " failed with status " + std::to_string(static_cast<int>(s)));
 }
 #define ADAKV_LT(expr) ADAKV_RETURN_IF_ERROR(lt_status((expr), #expr))
+
+// GEMV workspace: partial sums for n x m <= 4M floats per slice pair (the 8B model's lm_head at
+// m 8 needs 2 x 8 x 128256), counters for n up to 262144 rows.
+constexpr int64_t kGemvPartialFloats = int64_t{4} << 20;
+constexpr int64_t kGemvCounters = 16384;
 }  // namespace
 
 struct GemmLt::Plan {
@@ -41,12 +48,19 @@ Expected<std::unique_ptr<GemmLt>> GemmLt::create(size_t workspace_bytes) {
       return resource_exhausted("cuBLASLt workspace of " + std::to_string(workspace_bytes >> 20) +
                                 " MiB: " + cudaGetErrorString(err));
   }
+  if (const char* e = std::getenv("ADAKV_GEMV"); e != nullptr && std::string(e) == "0") g->gemv_ = false;
+  if (cudaMalloc(&g->gemv_partial_, sizeof(float) * kGemvPartialFloats) != cudaSuccess ||
+      cudaMalloc(&g->gemv_counters_, sizeof(int32_t) * kGemvCounters) != cudaSuccess ||
+      cudaMemset(g->gemv_counters_, 0, sizeof(int32_t) * kGemvCounters) != cudaSuccess)
+    return resource_exhausted("GEMV workspace of 16 MiB: " + std::string(cudaGetErrorString(cudaGetLastError())));
   return g;
 }
 
 GemmLt::~GemmLt() {
   plans_.clear();
   if (workspace_ != nullptr) cudaFree(workspace_);
+  if (gemv_partial_ != nullptr) cudaFree(gemv_partial_);
+  if (gemv_counters_ != nullptr) cudaFree(gemv_counters_);
   if (handle_ != nullptr) cublasLtDestroy(static_cast<cublasLtHandle_t>(handle_));
 }
 
@@ -89,6 +103,25 @@ Status GemmLt::linear(const __nv_bfloat16* x, const __nv_bfloat16* w, void* y, D
   if (y_dtype != DType::kBF16 && y_dtype != DType::kF32) return unimplemented("gemm: output must be BF16 or F32");
   if (ldx == 0) ldx = k;
   if (ldy == 0) ldy = n;
+  if (gemv_ && m <= gemv_rows_ && k % 8 == 0 && ldx % 8 == 0 && n <= kGemvCounters * 16 &&
+      gemv_partial_floats(static_cast<int32_t>(m), static_cast<int32_t>(n), static_cast<int32_t>(k)) <=
+          kGemvPartialFloats) {
+    GemvArgs a;
+    a.x = x;
+    a.ldx = ldx;
+    a.w = w;
+    a.y = y;
+    a.ldy = ldy;
+    a.y_dtype = y_dtype;
+    a.m = static_cast<int32_t>(m);
+    a.n = static_cast<int32_t>(n);
+    a.k = static_cast<int32_t>(k);
+    a.partial = gemv_partial_;
+    a.partial_capacity = kGemvPartialFloats;
+    a.counters = gemv_counters_;
+    a.counter_capacity = kGemvCounters;
+    return gemv_bf16(a, stream);
+  }
   ADAKV_ASSIGN_OR_RETURN(Plan * p, plan(m, n, k, ldx, ldy, y_dtype));
   const float alpha = 1.f, beta = 0.f;
   ADAKV_LT(cublasLtMatmul(static_cast<cublasLtHandle_t>(handle_), p->desc, &alpha, w, p->a, x, p->b, &beta, y, p->d,

@@ -7,6 +7,10 @@
 //
 // Descriptors and the heuristic's algorithm are cached per (m, n, k, out dtype), so a step does no
 // host-side search after the first; the workspace is allocated once.
+//
+// Shapes of one or two rows (m <= gemv_rows(), default kGemvDefaultRows) go to gemv_bf16 instead
+// (gemv.h: split-K over 16-row tiles; 1.01-1.23x cuBLASLt's rate on the 8B model's projections);
+// ADAKV_GEMV=0 in the environment, or set_gemv(false), keeps everything on cuBLASLt.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -17,6 +21,7 @@
 #include <memory>
 #include <tuple>
 
+#include "backends/cuda/gemv.h"
 #include "core/dtype.h"
 #include "core/status.h"
 
@@ -33,6 +38,12 @@ class GemmLt {
   // rows ldy apart, 0 = n). Pointers 16-byte aligned.
   Status linear(const __nv_bfloat16* x, const __nv_bfloat16* w, void* y, DType y_dtype, int64_t m, int64_t n,
                 int64_t k, cudaStream_t stream, int64_t ldx = 0, int64_t ldy = 0);
+  // Whether linear() sends m <= gemv_rows() to the GEMV kernel (default: yes, unless ADAKV_GEMV=0),
+  // and up to how many rows (1 .. kGemvMaxRows; default kGemvDefaultRows: the measured crossover).
+  void set_gemv(bool on) { gemv_ = on; }
+  bool gemv() const { return gemv_; }
+  void set_gemv_rows(int32_t rows) { gemv_rows_ = rows < 1 ? 1 : rows > kGemvMaxRows ? kGemvMaxRows : rows; }
+  int32_t gemv_rows() const { return gemv_rows_; }
 
  private:
   GemmLt() = default;
@@ -42,6 +53,10 @@ class GemmLt {
   void* handle_ = nullptr;  // cublasLtHandle_t
   void* workspace_ = nullptr;
   size_t workspace_bytes_ = 0;
+  bool gemv_ = true;
+  int32_t gemv_rows_ = kGemvDefaultRows;
+  float* gemv_partial_ = nullptr;     // [kGemvPartialFloats] split-K partial sums
+  int32_t* gemv_counters_ = nullptr;  // [kGemvCounters] arrival counters, zero between calls
   std::map<std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int>, std::unique_ptr<Plan>> plans_;
 };
 

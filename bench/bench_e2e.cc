@@ -89,9 +89,10 @@ double copy_bandwidth() {
   return 2.0 * double(bytes) / (ms[ms.size() / 2] * 1e-3);
 }
 
-// The decode step's projections alone through GemmLt, as the model calls them: cuBLASLt, and the
-// GEMV kernel (gemv.h, m <= 8: GemmLt's default there); each shape at m = 1, 8, 32 rows, over 4
-// copies of the weight taken in turn so that L2 holds none of it; median of 20 after 3.
+// The decode step's projections alone: cuBLASLt (GemmLt with its GEMV routing off) against the
+// GEMV kernels (gemv.h) called directly, whatever GemmLt would route; each shape at m = 1 .. 32
+// rows, over 4 copies of the weight taken in turn so that L2 holds none of it; median of 20
+// after 3.
 // % = weight bytes / time / copy bandwidth (x and y are < 1 %).
 void decode_gemms(double copy_bw) {
   struct Shape {
@@ -111,6 +112,12 @@ void decode_gemms(double copy_bw) {
   cudaEvent_t e0, e1;
   cudaEventCreate(&e0);
   cudaEventCreate(&e1);
+  const int64_t partial_floats = int64_t{16} << 20, counter_count = 16384;
+  float* partial = nullptr;
+  int32_t* counters = nullptr;
+  cudaMalloc(&partial, sizeof(float) * partial_floats);
+  cudaMalloc(&counters, sizeof(int32_t) * counter_count);
+  cudaMemset(counters, 0, sizeof(int32_t) * counter_count);
   std::printf("\n== decode projections (weights 4 copies, taken in turn)\n");
   std::printf("| proj | n x k | m | cuBLASLt µs | %% of copy bw | gemv µs | %% of copy bw | gemv / cuBLASLt |\n"
               "|---|---|---|---|---|---|---|---|\n");
@@ -128,15 +135,33 @@ void decode_gemms(double copy_bw) {
     }
     die(cuda::random_fill_bf16(w, int64_t(4 * welems), 5, 0.02f, 0.f, st), "fill");
     die(cuda::random_fill_bf16(x, 32 * sh.k, 6, 1.f, 0.f, st), "fill");
-    for (const int64_t m : {1, 2, 4, 8, 32}) {
+    for (const int64_t m : {1, 2, 3, 4, 8, 16, 32}) {
       double sec[2] = {0, 0};
       for (int mode = 0; mode < 2; ++mode) {
-        gemm.value()->set_gemv(mode == 1);
-        gemm.value()->set_gemv_rows(cuda::kGemvMaxRows);
+        gemm.value()->set_gemv(false);
+        if (mode == 1 && m > cuda::kGemvMaxRows) continue;
         std::vector<float> ms;
         for (int i = 0; i < 23; ++i) {
           cudaEventRecord(e0, st);
-          die(gemm.value()->linear(x, w + size_t(i % 4) * welems, y, sh.y, m, sh.n, sh.k, st), "gemm");
+          if (mode == 0) {
+            die(gemm.value()->linear(x, w + size_t(i % 4) * welems, y, sh.y, m, sh.n, sh.k, st), "gemm");
+          } else {  // the GEMV kernel itself, whatever GemmLt would route
+            cuda::GemvArgs ga;
+            ga.x = x;
+            ga.ldx = sh.k;
+            ga.w = w + size_t(i % 4) * welems;
+            ga.y = y;
+            ga.ldy = sh.n;
+            ga.y_dtype = sh.y;
+            ga.m = int32_t(m);
+            ga.n = int32_t(sh.n);
+            ga.k = int32_t(sh.k);
+            ga.partial = partial;
+            ga.partial_capacity = partial_floats;
+            ga.counters = counters;
+            ga.counter_capacity = counter_count;
+            die(cuda::gemv_bf16(ga, st), "gemv");
+          }
           cudaEventRecord(e1, st);
           cudaEventSynchronize(e1);
           float t = 0;
@@ -158,11 +183,12 @@ void decode_gemms(double copy_bw) {
                     100.0 * bytes / sec[0] / copy_bw);
     }
     gemm.value()->set_gemv(true);
-    gemm.value()->set_gemv_rows(cuda::kGemvDefaultRows);
     cudaFree(w);
     cudaFree(x);
     cudaFree(y);
   }
+  cudaFree(partial);
+  cudaFree(counters);
   cudaEventDestroy(e0);
   cudaEventDestroy(e1);
   cudaStreamDestroy(st);

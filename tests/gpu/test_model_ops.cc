@@ -267,10 +267,11 @@ TEST(CudaModelOps, SwiGlu) {
   }
 }
 
-// Projections through GemmLt: cuBLASLt, and for m <= 8 the GEMV kernel (gemv.h), which splits K
-// into slices of 2048 summed in order: shapes with 1 and several slices (k 64 .. 14336), n not a
-// multiple of its 16-row tiles, every m of 1..8; each GEMV result also bit-identical on a second
-// call (the slices' order is fixed) and within tolerance of cuBLASLt's.
+// Projections through GemmLt: cuBLASLt, and for m <= 32 the GEMV kernels (gemv.h: CUDA cores up to
+// 2 rows, tensor cores above), which split K into slices summed in order: shapes with 1 and
+// several slices (k 8 .. 14336), n not a multiple of the row tiles, m of 1..8, 12, 16, 31, 32 (token
+// tiles partly filled); each GEMV result also bit-identical on a second call (the slices' order is
+// fixed).
 TEST(CudaModelOps, GemmLt) {
   SKIP_WITHOUT_DEVICE();
   std::mt19937_64 rng(test_seed() + 5);
@@ -279,10 +280,11 @@ TEST(CudaModelOps, GemmLt) {
   struct Shape { int64_t m, n, k; };
   for (const Shape s : {Shape{1, 2000, 64}, Shape{7, 384, 384}, Shape{33, 1024, 768}, Shape{300, 2048, 4096}, Shape{8, 8192, 384},
                         Shape{1, 4096, 4096}, Shape{2, 1000, 14336}, Shape{3, 6144, 4104}, Shape{4, 37, 2048},
-                        Shape{5, 4099, 6144}, Shape{6, 512, 8}, Shape{8, 4096, 14336}}) {
+                        Shape{5, 4099, 6144}, Shape{6, 512, 8}, Shape{8, 4096, 14336}, Shape{16, 4096, 4096},
+                        Shape{31, 1111, 2056}, Shape{32, 640, 14336}, Shape{12, 130, 1000}}) {
     for (const bool gemv : {true, false}) {
     (*gemm)->set_gemv(gemv);
-    (*gemm)->set_gemv_rows(cuda::kGemvMaxRows);  // the kernel at every m it takes
+    (*gemm)->set_gemv_rows(cuda::kGemvMaxRows);  // the kernels at every m they take (small weights)
     const std::vector<float> x = round_bf16(randn(rng, size_t(s.m * s.k)));
     const std::vector<float> w = round_bf16(randn(rng, size_t(s.n * s.k), 0.05f));
     std::vector<float> ref(size_t(s.m * s.n));
@@ -296,10 +298,12 @@ TEST(CudaModelOps, GemmLt) {
     OK((*gemm)->linear(bf(dx.p), bf(dw.p), dy.p, DType::kBF16, s.m, s.n, s.k, nullptr));
     OK((*gemm)->linear(bf(dx.p), bf(dw.p), dyf.p, DType::kF32, s.m, s.n, s.k, nullptr));
     CK(cudaDeviceSynchronize());
-    const char* path = gemv && s.m <= cuda::kGemvMaxRows ? " (gemv)" : " (cuBLASLt)";
+    const bool via_gemv = gemv && s.m <= cuda::kGemvMaxRows &&
+                          (s.m <= cuda::kGemvSimdRows || s.n * s.k <= cuda::kGemvTensorMaxWeight);
+    const char* path = via_gemv ? " (gemv)" : " (cuBLASLt)";
     EXPECT_LE(rel_err(from_bf16(dy.get()), ref), 1e-2) << s.m << "x" << s.n << "x" << s.k << " bf16 out" << path;
     EXPECT_LE(rel_err(dyf.get(), ref), 1e-4) << s.m << "x" << s.n << "x" << s.k << " fp32 out" << path;
-    if (gemv && s.m <= cuda::kGemvMaxRows) {  // the same bits again
+    if (via_gemv) {  // the same bits again
       const std::vector<float> first = dyf.get();
       dyf.poison();
       OK((*gemm)->linear(bf(dx.p), bf(dw.p), dyf.p, DType::kF32, s.m, s.n, s.k, nullptr));

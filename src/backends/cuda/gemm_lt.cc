@@ -18,9 +18,9 @@ Status lt_status(cublasStatus_t s, const char* what) {
 }
 #define ADAKV_LT(expr) ADAKV_RETURN_IF_ERROR(lt_status((expr), #expr))
 
-// GEMV workspace: partial sums for n x m <= 4M floats per slice pair (the 8B model's lm_head at
-// m 8 needs 2 x 8 x 128256), counters for n up to 262144 rows.
-constexpr int64_t kGemvPartialFloats = int64_t{4} << 20;
+// GEMV workspace (64 MiB): partial sums, slices x m x n floats (the 8B model's lm_head at m 32:
+// 4 x 32 x 128256), counters for n up to 262144 rows.
+constexpr int64_t kGemvPartialFloats = int64_t{16} << 20;
 constexpr int64_t kGemvCounters = 16384;
 }  // namespace
 
@@ -52,7 +52,7 @@ Expected<std::unique_ptr<GemmLt>> GemmLt::create(size_t workspace_bytes) {
   if (cudaMalloc(&g->gemv_partial_, sizeof(float) * kGemvPartialFloats) != cudaSuccess ||
       cudaMalloc(&g->gemv_counters_, sizeof(int32_t) * kGemvCounters) != cudaSuccess ||
       cudaMemset(g->gemv_counters_, 0, sizeof(int32_t) * kGemvCounters) != cudaSuccess)
-    return resource_exhausted("GEMV workspace of 16 MiB: " + std::string(cudaGetErrorString(cudaGetLastError())));
+    return resource_exhausted("GEMV workspace of 64 MiB: " + std::string(cudaGetErrorString(cudaGetLastError())));
   return g;
 }
 
@@ -103,7 +103,9 @@ Status GemmLt::linear(const __nv_bfloat16* x, const __nv_bfloat16* w, void* y, D
   if (y_dtype != DType::kBF16 && y_dtype != DType::kF32) return unimplemented("gemm: output must be BF16 or F32");
   if (ldx == 0) ldx = k;
   if (ldy == 0) ldy = n;
-  if (gemv_ && m <= gemv_rows_ && k % 8 == 0 && ldx % 8 == 0 && n <= kGemvCounters * 16 &&
+  const bool gemv_shape = m <= kGemvSimdRows || n * k <= kGemvTensorMaxWeight;
+  if (gemv_ && m <= gemv_rows_ && gemv_shape && k % 8 == 0 && ldx % 8 == 0 &&
+      gemv_tiles(static_cast<int32_t>(m), static_cast<int32_t>(n)) <= kGemvCounters &&
       gemv_partial_floats(static_cast<int32_t>(m), static_cast<int32_t>(n), static_cast<int32_t>(k)) <=
           kGemvPartialFloats) {
     GemvArgs a;

@@ -8,8 +8,9 @@
 // Descriptors and the heuristic's algorithm are cached per (m, n, k, out dtype), so a step does no
 // host-side search after the first; the workspace is allocated once.
 //
-// Shapes of one or two rows (m <= gemv_rows(), default kGemvDefaultRows) go to gemv_bf16 instead
-// (gemv.h: split-K over 16-row tiles; 1.01-1.23x cuBLASLt's rate on the 8B model's projections);
+// Decode shapes go to gemv_bf16 instead (gemv.h) where it measured faster: m <= 2 always, m up to
+// gemv_rows() (default kGemvDefaultRows, 8) when the weight has at most kGemvTensorMaxWeight
+// elements (the 8B model's qkv and o); 1.04-1.30x cuBLASLt's rate there;
 // ADAKV_GEMV=0 in the environment, or set_gemv(false), keeps everything on cuBLASLt.
 #pragma once
 

@@ -126,6 +126,118 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(const GemvArgs a) {
   if (tid == 0) a.counters[blockIdx.x] = 0;
 }
 
+// --- tensor cores, 3..32 rows ----------------------------------------------------------------------
+//
+// mma.m16n8k16 with 16 weight rows as M and 8 tokens (rows of x) as N: W is streamed once and each
+// fragment serves every token tile. Both operands come straight from global memory as 16-byte
+// pieces: lane (r, c) = (lane / 4, lane % 4) loads w[row r (and r + 8)][k0 + 8c, +8) and
+// x[token r][k0 + 8c, +8) for a 32-wide k block; words 0-1 of each piece feed the first k16 step,
+// words 2-3 the second. That permutes k within the block identically for both operands, which a
+// dot product does not see. A block of 4 warps takes 64 rows (4 row tiles) and a slice of 1024 of
+// K, its warps interleaving the 32-wide k blocks; their sums meet in shared memory, and the slices
+// of a row tile are summed in order by the block that finishes last (as above).
+constexpr int kTcWarps = 4;
+constexpr int kTcTiles = 4;                     // 16-row tiles per block
+constexpr int kTcRows = 16 * kTcTiles;          // 64
+constexpr int kTcSlice = 1024;
+
+__device__ __forceinline__ void mma_16816(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
+                                          uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+template <int NT>
+__global__ void __launch_bounds__(kTcWarps * 32) gemv_tc_kernel(const GemvArgs a) {
+  __shared__ float red[kTcWarps][kTcRows][8 * NT];  // each warp's sums, [row][token]
+  __shared__ int s_last;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int r = lane >> 2, c = lane & 3;
+  const int slice = blockIdx.y, slices = gridDim.y;
+  const int k0 = slice * kTcSlice, k1 = min(a.k, k0 + kTcSlice);
+  const int row_base = blockIdx.x * kTcRows;
+  float acc[kTcTiles][NT][4];
+#pragma unroll
+  for (int t = 0; t < kTcTiles; ++t)
+#pragma unroll
+    for (int n = 0; n < NT; ++n) acc[t][n][0] = acc[t][n][1] = acc[t][n][2] = acc[t][n][3] = 0.f;
+  const __nv_bfloat16* wrow[kTcTiles][2];
+#pragma unroll
+  for (int t = 0; t < kTcTiles; ++t)
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+      wrow[t][h] = a.w + static_cast<int64_t>(min(row_base + 16 * t + r + 8 * h, a.n - 1)) * a.k;
+  const __nv_bfloat16* xrow[NT];
+  bool xok[NT];
+#pragma unroll
+  for (int n = 0; n < NT; ++n) {
+    xok[n] = 8 * n + r < a.m;
+    xrow[n] = a.x + static_cast<int64_t>(min(8 * n + r, a.m - 1)) * a.ldx;
+  }
+  for (int kb = k0 + 32 * warp; kb < k1; kb += 32 * kTcWarps) {
+    const int kk = kb + 8 * c;
+    const bool in = kk < k1;  // k is a multiple of 8: a piece is all in or all out
+    uint4 wv[kTcTiles][2];
+#pragma unroll
+    for (int t = 0; t < kTcTiles; ++t)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) wv[t][h] = in ? load_w(wrow[t][h] + kk) : make_uint4(0, 0, 0, 0);
+    uint4 xv[NT];
+#pragma unroll
+    for (int n = 0; n < NT; ++n)
+      xv[n] = in && xok[n] ? __ldg(reinterpret_cast<const uint4*>(xrow[n] + kk)) : make_uint4(0, 0, 0, 0);
+#pragma unroll
+    for (int t = 0; t < kTcTiles; ++t)
+#pragma unroll
+      for (int n = 0; n < NT; ++n) {
+        mma_16816(acc[t][n], wv[t][0].x, wv[t][1].x, wv[t][0].y, wv[t][1].y, xv[n].x, xv[n].y);
+        mma_16816(acc[t][n], wv[t][0].z, wv[t][1].z, wv[t][0].w, wv[t][1].w, xv[n].z, xv[n].w);
+      }
+  }
+  // C fragment: acc[t][n][0..1] = (row 16t + r, tokens 8n + 2c, +1), [2..3] = (row 16t + r + 8, same).
+#pragma unroll
+  for (int t = 0; t < kTcTiles; ++t)
+#pragma unroll
+    for (int n = 0; n < NT; ++n)
+#pragma unroll
+      for (int q = 0; q < 4; ++q) red[warp][16 * t + r + 8 * (q >> 1)][8 * n + 2 * c + (q & 1)] = acc[t][n][q];
+  __syncthreads();
+  auto store = [&](int m, int row, float v) {
+    if (a.y_dtype == DType::kF32)
+      static_cast<float*>(a.y)[m * a.ldy + row] = v;
+    else
+      static_cast<__nv_bfloat16*>(a.y)[m * a.ldy + row] = __float2bfloat16(v);
+  };
+  for (int i = tid; i < kTcRows * 8 * NT; i += blockDim.x) {
+    const int rr = i / (8 * NT), m = i - rr * (8 * NT), row = row_base + rr;
+    if (row >= a.n || m >= a.m) continue;
+    float v = 0.f;
+#pragma unroll
+    for (int w = 0; w < kTcWarps; ++w) v += red[w][rr][m];
+    if (slices == 1)
+      store(m, row, v);
+    else
+      a.partial[(static_cast<int64_t>(slice) * a.m + m) * a.n + row] = v;
+  }
+  if (slices == 1) return;
+  __threadfence();
+  __syncthreads();
+  if (tid == 0) s_last = atomicAdd(a.counters + blockIdx.x, 1) == slices - 1;
+  __syncthreads();
+  if (!s_last) return;
+  __threadfence();
+  for (int i = tid; i < kTcRows * a.m; i += blockDim.x) {
+    const int m = i / kTcRows, row = row_base + i % kTcRows;
+    if (row >= a.n) continue;
+    float v = 0.f;
+    for (int s = 0; s < slices; ++s) v += __ldcg(a.partial + (static_cast<int64_t>(s) * a.m + m) * a.n + row);
+    store(m, row, v);
+  }
+  if (tid == 0) a.counters[blockIdx.x] = 0;
+}
+
 template <int... kMs>
 cudaError_t launch_for_m(int m, dim3 grid, const GemvArgs& a, cudaStream_t stream) {
   cudaError_t err = cudaErrorInvalidValue;
@@ -135,26 +247,45 @@ cudaError_t launch_for_m(int m, dim3 grid, const GemvArgs& a, cudaStream_t strea
 
 }  // namespace
 
-int32_t gemv_slices(int32_t k) { return (k + kSlice - 1) / kSlice; }
+int32_t gemv_slices(int32_t m, int32_t k) {
+  const int32_t slice = m <= kGemvSimdRows ? kSlice : kTcSlice;
+  return (k + slice - 1) / slice;
+}
 
 int64_t gemv_partial_floats(int32_t m, int32_t n, int32_t k) {
-  const int32_t s = gemv_slices(k);
+  const int32_t s = gemv_slices(m, k);
   return s > 1 ? int64_t{s} * m * n : 0;
+}
+
+int64_t gemv_tiles(int32_t m, int32_t n) {
+  const int32_t rows = m <= kGemvSimdRows ? kRowsPerBlock : kTcRows;
+  return (n + rows - 1) / rows;
 }
 
 Status gemv_bf16(const GemvArgs& a, cudaStream_t stream) {
   if (a.m < 1 || a.m > kGemvMaxRows || a.n < 1 || a.k < 8 || a.k % 8 != 0)
     return invalid_argument("gemv: m " + std::to_string(a.m) + ", n " + std::to_string(a.n) + ", k " +
-                            std::to_string(a.k) + " (m 1..8, k a multiple of 8)");
+                            std::to_string(a.k) + " (m 1.." + std::to_string(kGemvMaxRows) + ", k a multiple of 8)");
   if (a.y_dtype != DType::kBF16 && a.y_dtype != DType::kF32) return invalid_argument("gemv: output must be bf16 or fp32");
   if (a.ldx % 8 != 0 || reinterpret_cast<uintptr_t>(a.x) % 16 != 0 || reinterpret_cast<uintptr_t>(a.w) % 16 != 0)
     return invalid_argument("gemv: x and w need 16-byte alignment and ldx a multiple of 8");
-  const int32_t slices = gemv_slices(a.k);
-  const int64_t tiles = (a.n + kRowsPerBlock - 1) / kRowsPerBlock;
+  const int32_t slices = gemv_slices(a.m, a.k);
+  const int64_t tiles = gemv_tiles(a.m, a.n);
   if (slices > 1 && (gemv_partial_floats(a.m, a.n, a.k) > a.partial_capacity || tiles > a.counter_capacity))
     return invalid_argument("gemv: the workspace is too small for n " + std::to_string(a.n));
   const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(slices));
-  ADAKV_CUDA_RETURN_IF_ERROR((launch_for_m<1, 2, 3, 4, 5, 6, 7, 8>(a.m, grid, a, stream)));
+  if (a.m <= kGemvSimdRows) {
+    ADAKV_CUDA_RETURN_IF_ERROR((launch_for_m<1, 2>(a.m, grid, a, stream)));
+  } else {
+    const int nt = (a.m + 7) / 8;
+    cudaError_t err = cudaErrorInvalidValue;
+    const dim3 block(kTcWarps * 32);
+    if (nt == 1) err = score_detail::launch(gemv_tc_kernel<1>, grid, block, 0, stream, a);
+    else if (nt == 2) err = score_detail::launch(gemv_tc_kernel<2>, grid, block, 0, stream, a);
+    else if (nt == 3) err = score_detail::launch(gemv_tc_kernel<3>, grid, block, 0, stream, a);
+    else err = score_detail::launch(gemv_tc_kernel<4>, grid, block, 0, stream, a);
+    ADAKV_CUDA_RETURN_IF_ERROR(err);
+  }
   return Status::ok();
 }
 

@@ -5,10 +5,13 @@
 // around each call, so a 5-7 µs launch floor is included), too few blocks for K = 4096 .. 14336
 // weights of 4096 .. 6144 rows.
 //
-// How: a block of 8 warps takes 16 rows of w and a slice of up to 2048 of K (the slices of a row
-// are summed in order by the block that finishes last: deterministic, no second launch); x's slice
-// is staged in shared memory; each lane streams 16-byte pieces of its warp's 2 rows, 4 pieces per
-// row in flight, and keeps m x 2 fp32 sums, reduced over the warp at the end.
+// How, m <= 2 (CUDA cores): a block of 8 warps takes 16 rows of w and a slice of up to 2048 of K;
+// x's slice is staged in shared memory; each lane streams 16-byte pieces of its warp's 2 rows, 4
+// pieces per row in flight, and keeps m x 2 fp32 sums, reduced over the warp at the end.
+// m 3..32 (tensor cores, mma.m16n8k16 with the weight rows as M and the tokens as N): a block of
+// 4 warps takes 64 rows and a slice of 1024 of K; each weight fragment serves every 8-token tile.
+// Both: the slices of a row tile are summed in order by the block that finishes last
+// (deterministic, one launch).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -21,12 +24,14 @@
 
 namespace adakv::cuda {
 
-inline constexpr int32_t kGemvMaxRows = 8;
-// Up to how many rows GemmLt uses it by default: on an H100 (2026-11-28, bench_e2e --gemms) it
-// beats cuBLASLt on every projection of the 8B model at m = 1 (1.04-1.22x) and m = 2
-// (1.01-1.23x), is mixed at m = 4 (0.95-1.07x) and loses at m = 8 (0.72-0.82x: the dot products
-// from shared memory become the bound, not the weight bytes).
-inline constexpr int32_t kGemvDefaultRows = 2;
+inline constexpr int32_t kGemvMaxRows = 32;
+// Where GemmLt uses it by default, from an H100 (2026-11-28, bench_e2e --gemms, the 8B model's
+// projections): at m <= 2 (CUDA cores) it beats cuBLASLt on every projection (1.04-1.30x); at
+// m = 3..8 (tensor cores) only on the small weights, qkv and o (1.10-1.18x), while on gate_up,
+// down and lm_head it is 0.89-1.01x; from m = 16 on it loses (0.53-0.99x).
+inline constexpr int32_t kGemvDefaultRows = 8;
+inline constexpr int32_t kGemvSimdRows = 2;                  // the CUDA-core kernel's rows
+inline constexpr int64_t kGemvTensorMaxWeight = int64_t{32} << 20;  // n x k for m > kGemvSimdRows
 
 struct GemvArgs {
   const __nv_bfloat16* x = nullptr;  // [m][ldx]
@@ -44,9 +49,11 @@ struct GemvArgs {
   int64_t counter_capacity = 0;
 };
 
-// The slices of K a call uses, and the partial floats it needs (0 when one slice).
-int32_t gemv_slices(int32_t k);
+// The slices of K a call of m rows uses, the partial floats it needs (0 when one slice) and its
+// row tiles (one counter each).
+int32_t gemv_slices(int32_t m, int32_t k);
 int64_t gemv_partial_floats(int32_t m, int32_t n, int32_t k);
+int64_t gemv_tiles(int32_t m, int32_t n);
 
 // Asynchronous on `stream`; fails (invalid argument) on shapes it does not take, before launching.
 Status gemv_bf16(const GemvArgs& args, cudaStream_t stream);

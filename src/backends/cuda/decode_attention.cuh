@@ -41,6 +41,7 @@
 
 #include "backends/cuda/decode_attention.h"
 #include "backends/cuda/decode_attention_kernels.h"
+#include "backends/cuda/stream_load.cuh"
 
 namespace adakv::cuda::decode_detail {
 
@@ -50,14 +51,8 @@ constexpr unsigned kFullMask = 0xffffffffu;
 
 // --- small device helpers ---------------------------------------------------------------------
 
-// Streaming 16-byte load: every byte of K/V is read once, so do not keep it in L1.
-__device__ __forceinline__ uint4 load_stream(const __nv_bfloat16* p) {
-  uint4 v;
-  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "l"(p));
-  return v;
-}
+// Streaming 16-byte loads (stream_load.cuh): every byte of K/V is read once.
+using cuda::load_stream;
 
 __device__ __forceinline__ float fast_exp2(float x) {
   float y;

@@ -5,6 +5,8 @@
 
 #include "backends/cuda/cuda_check.h"
 #include "backends/cuda/score_common.cuh"
+#include "backends/cuda/score_mma.cuh"
+#include "backends/cuda/stream_load.cuh"
 
 namespace adakv::cuda {
 
@@ -26,13 +28,12 @@ __device__ __forceinline__ float dot8(const uint4& w, const uint4& x) {
   return s;
 }
 
-// Streaming 16-byte load: each weight byte is read once.
-__device__ __forceinline__ uint4 load_w(const __nv_bfloat16* p) {
-  uint4 v;
-  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "l"(p));
-  return v;
+// y[m][row] = v in y's type.
+__device__ __forceinline__ void store_y(const GemvArgs& a, int m, int row, float v) {
+  if (a.y_dtype == DType::kF32)
+    static_cast<float*>(a.y)[m * a.ldy + row] = v;
+  else
+    static_cast<__nv_bfloat16*>(a.y)[m * a.ldy + row] = __float2bfloat16(v);
 }
 
 template <int M>
@@ -64,7 +65,7 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(const GemvArgs a) {
     for (int u = 0; u < kUnroll; ++u) {
       const int c = base + u * 32 + lane;
 #pragma unroll
-      for (int r = 0; r < kRowsPerWarp; ++r) wv[u][r] = c < pieces ? load_w(wr[r] + 8 * c) : make_uint4(0, 0, 0, 0);
+      for (int r = 0; r < kRowsPerWarp; ++r) wv[u][r] = c < pieces ? load_stream(wr[r] + 8 * c) : make_uint4(0, 0, 0, 0);
     }
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
@@ -87,19 +88,13 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(const GemvArgs a) {
       for (int o = 16; o >= 1; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
       acc[m][r] = v;
     }
-  auto store = [&](int m, int row, float v) {
-    if (a.y_dtype == DType::kF32)
-      static_cast<float*>(a.y)[m * a.ldy + row] = v;
-    else
-      static_cast<__nv_bfloat16*>(a.y)[m * a.ldy + row] = __float2bfloat16(v);
-  };
   if (slices == 1) {
     if (lane == 0)
 #pragma unroll
       for (int r = 0; r < kRowsPerWarp; ++r)
         if (row0 + r < a.n)
 #pragma unroll
-          for (int m = 0; m < M; ++m) store(m, row0 + r, acc[m][r]);
+          for (int m = 0; m < M; ++m) store_y(a, m, row0 + r, acc[m][r]);
     return;
   }
   // Several slices: this block's sums to the partials; the block that brings a row tile's last
@@ -121,7 +116,7 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(const GemvArgs a) {
     if (row >= a.n) continue;
     float v = 0.f;
     for (int s = 0; s < slices; ++s) v += __ldcg(a.partial + (static_cast<int64_t>(s) * M + m) * a.n + row);
-    store(m, row, v);
+    store_y(a, m, row, v);
   }
   if (tid == 0) a.counters[blockIdx.x] = 0;
 }
@@ -140,14 +135,6 @@ constexpr int kTcWarps = 4;
 constexpr int kTcTiles = 4;                     // 16-row tiles per block
 constexpr int kTcRows = 16 * kTcTiles;          // 64
 constexpr int kTcSlice = 1024;
-
-__device__ __forceinline__ void mma_16816(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
-                                          uint32_t b1) {
-  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
 
 template <int NT>
 __global__ void __launch_bounds__(kTcWarps * 32) gemv_tc_kernel(const GemvArgs a) {
@@ -183,7 +170,7 @@ __global__ void __launch_bounds__(kTcWarps * 32) gemv_tc_kernel(const GemvArgs a
 #pragma unroll
     for (int t = 0; t < kTcTiles; ++t)
 #pragma unroll
-      for (int h = 0; h < 2; ++h) wv[t][h] = in ? load_w(wrow[t][h] + kk) : make_uint4(0, 0, 0, 0);
+      for (int h = 0; h < 2; ++h) wv[t][h] = in ? load_stream(wrow[t][h] + kk) : make_uint4(0, 0, 0, 0);
     uint4 xv[NT];
 #pragma unroll
     for (int n = 0; n < NT; ++n)
@@ -192,8 +179,10 @@ __global__ void __launch_bounds__(kTcWarps * 32) gemv_tc_kernel(const GemvArgs a
     for (int t = 0; t < kTcTiles; ++t)
 #pragma unroll
       for (int n = 0; n < NT; ++n) {
-        mma_16816(acc[t][n], wv[t][0].x, wv[t][1].x, wv[t][0].y, wv[t][1].y, xv[n].x, xv[n].y);
-        mma_16816(acc[t][n], wv[t][0].z, wv[t][1].z, wv[t][0].w, wv[t][1].w, xv[n].z, xv[n].w);
+        const uint32_t a0[4] = {wv[t][0].x, wv[t][1].x, wv[t][0].y, wv[t][1].y};
+        const uint32_t a1[4] = {wv[t][0].z, wv[t][1].z, wv[t][0].w, wv[t][1].w};
+        score_detail::mma_bf16_16816(acc[t][n], a0, xv[n].x, xv[n].y);
+        score_detail::mma_bf16_16816(acc[t][n], a1, xv[n].z, xv[n].w);
       }
   }
   // C fragment: acc[t][n][0..1] = (row 16t + r, tokens 8n + 2c, +1), [2..3] = (row 16t + r + 8, same).
@@ -204,12 +193,6 @@ __global__ void __launch_bounds__(kTcWarps * 32) gemv_tc_kernel(const GemvArgs a
 #pragma unroll
       for (int q = 0; q < 4; ++q) red[warp][16 * t + r + 8 * (q >> 1)][8 * n + 2 * c + (q & 1)] = acc[t][n][q];
   __syncthreads();
-  auto store = [&](int m, int row, float v) {
-    if (a.y_dtype == DType::kF32)
-      static_cast<float*>(a.y)[m * a.ldy + row] = v;
-    else
-      static_cast<__nv_bfloat16*>(a.y)[m * a.ldy + row] = __float2bfloat16(v);
-  };
   for (int i = tid; i < kTcRows * 8 * NT; i += blockDim.x) {
     const int rr = i / (8 * NT), m = i - rr * (8 * NT), row = row_base + rr;
     if (row >= a.n || m >= a.m) continue;
@@ -217,7 +200,7 @@ __global__ void __launch_bounds__(kTcWarps * 32) gemv_tc_kernel(const GemvArgs a
 #pragma unroll
     for (int w = 0; w < kTcWarps; ++w) v += red[w][rr][m];
     if (slices == 1)
-      store(m, row, v);
+      store_y(a, m, row, v);
     else
       a.partial[(static_cast<int64_t>(slice) * a.m + m) * a.n + row] = v;
   }
@@ -233,7 +216,7 @@ __global__ void __launch_bounds__(kTcWarps * 32) gemv_tc_kernel(const GemvArgs a
     if (row >= a.n) continue;
     float v = 0.f;
     for (int s = 0; s < slices; ++s) v += __ldcg(a.partial + (static_cast<int64_t>(s) * a.m + m) * a.n + row);
-    store(m, row, v);
+    store_y(a, m, row, v);
   }
   if (tid == 0) a.counters[blockIdx.x] = 0;
 }

@@ -21,7 +21,6 @@
 
 #include "backends/cuda/cuda_generate.h"
 #include "backends/cuda/cuda_model.h"
-#include "cuda_prompt_steps.h"
 #include "compress/kvcompress.h"
 #include "compress/policy.h"
 #include "core/dtype.h"
@@ -31,16 +30,13 @@
 #include "kv/cpu_kv_storage.h"
 #include "kv/kv_cache_manager.h"
 #include "model/transformer.h"
+#include "cuda_test_support.h"
 
 namespace adakv {
 namespace {
 
 namespace fs = std::filesystem;
 
-bool have_device() {
-  int n = 0;
-  return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
-}
 #define SKIP_WITHOUT_DEVICE() \
   if (!have_device()) GTEST_SKIP() << "no CUDA device: GPU model tests skipped"
 

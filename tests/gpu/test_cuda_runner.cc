@@ -24,7 +24,6 @@
 
 #include "adakv/engine.h"
 #include "backends/cuda/cuda_model.h"
-#include "cuda_prompt_steps.h"
 #include "compress/policy.h"
 #include "core/dtype.h"
 #include "core/mapped_file.h"
@@ -32,16 +31,13 @@
 #include "engine/sampler.h"
 #include "io/tokenizer.h"
 #include "kv/kv_cache_manager.h"
+#include "cuda_test_support.h"
 
 namespace adakv {
 namespace {
 
 namespace fs = std::filesystem;
 
-bool have_device() {
-  int n = 0;
-  return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
-}
 #define SKIP_WITHOUT_DEVICE()                                                           \
   if (!have_device()) GTEST_SKIP() << "no CUDA device: CUDA runner tests skipped";      \
   if (!fs::exists(kTiny / "config.json")) GTEST_SKIP() << "models/adakv-tiny-v1 missing"

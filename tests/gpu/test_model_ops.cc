@@ -32,6 +32,7 @@
 #include "kv/cpu_kv_storage.h"
 #include "kv/kv_cache_manager.h"
 #include "model/rope.h"
+#include "cuda_test_support.h"
 
 namespace adakv {
 namespace {
@@ -48,10 +49,6 @@ uint64_t test_seed() {
   return seed;
 }
 
-bool have_device() {
-  int n = 0;
-  return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
-}
 #define SKIP_WITHOUT_DEVICE() \
   if (!have_device()) GTEST_SKIP() << "no CUDA device: GPU model-op tests skipped"
 

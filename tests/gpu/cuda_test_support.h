@@ -1,7 +1,6 @@
-// Feeding a prompt to a CudaModel the way the engine does (tests/gpu only): chunks of `chunk`
-// tokens (0: the whole prompt in one step), every chunk but the last marked prefill_part, the
-// last one compress. The last step asks for logits when want_logits and samples on the device
-// with *sampling when it is given (the caller sets its uniform first).
+// Helpers of the model-level GPU tests (tests/gpu/test_cuda_model.cc, test_cuda_runner.cc,
+// test_model_ops.cc): whether a CUDA device is usable, and feeding a prompt to a CudaModel the
+// way the engine does.
 #pragma once
 
 #include <algorithm>
@@ -9,12 +8,22 @@
 #include <span>
 #include <string>
 
+#include <cuda_runtime.h>
+
 #include "backends/cuda/cuda_model.h"
 #include "core/status.h"
 #include "kv/kv_cache_manager.h"
 
 namespace adakv {
 
+inline bool have_device() {
+  int n = 0;
+  return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
+}
+
+// Chunks of `chunk` tokens (0: the whole prompt in one step), every chunk but the last marked
+// prefill_part, the last one compress. The last step asks for logits when want_logits and samples
+// on the device with *sampling when it is given (the caller sets its uniform first).
 inline Status step_prompt(cuda::CudaModel& m, KvCacheManager& mgr, SeqId seq, std::span<const int32_t> prompt,
                           size_t chunk, bool want_logits, const cuda::StepSampling* sampling, cuda::StepResult* out) {
   const size_t step_len = chunk > 0 ? chunk : prompt.size();

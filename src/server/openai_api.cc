@@ -304,12 +304,43 @@ ApiError error_for_status(int status, std::string message) {
   return e;
 }
 
+namespace {
+
+// Deepest nesting of arrays and objects in a JSON text (brackets inside strings do not count).
+// Parsing is iterative, but serialising and template rendering recurse: a body of 8 MB could nest
+// four million levels and overflow the stack, so a request is refused above kMaxJsonDepth first.
+constexpr int kMaxJsonDepth = 64;
+int json_depth(std::string_view text) {
+  int depth = 0, deepest = 0;
+  bool in_string = false, escaped = false;
+  for (const char ch : text) {
+    if (in_string) {
+      if (escaped) escaped = false;
+      else if (ch == '\\') escaped = true;
+      else if (ch == '"') in_string = false;
+      continue;
+    }
+    if (ch == '"') in_string = true;
+    else if (ch == '[' || ch == '{') deepest = std::max(deepest, ++depth);
+    else if (ch == ']' || ch == '}') --depth;
+  }
+  return deepest;
+}
+
+}  // namespace
+
 std::optional<ApiError> parse_generation_request(std::string_view body_text, ApiKind kind, const ApiDefaults& defaults,
                                                  GenerationRequest& out) {
   out = GenerationRequest{};
   out.kind = kind;
   out.sampling = defaults.sampling;
   out.compress = defaults.compress;
+  if (json_depth(body_text) > kMaxJsonDepth) {
+    ApiError e;
+    e.message = "the request body nests arrays and objects deeper than " + std::to_string(kMaxJsonDepth) + " levels";
+    e.code = "invalid_json";
+    return e;
+  }
   Json body = Json::parse(body_text, nullptr, /*allow_exceptions=*/false);
   if (body.is_discarded()) {
     ApiError e;

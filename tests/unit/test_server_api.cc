@@ -129,6 +129,34 @@ TEST(ServerApi, Refusals) {
   }
 }
 
+// A body nesting arrays / objects deeper than 64 levels is refused before anything recurses over
+// it (found by fuzz/fuzz_openai_request: 200000 levels in chat_template_kwargs overflowed the stack
+// when serialised); brackets inside strings do not count, and 64 levels are still fine.
+TEST(ServerApi, DeepNestingIsRefused) {
+  auto nested = [](int levels) {
+    std::string s;
+    for (int i = 0; i < levels; ++i) s += "{\"a\":";
+    s += "1";
+    for (int i = 0; i < levels; ++i) s += "}";
+    return s;
+  };
+  const std::string chat = R"({"messages":[{"role":"user","content":"hi"}],"chat_template_kwargs":)";
+  GenerationRequest g;
+  auto err = parse(chat + nested(200000) + "}", ApiKind::kChat, g);
+  ASSERT_TRUE(err);
+  EXPECT_EQ(err->status, 400);
+  EXPECT_EQ(err->code, "invalid_json");
+  EXPECT_NE(err->message.find("64 levels"), std::string::npos) << err->message;
+  err = parse(R"({"prompt":)" + std::string(100000, '[') + std::string(100000, ']') + "}", ApiKind::kCompletion, g);
+  ASSERT_TRUE(err);
+  EXPECT_EQ(err->code, "invalid_json");
+  // 63 levels of kwargs inside the 1-level body: 64 in all, accepted.
+  EXPECT_FALSE(parse(chat + nested(63) + "}", ApiKind::kChat, g)) << "64 levels refused";
+  EXPECT_TRUE(parse(chat + nested(64) + "}", ApiKind::kChat, g)) << "65 levels accepted";
+  // Brackets inside strings (and escaped quotes) are text, not nesting.
+  EXPECT_FALSE(parse(R"({"prompt":")" + std::string(1000, '[') + R"(\"{{{"})", ApiKind::kCompletion, g));
+}
+
 TEST(ServerApi, CompressionFieldsOverrideDefaults) {
   GenerationRequest g;
   auto err = parse(R"({"prompt":"x","kv_policy":"ada-snapkv","kv_budget":64,"kv_window":8,"kv_alpha":0.5,

@@ -18,44 +18,18 @@
 #include "engine/eval_runner.h"
 #include "eval/haystack.h"
 #include "eval/tasks.h"
+#include "tiny_eval_fixture.h"
 
 namespace adakv {
 namespace {
 
 namespace fs = std::filesystem;
 
-const std::string kModelDir = std::string(ADAKV_SOURCE_DIR) + "/models/adakv-tiny-v1";
-const std::string kHaystack = std::string(ADAKV_SOURCE_DIR) + "/data/haystack/validation.txt";
-
 CompressConfig config_of(KvPolicy p, int32_t budget) {
   CompressConfig c;
   c.policy = p;
   c.budget = budget;
   return c;
-}
-
-struct Fixture {
-  std::unique_ptr<Transformer> model;
-  std::shared_ptr<Tokenizer> tokenizer;
-  std::shared_ptr<const eval::Haystack> haystack;
-};
-
-Fixture& fixture() {
-  static Fixture f = [] {
-    Fixture x;
-    auto m = Transformer::load(kModelDir);
-    EXPECT_TRUE(m.has_value()) << m.status().message();
-    x.model = std::move(m).value();
-    auto t = Tokenizer::load(kModelDir);
-    EXPECT_TRUE(t.has_value());
-    x.tokenizer = std::move(t).value();
-    std::shared_ptr<const Tokenizer> tok = x.tokenizer;
-    auto h = eval::Haystack::load(kHaystack, [tok](std::string_view s) { return tok->encode(s, true); });
-    EXPECT_TRUE(h.has_value());
-    x.haystack = std::move(h).value();
-    return x;
-  }();
-  return f;
 }
 
 std::vector<EvalItem> needle_items(const std::vector<int>& lengths, const std::vector<double>& depths) {
@@ -65,7 +39,7 @@ std::vector<EvalItem> needle_items(const std::vector<int>& lengths, const std::v
     eval::TaskOptions o;
     o.target_tokens = grid[c].target_tokens;
     o.depth = grid[c].depth;
-    auto s = eval::make_task_sample(*fixture().haystack, eval::Task::kNiah, o, /*seed=*/7, c);
+    auto s = eval::make_task_sample(*tiny_eval_fixture().haystack, eval::Task::kNiah, o, /*seed=*/7, c);
     EXPECT_TRUE(s.has_value()) << s.status().message();
     items.push_back({std::move(s).value(), grid[c].target_tokens, grid[c].depth, grid[c].trial});
   }
@@ -82,7 +56,7 @@ double hand_passkey(const std::string& prediction, const std::string& key) {
 }
 
 TEST(EvalRunner, NeedleSweepShapeAndProtocols) {
-  Fixture& f = fixture();
+  TinyEvalFixture& f = tiny_eval_fixture();
   const EvalRunner runner(*f.model, f.tokenizer);
   const std::vector<EvalItem> items = needle_items({512}, {0.25, 0.75});
   const std::vector<EvalConfig> configs = {{"snapkv", 64, config_of(KvPolicy::kSnapKv, 64)},
@@ -124,7 +98,7 @@ TEST(EvalRunner, NeedleSweepShapeAndProtocols) {
 }
 
 TEST(EvalRunner, BudgetAbovePromptMatchesFull) {
-  Fixture& f = fixture();
+  TinyEvalFixture& f = tiny_eval_fixture();
   const EvalRunner runner(*f.model, f.tokenizer);
   const std::vector<EvalItem> items = needle_items({384}, {0.5});
   // Above prompt + generated tokens, so neither the prefill nor a continual policy evicts.
@@ -185,7 +159,7 @@ TEST(EvalRunnerCli, MalformedJsonlNamesFileAndLine) {
     f << R"({"context": "a b c", "question": "q?", "answer": "x"})" << "\n";
     f << R"({"context": "a b c", "question": )" << "\n";
   }
-  const RunResult r = run_adakv("eval kvpress --model '" + kModelDir + "' --data '" + p.string() + "'");
+  const RunResult r = run_adakv("eval kvpress --model '" + kTinyModelDir + "' --data '" + p.string() + "'");
   fs::remove(p);
   EXPECT_EQ(r.exit_code, 1);
   EXPECT_NE(r.err.find(p.string() + ":2"), std::string::npos) << r.err;
@@ -194,11 +168,11 @@ TEST(EvalRunnerCli, MalformedJsonlNamesFileAndLine) {
 
 TEST(EvalRunnerCli, BadPolicyAndBudgetAreOneLineErrors) {
   if (!cli_has_task_kinds()) GTEST_SKIP() << "adakv eval does not register needle/ruler/longbench/kvpress yet";
-  RunResult r = run_adakv("eval needle --model '" + kModelDir + "' --policies snapkv,nope --lengths 256");
+  RunResult r = run_adakv("eval needle --model '" + kTinyModelDir + "' --policies snapkv,nope --lengths 256");
   EXPECT_EQ(r.exit_code, 1);
   EXPECT_NE(r.err.find("nope"), std::string::npos) << r.err;
   EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
-  r = run_adakv("eval needle --model '" + kModelDir + "' --policies snapkv --budgets 100000 --lengths 256");
+  r = run_adakv("eval needle --model '" + kTinyModelDir + "' --policies snapkv --budgets 100000 --lengths 256");
   EXPECT_EQ(r.exit_code, 1);
   EXPECT_NE(r.err.find("100000"), std::string::npos) << r.err;
   EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
@@ -209,7 +183,7 @@ TEST(EvalRunnerCli, PromptOverTheContextIsRefusedBeforeTheSweep) {
   // adakv-tiny-v1's context is 8192: an 8192-token needle leaves no room for its answer. The
   // 256-token length first in the list would otherwise run (and write rows) before the failure.
   const fs::path prefix = fs::temp_directory_path() / ("adakv_needle_long_" + std::to_string(::getpid()));
-  const RunResult r = run_adakv("eval needle --model '" + kModelDir + "' --haystack '" + kHaystack +
+  const RunResult r = run_adakv("eval needle --model '" + kTinyModelDir + "' --haystack '" + kHaystackFile +
                                 "' --policies full --lengths 256,8192 --depths 0.5 --out '" + prefix.string() + "'");
   EXPECT_EQ(r.exit_code, 1);
   EXPECT_NE(r.err.find("exceeds the model's context of 8192"), std::string::npos) << r.err;
@@ -221,7 +195,7 @@ TEST(EvalRunnerCli, PromptOverTheContextIsRefusedBeforeTheSweep) {
 TEST(EvalRunnerCli, NeedleSweepWritesCsvAndJson) {
   if (!cli_has_task_kinds()) GTEST_SKIP() << "adakv eval does not register needle/ruler/longbench/kvpress yet";
   const fs::path prefix = fs::temp_directory_path() / ("adakv_needle_" + std::to_string(::getpid()));
-  const RunResult r = run_adakv("eval needle --model '" + kModelDir + "' --haystack '" + kHaystack +
+  const RunResult r = run_adakv("eval needle --model '" + kTinyModelDir + "' --haystack '" + kHaystackFile +
                                 "' --policies full,snapkv,ada-snapkv --budgets 64 --protocol both --lengths 256 "
                                 "--depths 0.5 --samples 1 --out '" + prefix.string() + "'");
   ASSERT_EQ(r.exit_code, 0) << r.err;

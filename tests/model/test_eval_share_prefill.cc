@@ -24,42 +24,16 @@
 #include "engine/prefill_snapshot.h"
 #include "eval/haystack.h"
 #include "eval/tasks.h"
+#include "tiny_eval_fixture.h"
 
 namespace adakv {
 namespace {
-
-const std::string kModelDir = std::string(ADAKV_SOURCE_DIR) + "/models/adakv-tiny-v1";
-const std::string kHaystack = std::string(ADAKV_SOURCE_DIR) + "/data/haystack/validation.txt";
-
-struct Fixture {
-  std::unique_ptr<Transformer> model;
-  std::shared_ptr<Tokenizer> tokenizer;
-  std::shared_ptr<const eval::Haystack> haystack;
-};
-
-Fixture& fixture() {
-  static Fixture f = [] {
-    Fixture x;
-    auto m = Transformer::load(kModelDir);
-    EXPECT_TRUE(m.has_value()) << m.status().message();
-    x.model = std::move(m).value();
-    auto t = Tokenizer::load(kModelDir);
-    EXPECT_TRUE(t.has_value());
-    x.tokenizer = std::move(t).value();
-    std::shared_ptr<const Tokenizer> tok = x.tokenizer;
-    auto h = eval::Haystack::load(kHaystack, [tok](std::string_view s) { return tok->encode(s, true); });
-    EXPECT_TRUE(h.has_value());
-    x.haystack = std::move(h).value();
-    return x;
-  }();
-  return f;
-}
 
 eval::Sample needle(int length, double depth, uint64_t seed) {
   eval::TaskOptions o;
   o.target_tokens = length;
   o.depth = depth;
-  auto s = eval::make_task_sample(*fixture().haystack, eval::Task::kNiah, o, seed, 0);
+  auto s = eval::make_task_sample(*tiny_eval_fixture().haystack, eval::Task::kNiah, o, seed, 0);
   EXPECT_TRUE(s.has_value()) << s.status().message();
   return std::move(s).value();
 }
@@ -113,7 +87,7 @@ struct TappedRun {
 };
 
 TEST(SharedPrefill, EveryPolicyMatchesIndependentGenerate) {
-  Fixture& f = fixture();
+  TinyEvalFixture& f = tiny_eval_fixture();
   const Transformer& model = *f.model;
   const EvalRunner runner(model, f.tokenizer);
   const eval::Sample sample = needle(1280, 0.4, 11);
@@ -229,7 +203,7 @@ TEST(SharedPrefill, EveryPolicyMatchesIndependentGenerate) {
 }
 
 TEST(SharedPrefill, EvalRunnerRowsEqualWithAndWithoutSharing) {
-  Fixture& f = fixture();
+  TinyEvalFixture& f = tiny_eval_fixture();
   EvalRunOptions on, off;
   on.share_prefill = true;
   off.share_prefill = false;
@@ -274,7 +248,7 @@ TEST(SharedPrefill, EvalRunnerRowsEqualWithAndWithoutSharing) {
 }
 
 TEST(SharedPrefill, TooLongPromptFailsLikeGenerate) {
-  Fixture& f = fixture();
+  TinyEvalFixture& f = tiny_eval_fixture();
   EvalRunOptions on, off;
   off.share_prefill = false;
   const EvalRunner shared(*f.model, f.tokenizer, on);
@@ -295,8 +269,8 @@ TEST(SharedPrefill, CliNoSharePrefillWritesTheSameCsv) {
   const fs::path base = fs::temp_directory_path() / ("adakv_share_" + std::to_string(::getpid()));
   auto run = [&](const std::string& tag, const std::string& flag) {
     const std::string prefix = base.string() + tag;
-    const std::string cmd = std::string("'") + ADAKV_BINARY_PATH + "' eval needle --model '" + kModelDir +
-                            "' --haystack '" + kHaystack +
+    const std::string cmd = std::string("'") + ADAKV_BINARY_PATH + "' eval needle --model '" + kTinyModelDir +
+                            "' --haystack '" + kHaystackFile +
                             "' --policies full,h2o,ada-criticalkv,kvcompress --budgets 64 --protocol both "
                             "--lengths 320 --depths 0.5 --samples 1 --out '" + prefix + "' " + flag +
                             " >/dev/null 2>&1";

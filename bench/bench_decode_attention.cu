@@ -20,7 +20,8 @@
 //   b2-pX     v3 block items (the default: 4 warps per piece, combined in shared memory; the plan
 //             gets the host page-table offsets), merge kernel; bo-pX the same with the attention
 //             kernel's prologue overlapped (overlap_prologue); bf-pX fused merge; bw4-pX one
-//             block per SM; battn-pX the v3 attention kernel alone
+//             block per SM; battn-pX the v3 attention kernel alone; bpN-pX = bo-pX with each
+//             warp's first N pages prefetched into L2 before it waits (prefetch_pages)
 // --small: steps up to 1.1 GB, no naive and no sweep; prints the v3 table only.
 // Also: the launch floor (an empty kernel timed with events; an empty kernel per layer in a graph
 // of 32), and per layer in a graph of N = min(32, pool / step) back-to-back layers (time_graph)
@@ -199,7 +200,7 @@ bool setup_shape(Bench& b, Shape* s) {
 
 std::unique_ptr<DecodeAttention> make_attention(int d, DecodeSplit split, int ppi, int warps_per_sm, bool pdl,
                                                 DecodeMerge merge = DecodeMerge::kKernel, bool block_items = false,
-                                                bool overlap = false) {
+                                                bool overlap = false, int prefetch = 0) {
   DecodeAttentionOptions o;
   o.num_qo_heads = kQoHeads;
   o.num_kv_heads = kKvHeads;
@@ -212,6 +213,7 @@ std::unique_ptr<DecodeAttention> make_attention(int d, DecodeSplit split, int pp
   o.merge = merge;
   o.block_items = block_items;
   o.overlap_prologue = overlap;
+  o.prefetch_pages = prefetch;
   auto a = DecodeAttention::create(o);
   if (!a) {
     std::fprintf(stderr, "create: %s\n", a.status().message().c_str());
@@ -418,7 +420,7 @@ void launch_floor(Bench& b, double* single_us, double* graph_us) {
 }
 
 // Variant roles in the table.
-enum Role { kTwoKernel, kFusedMerge, kAutoMerge, kAttnOnly, kNaive, kBlockKernel, kBlockOverlap, kBlockFused, kBlockAttn, kBlockFew };
+enum Role { kTwoKernel, kFusedMerge, kAutoMerge, kAttnOnly, kNaive, kBlockKernel, kBlockOverlap, kBlockFused, kBlockAttn, kBlockFew, kBlockPrefetch };
 
 struct Result {
   Shape shape;
@@ -543,6 +545,9 @@ int main(int argc, char** argv) {
                           make_attention(d, DecodeSplit::kBalanced, ppi, 0, true, DecodeMerge::kKernel, true, true)});
       variants.push_back({"bf" + sfx, kBlockFused,
                           make_attention(d, DecodeSplit::kBalanced, ppi, 0, true, DecodeMerge::kFused, true)});
+      for (int pf : ppi == main_ppi ? std::vector<int>{4, 8, 16, 32} : std::vector<int>{8})
+        variants.push_back({"bp" + std::to_string(pf) + sfx, kBlockPrefetch,
+                            make_attention(d, DecodeSplit::kBalanced, ppi, 0, true, DecodeMerge::kKernel, true, true, pf)});
     }
     // v3 with one block per SM (half or a third of the loads in flight, half the partials).
     variants.push_back({"bw4-p" + std::to_string(main_ppi), kBlockFew,
@@ -601,6 +606,7 @@ int main(int argc, char** argv) {
             double g = 0;
             const bool graph_it =
                 (v.role == kAutoMerge || v.role == kBlockKernel || v.role == kBlockOverlap || v.role == kBlockFused ||
+                 v.role == kBlockPrefetch ||
                  v.role == kBlockFew || v.role == kBlockAttn ||
                  (v.role == kTwoKernel && v.name.back() - '0' == main_ppi)) &&
                 res.shape.bytes <= 1.1e9;
@@ -688,9 +694,9 @@ int main(int argc, char** argv) {
   std::printf("\n== decode attention v3 (%s; copy %.0f GB/s; launch floor %.1f us per call, %.2f us per kernel in a "
               "graph; %% = of copy; g = graph per layer) ==\n",
               b.prop.name, b.copy_bw / 1e9, floor_single, floor_graph);
-  std::printf("%3s %5s %4s %7s %5s %6s | %6s %5s %5s | %6s %5s %-3s %5s %-3s| %5s %5s | %5s %5s | %6s | %5s %5s | %2s | %6s %6s\n", "d",
+  std::printf("%3s %5s %4s %7s %5s %6s | %6s %5s %5s | %6s %5s %-3s %5s %-3s| %5s %5s | %6s %5s %-6s| %5s %5s | %6s | %5s %5s | %2s | %6s %6s\n", "d",
               "batch", "ctx", "dist", "max/m", "KV_MB", "v2_us", "%", "g%", "b2_us", "%", "pp", "g%", "pp", "bo_g%",
-              "bo%", "bf%", "bf_g%", "battn", "w4%", "w4_g%", "N", "plv2us", "plv3us");
+              "bo%", "bp8_g%", "bp_g%", "bp", "bf%", "bf_g%", "battn", "w4%", "w4_g%", "N", "plv2us", "plv3us");
   for (const Result& r : results) {
     const auto best = [&](int role, bool graph) {
       int bi = -1;
@@ -707,14 +713,19 @@ int main(int argc, char** argv) {
     const int v2 = best(kTwoKernel, false), v2g = best(kTwoKernel, true), b2 = best(kBlockKernel, false),
               b2g = best(kBlockKernel, true), bog = best(kBlockOverlap, true), bo = best(kBlockOverlap, false),
               bf = best(kBlockFused, false), bfg = best(kBlockFused, true), ba = best(kBlockAttn, false),
-              w4 = best(kBlockFew, false), w4g = best(kBlockFew, true);
+              w4 = best(kBlockFew, false), w4g = best(kBlockFew, true), bpg = best(kBlockPrefetch, true);
+    // The fixed setting: 8 pages prefetched per warp at the main pages/iter.
+    int bp8 = -1;
+    for (size_t v = 0; v < r.names.size(); ++v)
+      if (r.names[v] == "bp8-p" + std::to_string(r.shape.d == 128 ? 2 : 4)) bp8 = int(v);
     double diff = 0;
     for (double x : r.diff) diff = std::max(diff, x);
-    std::printf("%3d %5d %3dK %7s %5.1f %6.0f | %6.1f %5.1f %5.1f | %6.1f %5.1f %-3s %5.1f %-3s| %5.1f %5.1f | %5.1f %5.1f | %6.1f | %5.1f %5.1f | %2d | %6.1f %6.1f%s\n",
+    std::printf("%3d %5d %3dK %7s %5.1f %6.0f | %6.1f %5.1f %5.1f | %6.1f %5.1f %-3s %5.1f %-3s| %5.1f %5.1f | %6.1f %5.1f %-6s| %5.1f %5.1f | %6.1f | %5.1f %5.1f | %2d | %6.1f %6.1f%s\n",
                 r.shape.d, r.shape.batch, r.shape.ctx / 1024, r.shape.dist(), r.shape.max_over_mean, by / 1e6,
                 v2 < 0 ? 0.0 : r.us[v2], pc(v2, false), pc(v2g, true), b2 < 0 ? 0.0 : r.us[b2], pc(b2, false),
                 b2 < 0 ? "-" : r.names[b2].c_str() + 3, pc(b2g, true), b2g < 0 ? "-" : r.names[b2g].c_str() + 3,
-                pc(bog, true), pc(bo, false), pc(bf, false), pc(bfg, true), ba < 0 ? 0.0 : r.us[ba], pc(w4, false),
+                pc(bog, true), pc(bo, false), pc(bp8, true), pc(bpg, true),
+                bpg < 0 ? "-" : r.names[bpg].c_str() + 2, pc(bf, false), pc(bfg, true), ba < 0 ? 0.0 : r.us[ba], pc(w4, false),
                 pc(w4g, true), r.layers,
                 r.plan_v2_us, r.plan_v3_us, diff < 0.05 ? "" : "  MISMATCH");
   }

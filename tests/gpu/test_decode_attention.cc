@@ -27,6 +27,7 @@
 #include <sstream>
 
 #include "backends/cuda/decode_attention.h"
+#include "device_array.h"
 #include "core/dtype.h"
 
 namespace {
@@ -217,25 +218,6 @@ CheckResult check_plan_edges() {
 
 // --- GPU checks ----------------------------------------------------------------------------------
 
-template <typename T>
-struct DeviceArray {
-  T* ptr = nullptr;
-  size_t n = 0;
-  explicit DeviceArray(size_t count) : n(count) {
-    if (cudaMalloc(&ptr, std::max<size_t>(1, count) * sizeof(T)) != cudaSuccess) ptr = nullptr;
-  }
-  ~DeviceArray() { cudaFree(ptr); }
-  DeviceArray(const DeviceArray&) = delete;
-  DeviceArray& operator=(const DeviceArray&) = delete;
-  bool upload(const std::vector<T>& h) {
-    return cudaMemcpy(ptr, h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice) == cudaSuccess;
-  }
-  bool download(std::vector<T>* h) const {
-    h->resize(n);
-    return cudaMemcpy(h->data(), ptr, n * sizeof(T), cudaMemcpyDeviceToHost) == cudaSuccess;
-  }
-};
-
 struct GpuCase {
   int num_kv_heads = 8;
   int group = 4;
@@ -252,6 +234,7 @@ struct GpuCase {
   bool block_items = true;        // v3 block-item kernel (default) or the v2 warp kernel
   bool host_offsets = false;      // plan() gets the host row_page_offsets (absolute item offsets)
   bool overlap_prologue = false;  // the attention kernel as a programmatic dependent
+  int prefetch_pages = 0;         // with overlap_prologue: pages per warp requested in L2 first
   std::vector<int32_t> lengths;  // [rows], rows a multiple of num_kv_heads
 };
 
@@ -443,6 +426,7 @@ CheckResult check_gpu(const GpuCase& cs) {
   opt.merge = cs.merge;
   opt.block_items = cs.block_items;
   opt.overlap_prologue = cs.overlap_prologue;
+  opt.prefetch_pages = cs.prefetch_pages;
   auto attn = DecodeAttention::create(opt);
   if (!attn) return {false, "create: " + attn.status().message(), ""};
   std::mt19937_64 rng(test_seed() ^ std::hash<std::string>{}(std::to_string(cs.head_dim) + std::to_string(cs.group)));
@@ -618,6 +602,7 @@ std::vector<NamedCheck> all_checks() {
                  GpuCase cs = make_case(8, 4, 128, 3, 20000);
                  cs.host_offsets = true;
                  cs.overlap_prologue = true;
+                 cs.prefetch_pages = 4;
                  cs.merge = DecodeMerge::kKernel;
                  return check_gpu(cs);
                }});
@@ -669,6 +654,7 @@ std::vector<NamedCheck> all_checks() {
                    GpuCase cs;
                    cs.host_offsets = true;
                    cs.overlap_prologue = mg == DecodeMerge::kKernel;
+                   cs.prefetch_pages = mg == DecodeMerge::kKernel ? 32 : 0;
                    cs.merge = mg;
                    std::mt19937_64 rng(test_seed() + 77);
                    std::lognormal_distribution<double> ln(std::log(900.0), 0.6);

@@ -35,6 +35,7 @@
 #include <thread>
 
 #include "backends/cuda/prefill_attention.h"
+#include "device_array.h"
 #include "core/dtype.h"
 
 namespace {
@@ -79,25 +80,6 @@ struct Normal {
     const double u1 = (double(next() >> 11) + 0.5) * (1.0 / 9007199254740992.0);
     const double u2 = double(next() >> 11) * (1.0 / 9007199254740992.0);
     return float(std::sqrt(-2.0 * std::log(u1)) * std::cos(6.283185307179586 * u2));
-  }
-};
-
-template <typename T>
-struct DeviceArray {
-  T* ptr = nullptr;
-  size_t n = 0;
-  explicit DeviceArray(size_t count) : n(count) {
-    if (cudaMalloc(&ptr, std::max<size_t>(1, count) * sizeof(T)) != cudaSuccess) ptr = nullptr;
-  }
-  ~DeviceArray() { cudaFree(ptr); }
-  DeviceArray(const DeviceArray&) = delete;
-  DeviceArray& operator=(const DeviceArray&) = delete;
-  bool upload(const std::vector<T>& h) {
-    return cudaMemcpy(ptr, h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice) == cudaSuccess;
-  }
-  bool download(std::vector<T>* h) const {
-    h->resize(n);
-    return cudaMemcpy(h->data(), ptr, n * sizeof(T), cudaMemcpyDeviceToHost) == cudaSuccess;
   }
 };
 

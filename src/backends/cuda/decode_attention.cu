@@ -64,6 +64,8 @@ Expected<std::unique_ptr<DecodeAttention>> DecodeAttention::create(const DecodeA
   if (o.head_dim == 128 && o.pages_per_iter == 4)
     return unimplemented(where + "pages_per_iter 4 at head_dim 128 (it would spill registers)");
   if (o.max_rows < 1) return invalid_argument(where + "max_rows must be positive");
+  if (o.prefetch_pages < 0 || o.prefetch_pages > 32)
+    return invalid_argument(where + "prefetch_pages " + std::to_string(o.prefetch_pages) + " (supported: 0..32)");
 
   std::unique_ptr<DecodeAttention> self(new DecodeAttention());
   self->options_ = o;
@@ -118,8 +120,10 @@ Status DecodeAttention::plan(std::span<const int32_t> row_lengths, std::span<con
   if (static_cast<int64_t>(row_lengths.size()) > options_.max_rows)
     return invalid_argument(where + std::to_string(row_lengths.size()) + " rows, more than max_rows " +
                             std::to_string(options_.max_rows));
-  if (!row_page_offsets.empty() && row_page_offsets.size() != row_lengths.size() + 1)
-    return invalid_argument(where + "row_page_offsets needs num_rows + 1 entries");
+  if (!row_page_offsets.empty() && row_page_offsets.size() != row_lengths.size() &&
+      row_page_offsets.size() != row_lengths.size() + 1)
+    return invalid_argument(where + "row_page_offsets needs num_rows (or num_rows + 1) entries, got " +
+                            std::to_string(row_page_offsets.size()));
   // Block items: the slots are blocks (4 warps each), and a block's share is at least twice a
   // warp's minimum (so at least 2 pages per warp of the block).
   DecodePlanOptions popt = options_.plan;
@@ -238,6 +242,7 @@ Status DecodeAttention::run(const PagedKvView& kv, const void* q, int64_t q_seq_
   const bool q_f32 = options_.q_dtype == DType::kF32;
   const int ppi = options_.pages_per_iter;
   const bool overlap = options_.block_items && options_.overlap_prologue && dependent_launch_;
+  p.prefetch_pages = overlap ? options_.prefetch_pages : 0;
   const cudaError_t err =
       options_.head_dim == 64
           ? decode_detail::decode_attention_launch<64>(p, q_f32, ppi, dependent_launch_, mode, stream, overlap)

@@ -53,6 +53,7 @@ constexpr unsigned kFullMask = 0xffffffffu;
 
 // Streaming 16-byte loads (stream_load.cuh): every byte of K/V is read once.
 using cuda::load_stream;
+using cuda::prefetch_l2;
 
 __device__ __forceinline__ float fast_exp2(float x) {
   float y;
@@ -153,6 +154,28 @@ __device__ __forceinline__ void load_q(uint4 (&qf)[kHeadDim / 32], const QT* qh,
   }
 }
 
+// The row's query group as the B operand: lane (r, c) holds head head0 + r, zeros for r >= g
+// (their S^T columns are never read).
+template <int kHeadDim, typename QT>
+__device__ __forceinline__ void load_group_q(uint4 (&qf)[kHeadDim / 32], const DecodeParams& p, int seq, int head0,
+                                             int r, int c) {
+  if (r < p.group_size) {
+    load_q<kHeadDim>(qf, static_cast<const QT*>(p.q) + seq * p.q_seq_stride + int64_t{head0 + r} * kHeadDim, c);
+  } else {
+#pragma unroll
+    for (int j = 0; j < kHeadDim / 32; ++j) qf[j] = make_uint4(0, 0, 0, 0);
+  }
+}
+
+// An empty online-softmax state: o = 0, running max -inf (log2 units, heads 2c and 2c + 1), sums 0.
+template <int T>
+__device__ __forceinline__ void init_softmax_state(float (&o)[T][4], float (&m)[2], float (&l)[2]) {
+#pragma unroll
+  for (int t = 0; t < T; ++t) o[t][0] = o[t][1] = o[t][2] = o[t][3] = 0.f;
+  m[0] = m[1] = kNegInf;
+  l[0] = l[1] = 0.f;
+}
+
 // S^T for one page: s[0] (token r, head 2c), s[1] (token r, head 2c+1), s[2] (token r+8, head
 // 2c), s[3] (token r+8, head 2c+1). Mma step (j, h) takes logical k {2c, 2c+1 | 2c+8, 2c+9} =
 // dims 32j + 8c + 4h + {0, 1 | 2, 3}: words (2h, 2h+1) of both the K and the Q piece.
@@ -183,26 +206,28 @@ __device__ __forceinline__ void page_pv(float (&o)[kHeadDim / 16][4], const Page
   }
 }
 
-// --- the fused merge (last-arriving warp of a row) -----------------------------------------------
+// --- the fused merge (last-arriving warp or block of a row) -------------------------------------
 
-// Combines the row's partials [rm.x, rm.x + rm.y) into out (and lse) with one warp. A partial's
-// g x head_dim floats are contiguous, so lane L owns the float4 slots L, L + 32, ... of that block
-// (each slot lies in one head) and merges them over the partials with a running max: no data
-// exchange between lanes, every lane keeps the weight sum of its own slot's head. Partials are
-// read through L2 (ld.cg): other SMs wrote them in this launch.
+// Combines the row's partials [rm.x, rm.x + rm.y) into out (and lse) with nthreads threads (one
+// warp in the v2 kernel, the block in v3). A partial's g x head_dim floats are contiguous, so
+// thread t owns the float4 slots t, t + nthreads, ... of that block (each slot lies in one head)
+// and merges them over the partials with a running max: no data exchange between threads, every
+// thread keeps the weight sum of its own slot's head. Partials are read through L2 (ld.cg):
+// other SMs wrote them in this launch.
 template <int kHeadDim>
-__device__ __forceinline__ void merge_row_warp(const DecodeParams& p, int seq, int head0, int2 rm, int lane) {
+__device__ __forceinline__ void merge_row_threads(const DecodeParams& p, int seq, int head0, int2 rm, int tid,
+                                                  int nthreads) {
   const int g = p.group_size;
   const int slots = g * kHeadDim / 4;
   __nv_bfloat16* out = p.out + seq * p.out_seq_stride + int64_t{head0} * kHeadDim;
-  for (int s = lane; s < slots; s += 32) {
+  for (int s = tid; s < slots; s += nthreads) {
     const int hh = (4 * s) / kHeadDim;
     float m = kNegInf, sum = 0.f;
     float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
 #pragma unroll 8
     for (int i = 0; i < rm.y; ++i) {
       const int64_t pi = int64_t{rm.x + i} * g;
-      const float lse_i = __ldcg(p.partial_lse + pi + hh);  // finite: every piece has an entry
+      const float lse_i = __ldcg(p.partial_lse + pi + hh);
       const float4 v = __ldcg(reinterpret_cast<const float4*>(p.partial_o + pi * kHeadDim) + s);
       const float mn = fmaxf(m, lse_i);
       const float a = fast_exp2(m - mn), w = fast_exp2(lse_i - mn);
@@ -323,18 +348,11 @@ __global__ void __launch_bounds__(kDecodeWarpsPerBlock * 32)
     const int n = item.z - item.y;
 
     uint4 qf[kHeadDim / 32];
-    if (r < g) {
-      load_q<kHeadDim>(qf, static_cast<const QT*>(p.q) + seq * p.q_seq_stride + int64_t{head0 + r} * kHeadDim, c);
-    } else {
-#pragma unroll
-      for (int j = 0; j < kHeadDim / 32; ++j) qf[j] = make_uint4(0, 0, 0, 0);
-    }
-
+    load_group_q<kHeadDim, QT>(qf, p, seq, head0, r, c);
     float o[T][4];
-#pragma unroll
-    for (int t = 0; t < T; ++t) o[t][0] = o[t][1] = o[t][2] = o[t][3] = 0.f;
-    float m[2] = {kNegInf, kNegInf};  // running max of heads 2c, 2c+1 (log2 units), warp-uniform per c
-    float l[2] = {0.f, 0.f};          // this thread's share of the running sums
+    float m[2];  // running max of heads 2c, 2c+1 (log2 units), warp-uniform per c
+    float l[2];  // this thread's share of the running sums
+    init_softmax_state<T>(o, m, l);
 
     int cur = lane < n ? ids[lane] : 0;
     attend_pages<kHeadDim, kPagesPerIter, 1>(p, ids, n, item.y, len, qf, o, m, l, lane, cur);
@@ -396,7 +414,7 @@ __global__ void __launch_bounds__(kDecodeWarpsPerBlock * 32)
         rm.x = __shfl_sync(kFullMask, rm.x, 0);
         rm.y = __shfl_sync(kFullMask, rm.y, 0);
         __threadfence();
-        merge_row_warp<kHeadDim>(p, seq, head0, rm, lane);
+        merge_row_threads<kHeadDim>(p, seq, head0, rm, lane, 32);
         if (lane == 0) p.row_counters[row] = 0;
       }
     }
@@ -417,39 +435,6 @@ __global__ void __launch_bounds__(kDecodeWarpsPerBlock * 32)
 
 // --- the block-item attention kernel (v3, default) -----------------------------------------------
 
-
-// Combines the row's partials [rm.x, rm.x + rm.y) into out (and lse) with nthreads threads
-// (thread t owns the float4 slots t, t + nthreads, ... of a partial's g x head_dim block).
-template <int kHeadDim>
-__device__ __forceinline__ void merge_row_threads(const DecodeParams& p, int seq, int head0, int2 rm, int tid,
-                                                  int nthreads) {
-  const int g = p.group_size;
-  const int slots = g * kHeadDim / 4;
-  __nv_bfloat16* out = p.out + seq * p.out_seq_stride + int64_t{head0} * kHeadDim;
-  for (int s = tid; s < slots; s += nthreads) {
-    const int hh = (4 * s) / kHeadDim;
-    float m = kNegInf, sum = 0.f;
-    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-#pragma unroll 8
-    for (int i = 0; i < rm.y; ++i) {
-      const int64_t pi = int64_t{rm.x + i} * g;
-      const float lse_i = __ldcg(p.partial_lse + pi + hh);
-      const float4 v = __ldcg(reinterpret_cast<const float4*>(p.partial_o + pi * kHeadDim) + s);
-      const float mn = fmaxf(m, lse_i);
-      const float a = fast_exp2(m - mn), w = fast_exp2(lse_i - mn);
-      sum = sum * a + w;
-      acc.x = acc.x * a + w * v.x;
-      acc.y = acc.y * a + w * v.y;
-      acc.z = acc.z * a + w * v.z;
-      acc.w = acc.w * a + w * v.w;
-      m = mn;
-    }
-    const float inv = 1.f / sum;
-    *reinterpret_cast<uint2*>(out + 4 * s) = make_uint2(pack_bf16(acc.x * inv, acc.y * inv), pack_bf16(acc.z * inv, acc.w * inv));
-    if ((4 * s) % kHeadDim == 0 && p.lse != nullptr)
-      p.lse[int64_t{seq} * p.num_qo_heads + head0 + hh] = (m + __log2f(sum)) * kLn2;
-  }
-}
 
 // One block per slot of the plan; the block walks its item list (first item at blockIdx.x). Per
 // item, warp w takes pages w, w + 4, ...; the 4 warps' (m, l, o) meet in shared memory and the
@@ -489,6 +474,14 @@ __global__ void __launch_bounds__(kDecodeWarpsPerBlock * 32)
       nb = p.block_items[2 * b.y + 1];
     }
     if (!waited) {
+      // Before the wait only the plan and the page ids are read; K/V pages are merely requested
+      // in L2 (a hint: if the preceding kernel still writes one, L2 keeps it coherent).
+      if (lane < min(mine, p.prefetch_pages)) {
+        constexpr uint32_t kPageBytes = kPageSize * kHeadDim * sizeof(__nv_bfloat16);
+        const int64_t off = int64_t{cur} * p.kv.page_stride;
+        prefetch_l2(p.kv.k_pool + off, kPageBytes);
+        prefetch_l2(p.kv.v_pool + off, kPageBytes);
+      }
 #if __CUDA_ARCH__ >= 900
       // Launched as a programmatic dependent (overlap_prologue): q, K/V and every output may
       // belong to the preceding kernel until it has finished. A no-op otherwise.
@@ -500,17 +493,9 @@ __global__ void __launch_bounds__(kDecodeWarpsPerBlock * 32)
     const int head0 = (row - seq * p.kv.num_kv_heads) * g;
 
     uint4 qf[kHeadDim / 32];
-    if (r < g) {
-      load_q<kHeadDim>(qf, static_cast<const QT*>(p.q) + seq * p.q_seq_stride + int64_t{head0 + r} * kHeadDim, c);
-    } else {
-#pragma unroll
-      for (int j = 0; j < kHeadDim / 32; ++j) qf[j] = make_uint4(0, 0, 0, 0);
-    }
-    float o[T][4];
-#pragma unroll
-    for (int t = 0; t < T; ++t) o[t][0] = o[t][1] = o[t][2] = o[t][3] = 0.f;
-    float m[2] = {kNegInf, kNegInf};
-    float l[2] = {0.f, 0.f};
+    load_group_q<kHeadDim, QT>(qf, p, seq, head0, r, c);
+    float o[T][4], m[2], l[2];
+    init_softmax_state<T>(o, m, l);
     attend_pages<kHeadDim, kPagesPerIter, W>(p, ids, mine, w, a.z, qf, o, m, l, lane, cur);
 
     // This warp's state to shared memory (unnormalised o; m = -inf, l = 0 for a warp without pages).
@@ -629,6 +614,10 @@ __global__ void __launch_bounds__(kMergeWarps * 32, 8) decode_merge_kernel(const
 #if __CUDA_ARCH__ >= 900
   // Launched as a programmatic dependent of the attention kernel (sm_90): the launch overlaps the
   // attention kernel's tail; this waits until that grid has finished and its writes are visible.
+  // It lets its own dependents launch at once: the only kernel launched as one is the next
+  // layer's attention kernel with overlap_prologue, which reads nothing this kernel writes before
+  // its own griddepcontrol.wait (any other kernel is an ordinary launch and waits for the end).
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
   asm volatile("griddepcontrol.wait;\n" ::: "memory");
 #endif
   const int row = blockIdx.x, hh = blockIdx.y;

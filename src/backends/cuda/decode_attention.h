@@ -131,6 +131,11 @@ struct DecodeAttentionOptions {
   // Only safe when the preceding kernel does not write the plan, the page table (row_page_offsets,
   // page_ids) or row lengths of this call; off by default for that reason.
   bool overlap_prologue = false;
+  // With overlap_prologue: each warp requests its first this many K/V pages in L2 before the
+  // wait, so the first DRAM reads of the step overlap the preceding kernel's tail (0: none; 0..32).
+  // On an H100, 8 was best for back-to-back layers up to 134 MB per step, 4 above
+  // (docs/benchmarks.md, "The layer boundary overlapped").
+  int32_t prefetch_pages = 0;
   DecodePlanOptions plan;
 };
 
@@ -148,9 +153,9 @@ class DecodeAttention {
   Status plan(std::span<const int32_t> row_lengths, cudaStream_t stream) {
     return plan(row_lengths, {}, stream);
   }
-  // The same with a host copy of the view's row_page_offsets ([num_rows + 1], as run() will see
-  // them): the plan then carries each item's absolute page-table position, which saves the kernel
-  // one dependent load. Empty: the kernel reads row_page_offsets itself.
+  // The same with a host copy of the view's row_page_offsets ([num_rows], or [num_rows + 1] as a
+  // CSR; as run() will see them): the plan then carries each item's absolute page-table position,
+  // which saves the kernel one dependent load. Empty: the kernel reads row_page_offsets itself.
   Status plan(std::span<const int32_t> row_lengths, std::span<const int32_t> row_page_offsets, cudaStream_t stream);
 
   // q:   [num_seqs][num_qo_heads][head_dim] (bf16 or fp32 per options), sequences q_seq_stride

@@ -41,6 +41,10 @@ struct DecodeParams {
   // valid = entries of the row from the item's first page on (capped at num_pages * kPageSize).
   const int4* block_items = nullptr;
   int32_t items_absolute = 0;
+  // Block items launched as a programmatic dependent (overlap_prologue): each warp asks for its
+  // first prefetch_pages K/V pages in L2 before it waits for the preceding kernel, so the
+  // layer's first DRAM reads overlap that kernel's tail. 0: no prefetch.
+  int32_t prefetch_pages = 0;
 };
 
 // How the partials of split rows are combined.

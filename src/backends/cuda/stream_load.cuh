@@ -15,4 +15,14 @@ __device__ __forceinline__ uint4 load_stream(const __nv_bfloat16* p) {
   return v;
 }
 
+// Asks the memory system to bring [p, p + bytes) into L2 without waiting for it (sm_90 bulk
+// prefetch; p 16-byte aligned, bytes a multiple of 16). Only a hint: no register is written and
+// L2 stays coherent, so it is safe on data another kernel may still be writing. A no-op before
+// sm_90.
+__device__ __forceinline__ void prefetch_l2(const void* p, uint32_t bytes) {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(p), "r"(bytes) : "memory");
+#endif
+}
+
 }  // namespace adakv::cuda

@@ -31,6 +31,7 @@
 #include "kv/kv_cache_manager.h"
 #include "model/transformer.h"
 #include "cuda_test_support.h"
+#include "host_policy_check.h"
 
 namespace adakv {
 namespace {
@@ -192,24 +193,28 @@ TEST(CudaModel, LogitsAndGreedyMatchCpu) {
 // Decode-only steps replay a CUDA graph of the forward (one per batch shape): the logits must be
 // bit-identical to the same steps launched kernel by kernel, across page boundaries (rows grow
 // from 37 / 100 / 255 entries), a batch that shrinks (a second graph) and one that grows back.
+// Also: the decode attention's overlapped prologue (CudaModelOptions::decode_overlap) against ordinary
+// launches.
 TEST(CudaModel, DecodeGraphsEqualDirectLaunches) {
   SKIP_WITHOUT_DEVICE();
   if (!fs::exists(kTiny / "config.json")) GTEST_SKIP() << "models/adakv-tiny-v1 missing";
   std::vector<std::unique_ptr<cuda::CudaModel>> models;
-  for (const bool graphs : {true, false}) {
+  // graphs + overlapped decode prologue, direct launches + overlap, direct launches without it
+  for (const int variant : {0, 1, 2}) {
     cuda::CudaModelOptions o;
     o.max_seqs = 4;
     o.max_step_tokens = 512;
     o.num_pages = 2048;
-    o.cuda_graphs = graphs;
+    o.cuda_graphs = variant == 0;
+    o.decode_overlap = variant < 2;
     auto m = cuda::CudaModel::load(kTiny.string(), o);
     ASSERT_TRUE(m.has_value()) << m.status().message();
     models.push_back(std::move(*m));
   }
   const int64_t V = models[0]->config().vocab_size;
-  std::vector<std::vector<float>> logits[2];
+  std::vector<std::vector<float>> logits[3];
   int graph_steps = 0;
-  for (int k = 0; k < 2; ++k) {
+  for (int k = 0; k < 3; ++k) {
     cuda::CudaModel& m = *models[size_t(k)];
     KvCacheManager mgr(m.kv_layout(), m.num_pages());
     std::vector<SeqId> seqs;
@@ -241,10 +246,13 @@ TEST(CudaModel, DecodeGraphsEqualDirectLaunches) {
   EXPECT_EQ(models[0]->num_graphs(), 2) << "one graph per batch size (3 and 2)";
   EXPECT_EQ(models[1]->num_graphs(), 0);
   ASSERT_EQ(logits[0].size(), logits[1].size());
-  for (size_t i = 0; i < logits[0].size(); ++i)
+  ASSERT_EQ(logits[0].size(), logits[2].size());
+  for (size_t i = 0; i < logits[0].size(); ++i) {
     EXPECT_EQ(logits[0][i], logits[1][i]) << "step " << i << ": graph replay differs from direct launches";
+    EXPECT_EQ(logits[1][i], logits[2][i]) << "step " << i << ": the overlapped prologue changes the result";
+  }
   std::printf("  24 decode steps (batch 3, 2, 3): %d graph replays over %lld graphs, logits bit-identical to direct "
-              "launches\n",
+              "launches, with and without the overlapped decode prologue\n",
               graph_steps, static_cast<long long>(models[0]->num_graphs()));
 }
 
@@ -331,17 +339,13 @@ TEST(CudaModel, CompressionKeepSetsMatchHostPolicy) {
     const std::vector<int32_t> prompt = prompt_of(kTiny, int32_t(c.vocab_size), 700);
     KvCacheManager m((*gpu)->kv_layout(), (*gpu)->num_pages());
     const SeqId seq = m.add_sequence();
-    cuda::SeqStep s;
-    s.seq = seq;
-    s.tokens = prompt;
-    s.compress = true;
     cuda::StepResult out;
-    const Status st = (*gpu)->step({&s, 1}, m, false, &out);
+    const Status st = step_prompt(**gpu, m, seq, prompt, 0, false, nullptr, &out);
     ASSERT_TRUE(st.is_ok()) << st.message();
     const auto& audit = (*gpu)->compression_audit();
     ASSERT_EQ(audit.size(), size_t(c.num_layers));
     const int32_t H = int32_t(c.num_heads), Hkv = int32_t(c.num_kv_heads), d = int32_t(c.head_dim);
-    int64_t kept = 0, differ = 0, near_tie = 0;
+    KeepSetComparison cmp;
     for (const cuda::CompressionAuditLayer& a : audit) {
       const int32_t L = a.length, n = L - cc.window;
       LayerScores gs;
@@ -355,45 +359,14 @@ TEST(CudaModel, CompressionKeepSetsMatchHostPolicy) {
         EXPECT_EQ(m.length(seq, a.layer, h), int32_t(a.keep[size_t(h)].size()));
       }
       // The host policy on the same bf16 inputs.
-      std::vector<float> q(a.queries.size()), k(a.keys.size());
-      for (size_t i = 0; i < q.size(); ++i) q[i] = bf16_to_f32(a.queries[i]);
-      for (size_t i = 0; i < k.size(); ++i) k[i] = bf16_to_f32(a.keys[i]);
-      LayerTensors t;
-      t.num_heads = H;
-      t.num_kv_heads = Hkv;
-      t.head_dim = d;
-      t.queries = q.data();
-      t.num_queries = cc.window;
-      t.lengths.assign(size_t(Hkv), L);
-      for (int32_t h = 0; h < Hkv; ++h) t.keys.push_back(k.data() + size_t(h) * d);
-      t.kv_stride = int64_t{Hkv} * d;
-      auto hs = compute_layer_scores(cc, a.layer, t);
-      ASSERT_TRUE(hs.has_value()) << hs.status().message();
-      const LayerPlan hplan = plan_layer(cc, a.layer, a.selection_budget, *hs);
-      for (int32_t h = 0; h < Hkv; ++h) {
-        const auto& gk = a.keep[size_t(h)];
-        const auto& hk = hplan.keep[size_t(h)];
-        kept += int64_t(hk.size());
-        std::vector<int32_t> sym;
-        std::set_symmetric_difference(gk.begin(), gk.end(), hk.begin(), hk.end(), std::back_inserter(sym));
-        differ += int64_t(sym.size());
-        // A difference is a near-tie when its host score is within 1e-4 relative of the host's
-        // selection threshold for that head.
-        if (!sym.empty()) {
-          const std::vector<float>& sc = (*hs).scores[size_t(h)];
-          float thr = INFINITY;
-          for (int32_t j : hk)
-            if (j < n) thr = std::min(thr, sc[size_t(j)]);
-          for (int32_t j : sym)
-            near_tie += std::abs(sc[size_t(j)] - thr) <= 1e-4f * std::max(std::abs(thr), 1e-12f);
-        }
-      }
+      const Status hst = compare_with_host_policy(cc, a, H, Hkv, d, &cmp);
+      ASSERT_TRUE(hst.is_ok()) << hst.message();
     }
     std::printf("  %-14s keep sets: %lld entries kept over %d layers; device vs host policy on the same inputs: %lld "
                 "differ (%lld near-ties)\n",
-                policy, static_cast<long long>(kept), int(audit.size()), static_cast<long long>(differ),
-                static_cast<long long>(near_tie));
-    EXPECT_EQ(differ, near_tie) << policy << ": keep-set differences not explained by near-ties";
+                policy, static_cast<long long>(cmp.kept), int(audit.size()), static_cast<long long>(cmp.differ),
+                static_cast<long long>(cmp.near_tie));
+    EXPECT_EQ(cmp.differ, cmp.near_tie) << policy << ": keep-set differences not explained by near-ties";
     // Decode on the compacted pool continues (no NaN, finite logits).
     const int32_t next = 5;
     cuda::SeqStep d1;
@@ -650,12 +623,8 @@ TEST(CudaModel, ContinualMetricPoliciesMatchHost) {
     const std::vector<int32_t> prompt = prompt_of(kTiny, int32_t(c.vocab_size), 300);
     KvCacheManager m((*gpu)->kv_layout(), (*gpu)->num_pages());
     const SeqId seq = m.add_sequence();
-    cuda::SeqStep s;
-    s.seq = seq;
-    s.tokens = prompt;
-    s.compress = true;
     cuda::StepResult out;
-    ASSERT_TRUE((*gpu)->step({&s, 1}, m, false, &out).is_ok());
+    ASSERT_TRUE(step_prompt(**gpu, m, seq, prompt, 0, false, nullptr, &out).is_ok());
     auto read_all = [&](std::vector<std::vector<float>>* met, std::vector<std::vector<int32_t>>* pos) {
       met->assign(size_t(Lyr) * Hkv, {});
       pos->assign(size_t(Lyr) * Hkv, {});

@@ -32,6 +32,7 @@
 #include "io/tokenizer.h"
 #include "kv/kv_cache_manager.h"
 #include "cuda_test_support.h"
+#include "host_policy_check.h"
 
 namespace adakv {
 namespace {
@@ -243,49 +244,19 @@ TEST(CudaRunner, ChunkedPrefillCompressionMatchesHostPolicy) {
       const auto& audit = m.compression_audit();
       ASSERT_EQ(audit.size(), size_t(c.num_layers)) << name;
       const int32_t H = int32_t(c.num_heads), Hkv = int32_t(c.num_kv_heads), d = int32_t(c.head_dim);
-      int64_t kept = 0, differ = 0, near_tie = 0;
+      KeepSetComparison cmp;
       for (const cuda::CompressionAuditLayer& a : audit) {
         ASSERT_EQ(a.length, length);
-        const int32_t n = a.length - cc.window;
-        std::vector<float> q(a.queries.size()), k(a.keys.size());
-        for (size_t i = 0; i < q.size(); ++i) q[i] = bf16_to_f32(a.queries[i]);
-        for (size_t i = 0; i < k.size(); ++i) k[i] = bf16_to_f32(a.keys[i]);
-        LayerTensors t;
-        t.num_heads = H;
-        t.num_kv_heads = Hkv;
-        t.head_dim = d;
-        t.queries = q.data();
-        t.num_queries = cc.window;
-        t.lengths.assign(size_t(Hkv), a.length);
-        for (int32_t h = 0; h < Hkv; ++h) t.keys.push_back(k.data() + size_t(h) * d);
-        t.kv_stride = int64_t{Hkv} * d;
-        auto hs = compute_layer_scores(cc, a.layer, t);
-        ASSERT_TRUE(hs.has_value()) << hs.status().message();
-        const LayerPlan hplan = plan_layer(cc, a.layer, a.selection_budget, *hs);
-        for (int32_t h = 0; h < Hkv; ++h) {
-          const auto& gk = a.keep[size_t(h)];
-          const auto& hk = hplan.keep[size_t(h)];
-          EXPECT_EQ(mgr.length(seq, a.layer, h), int32_t(gk.size()));
-          kept += int64_t(hk.size());
-          std::vector<int32_t> sym;
-          std::set_symmetric_difference(gk.begin(), gk.end(), hk.begin(), hk.end(), std::back_inserter(sym));
-          differ += int64_t(sym.size());
-          if (!sym.empty()) {
-            const std::vector<float>& sc = (*hs).scores[size_t(h)];
-            float thr = INFINITY;
-            for (int32_t j : hk)
-              if (j < n) thr = std::min(thr, sc[size_t(j)]);
-            for (int32_t j : sym)
-              near_tie += std::abs(sc[size_t(j)] - thr) <= 1e-4f * std::max(std::abs(thr), 1e-12f);
-          }
-        }
+        for (int32_t h = 0; h < Hkv; ++h) EXPECT_EQ(mgr.length(seq, a.layer, h), int32_t(a.keep[size_t(h)].size()));
+        const Status hst = compare_with_host_policy(cc, a, H, Hkv, d, &cmp);
+        ASSERT_TRUE(hst.is_ok()) << hst.message();
       }
       std::printf("  prompt %d in chunks of %d, %-10s: %lld kept over %d layers; device vs host policy on the same "
                   "inputs: %lld differ (%lld near-ties)\n",
-                  length, kChunk, name, static_cast<long long>(kept), int(audit.size()),
-                  static_cast<long long>(differ), static_cast<long long>(near_tie));
-      EXPECT_GT(kept, 0);
-      EXPECT_EQ(differ, near_tie) << name << ": keep-set differences not explained by near-ties";
+                  length, kChunk, name, static_cast<long long>(cmp.kept), int(audit.size()),
+                  static_cast<long long>(cmp.differ), static_cast<long long>(cmp.near_tie));
+      EXPECT_GT(cmp.kept, 0);
+      EXPECT_EQ(cmp.differ, cmp.near_tie) << name << ": keep-set differences not explained by near-ties";
       // Decoding goes on over the compacted rows.
       const int32_t next = prompt[5];
       cuda::SeqStep s;

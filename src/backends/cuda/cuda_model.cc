@@ -186,6 +186,8 @@ struct CudaModel::Impl {
   // by ADAKV_CUDA_GRAPHS=0, and no capture has failed.
   std::map<std::pair<int32_t, int32_t>, cudaGraphExec_t> graphs;
   bool graphs_enabled = true;
+  // CudaModelOptions::decode_overlap unless ADAKV_DECODE_OVERLAP says 0 or 1.
+  bool overlap_decode_prologue = false;
   // Launches the graph of `forward` for this shape on `stream`, capturing it first if new. A
   // capture that fails turns graphs off and runs `forward` directly (the step is not lost).
   template <typename F>
@@ -281,6 +283,25 @@ struct CudaModel::Impl {
   }
   Status run_compression_window(SeqId seq, const CompressConfig& comp, int32_t tok0, int32_t n, int32_t total,
                                 const int32_t* row_len_dev, int32_t layer, int64_t keep_base, int32_t slot);
+  // A chunked prompt's later chunks: every row of seq's `layer` holds its `total` entries. Gathers
+  // them into gather_k / gather_v (the attention's gather may have been another sequence's) and
+  // calls score_head(inputs of kv head kh's query group against its own row, kh) for each kv head.
+  template <typename F>
+  Status score_gathered_heads(SeqId seq, int32_t layer, const int32_t* row_len_dev, int32_t total,
+                              const WindowScoreInputs& in, F&& score_head) {
+    const int32_t Hkv = static_cast<int32_t>(cfg.num_kv_heads), L = static_cast<int32_t>(cfg.num_layers);
+    const int32_t d = static_cast<int32_t>(cfg.head_dim), g = static_cast<int32_t>(cfg.num_heads) / Hkv;
+    const int64_t hs = max_context * d;
+    ADAKV_RETURN_IF_ERROR(kv_gather_rows(pool, seq, layer, L, Hkv, d, row_len_dev, total, gather_k, gather_v, hs, stream));
+    for (int32_t kh = 0; kh < Hkv; ++kh) {
+      WindowScoreInputs h = in;
+      h.queries = in.queries + int64_t{kh} * g * d;
+      h.keys = gather_k + kh * hs;
+      h.k_token_stride = d;
+      ADAKV_RETURN_IF_ERROR(score_head(h, kh));
+    }
+    return Status::ok();
+  }
   // H2O over one chunk of a chunked prompt (tokens tok0 .. tok0 + n - 1 of the workspace, prompt
   // positions total - n .. total - 1): the chunk's queries' attention of every entry before them,
   // added to the metric (new entries were zeroed). The chunks' sums make the whole prompt's.
@@ -531,6 +552,11 @@ Status CudaModel::Impl::allocate_runtime() {
       o.num_kv_heads = Hkv;
       o.head_dim = static_cast<int32_t>(d);
       o.max_rows = static_cast<int32_t>(S * Hkv);
+      // The kernel before it on the stream is kv_append (or a memcpy, which keeps the full
+      // dependency): it writes K/V only, never the plan or the page table, so the attention kernel
+      // may load those and request its first pages in L2 while kv_append finishes.
+      o.overlap_prologue = overlap_decode_prologue;
+      o.prefetch_pages = 2;
       ADAKV_ASSIGN_OR_RETURN(auto da, DecodeAttention::create(o));
       decode.push_back(std::move(da));
     }
@@ -649,6 +675,9 @@ Expected<std::unique_ptr<CudaModel::Impl>> make_impl(const ModelConfig& cfg, con
   impl->seq_compressed.assign(S, 0);
   impl->ring_end.assign(S, 0);
   if (const char* e = std::getenv("ADAKV_CUDA_GRAPHS"); e != nullptr && std::string(e) == "0") impl->graphs_enabled = false;
+  impl->overlap_decode_prologue = options.decode_overlap;
+  if (const char* e = std::getenv("ADAKV_DECODE_OVERLAP"); e != nullptr && (std::string(e) == "0" || std::string(e) == "1"))
+    impl->overlap_decode_prologue = std::string(e) == "1";
   int64_t ctx = cfg.max_position_embeddings;
   if (cfg.sliding_window > 0) ctx = std::min(ctx, cfg.sliding_window);
   impl->max_context = options.max_context > 0 ? std::min(options.max_context, ctx) : ctx;
@@ -802,8 +831,8 @@ Status CudaModel::Impl::mirror_rows(SeqId seq, const KvCacheManager& m, int64_t*
 Status CudaModel::Impl::h2o_accumulate_chunk(SeqId seq, const CompressConfig& comp, int32_t tok0, int32_t n,
                                              int32_t total, const int32_t* row_len_dev, int32_t layer) {
   const int32_t Hkv = static_cast<int32_t>(cfg.num_kv_heads), L = static_cast<int32_t>(cfg.num_layers);
-  const int32_t d = static_cast<int32_t>(cfg.head_dim), g = static_cast<int32_t>(cfg.num_heads) / Hkv;
-  const int64_t qd = q_dim(), hs = max_context * d;
+  const int32_t g = static_cast<int32_t>(cfg.num_heads) / Hkv;
+  const int64_t qd = q_dim();
   WindowScoreInputs in;
   in.queries = qkv + int64_t{tok0} * qkv_dim();
   in.q_token_stride = qkv_dim();
@@ -815,15 +844,10 @@ Status CudaModel::Impl::h2o_accumulate_chunk(SeqId seq, const CompressConfig& co
     in.k_token_stride = qkv_dim();
     ADAKV_RETURN_IF_ERROR(scorer->h2o(in, comp.gqa, scores, total, stream, lse));
   } else {
-    ADAKV_RETURN_IF_ERROR(kv_gather_rows(pool, seq, layer, L, Hkv, d, row_len_dev, total, gather_k, gather_v, hs, stream));
-    for (int32_t kh = 0; kh < Hkv; ++kh) {
-      WindowScoreInputs h = in;
-      h.queries = in.queries + int64_t{kh} * g * d;
-      h.keys = gather_k + kh * hs;
-      h.k_token_stride = d;
-      ADAKV_RETURN_IF_ERROR(head_scorer->h2o(h, comp.gqa, scores + int64_t{kh} * total, total, stream,
-                                             lse == nullptr ? nullptr : lse + int64_t{kh} * g * n));
-    }
+    ADAKV_RETURN_IF_ERROR(score_gathered_heads(seq, layer, row_len_dev, total, in, [&](const WindowScoreInputs& h, int32_t kh) {
+      return head_scorer->h2o(h, comp.gqa, scores + int64_t{kh} * total, total, stream,
+                              lse == nullptr ? nullptr : lse + int64_t{kh} * g * n);
+    }));
   }
   const MetricRows mrows{page_table, row_offsets_all + (int64_t{seq} * L + layer) * Hkv, Hkv};
   ADAKV_RETURN_IF_ERROR(metric_add_rows(mrows, scores, total, total, metric, stream));
@@ -848,7 +872,7 @@ Status CudaModel::Impl::run_compression_window(SeqId seq, const CompressConfig& 
                                                int32_t total, const int32_t* row_len_dev, int32_t layer,
                                                int64_t keep_base, int32_t slot) {
   const int32_t Hkv = static_cast<int32_t>(cfg.num_kv_heads), L = static_cast<int32_t>(cfg.num_layers);
-  const int32_t d = static_cast<int32_t>(cfg.head_dim), g = static_cast<int32_t>(cfg.num_heads) / Hkv;
+  const int32_t d = static_cast<int32_t>(cfg.head_dim);
   const int32_t P = total;
   const KvPolicy pol = comp.policy;
   const bool h2o = pol == KvPolicy::kH2o, kvc = pol == KvPolicy::kKvCompress, two = policy_is_two_stage(pol);
@@ -905,34 +929,20 @@ Status CudaModel::Impl::run_compression_window(SeqId seq, const CompressConfig& 
     if (fresh) {
       ADAKV_RETURN_IF_ERROR(scorer->kvcompress_metric(in, comp.pool, comp.pool_kernel, scores, P, stream));
     } else {
-      ADAKV_RETURN_IF_ERROR(kv_gather_rows(pool, seq, layer, L, Hkv, d, row_len_dev, P, gather_k, gather_v, hs, stream));
+      ADAKV_RETURN_IF_ERROR(score_gathered_heads(seq, layer, row_len_dev, P, in, [&](const WindowScoreInputs& h, int32_t kh) {
+        return head_scorer->kvcompress_metric(h, comp.pool, comp.pool_kernel, scores + int64_t{kh} * P, P, stream);
+      }));
       gathered = true;
-      for (int32_t kh = 0; kh < Hkv; ++kh) {
-        WindowScoreInputs h = in;
-        h.queries = in.queries + int64_t{kh} * g * d;
-        h.keys = gather_k + kh * hs;
-        h.k_token_stride = d;
-        ADAKV_RETURN_IF_ERROR(
-            head_scorer->kvcompress_metric(h, comp.pool, comp.pool_kernel, scores + int64_t{kh} * P, P, stream));
-      }
     }
     ADAKV_RETURN_IF_ERROR(metric_scatter_rows(mrows, scores, P, P, metric, stream));
   } else if (P > comp.window) {
     if (fresh) {
       ADAKV_RETURN_IF_ERROR(scorer->snapkv(in, comp.gqa, comp.pool, comp.pool_kernel, scores, P, stream));
     } else {
-      // Every row holds the P entries of the prompt: gather them (the attention's gather may
-      // have been another sequence's) and score each kv head's group on its own row.
-      ADAKV_RETURN_IF_ERROR(kv_gather_rows(pool, seq, layer, L, Hkv, d, row_len_dev, P, gather_k, gather_v, hs, stream));
+      ADAKV_RETURN_IF_ERROR(score_gathered_heads(seq, layer, row_len_dev, P, in, [&](const WindowScoreInputs& h, int32_t kh) {
+        return head_scorer->snapkv(h, comp.gqa, comp.pool, comp.pool_kernel, scores + int64_t{kh} * P, P, stream);
+      }));
       gathered = true;
-      for (int32_t kh = 0; kh < Hkv; ++kh) {
-        WindowScoreInputs h = in;
-        h.queries = in.queries + int64_t{kh} * g * d;
-        h.keys = gather_k + kh * hs;
-        h.k_token_stride = d;
-        ADAKV_RETURN_IF_ERROR(
-            head_scorer->snapkv(h, comp.gqa, comp.pool, comp.pool_kernel, scores + int64_t{kh} * P, P, stream));
-      }
     }
   }
   // Two-stage: the values, token-major in the step (fresh) or one row per kv head (gathered).
@@ -1171,7 +1181,9 @@ Status CudaModel::step(std::span<const SeqStep> steps, KvCacheManager& mgr, bool
     std::vector<int32_t> lens(static_cast<size_t>(n_dec) * Hkv);
     for (int32_t l = 0; l < L; ++l) {
       std::copy_n(mh + f_dlen + int64_t{l} * n_dec * Hkv, lens.size(), lens.begin());
-      ADAKV_RETURN_IF_ERROR(I.decode[static_cast<size_t>(l)]->plan(lens, st));
+      // With the rows' page-table offsets the plan's items are absolute (one load less per item).
+      const std::span<const int32_t> offs(mh + f_doff + int64_t{l} * n_dec * Hkv, lens.size());
+      ADAKV_RETURN_IF_ERROR(I.decode[static_cast<size_t>(l)]->plan(lens, offs, st));
     }
   }
   const HostClock::time_point t_plan1 = HostClock::now();

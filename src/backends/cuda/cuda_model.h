@@ -64,6 +64,12 @@ struct CudaModelOptions {
   // CUDA graph of the forward captured at the first step of each batch size: one launch instead
   // of ~13 per layer. ADAKV_CUDA_GRAPHS=0 in the environment turns it off too.
   bool cuda_graphs = true;
+  // Decode attention overlaps its prologue (plan and page-id loads, first K/V pages requested in
+  // L2) with the kernel before it (programmatic dependent launch, sm_90); ADAKV_DECODE_OVERLAP=1
+  // or 0 in the environment overrides this. Results are identical either way. Off by default:
+  // the kernel before it here is the small K/V append, and whole decode steps measured the same
+  // with and without (H200, 2026-11-28, docs/benchmarks.md).
+  bool decode_overlap = false;
 };
 
 // Sampling of one sequence's next token on the device (engine/sampler.h's semantics).

@@ -36,6 +36,27 @@ __device__ __forceinline__ void store_y(const GemvArgs& a, int m, int row, float
     static_cast<__nv_bfloat16*>(a.y)[m * a.ldy + row] = __float2bfloat16(v);
 }
 
+// After every block has written its slice's sums to the partials ([slice][m_count][n]): the block
+// that brings a row tile's last slice (rows [row_base, row_base + rows)) adds the slices in order
+// and writes y, then resets the tile's counter for the next launch. s_last: a __shared__ int.
+__device__ __forceinline__ void sum_slices_if_last(const GemvArgs& a, int m_count, int row_base, int rows, int slices,
+                                                   int* s_last) {
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) *s_last = atomicAdd(a.counters + blockIdx.x, 1) == slices - 1;
+  __syncthreads();
+  if (!*s_last) return;
+  __threadfence();
+  for (int i = threadIdx.x; i < rows * m_count; i += blockDim.x) {
+    const int m = i / rows, row = row_base + i % rows;
+    if (row >= a.n) continue;
+    float v = 0.f;
+    for (int s = 0; s < slices; ++s) v += __ldcg(a.partial + (static_cast<int64_t>(s) * m_count + m) * a.n + row);
+    store_y(a, m, row, v);
+  }
+  if (threadIdx.x == 0) a.counters[blockIdx.x] = 0;
+}
+
 template <int M>
 __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(const GemvArgs a) {
   __shared__ __align__(16) __nv_bfloat16 xs[M * kSlice];
@@ -97,28 +118,14 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(const GemvArgs a) {
           for (int m = 0; m < M; ++m) store_y(a, m, row0 + r, acc[m][r]);
     return;
   }
-  // Several slices: this block's sums to the partials; the block that brings a row tile's last
-  // slice adds the slices in order and writes y.
+  // Several slices: this block's sums to the partials, added up by the tile's last block.
   if (lane == 0)
 #pragma unroll
     for (int r = 0; r < kRowsPerWarp; ++r)
       if (row0 + r < a.n)
 #pragma unroll
         for (int m = 0; m < M; ++m) a.partial[(static_cast<int64_t>(slice) * M + m) * a.n + row0 + r] = acc[m][r];
-  __threadfence();
-  __syncthreads();
-  if (tid == 0) s_last = atomicAdd(a.counters + blockIdx.x, 1) == slices - 1;
-  __syncthreads();
-  if (!s_last) return;
-  __threadfence();
-  for (int i = tid; i < M * kRowsPerBlock; i += blockDim.x) {
-    const int m = i / kRowsPerBlock, row = blockIdx.x * kRowsPerBlock + i % kRowsPerBlock;
-    if (row >= a.n) continue;
-    float v = 0.f;
-    for (int s = 0; s < slices; ++s) v += __ldcg(a.partial + (static_cast<int64_t>(s) * M + m) * a.n + row);
-    store_y(a, m, row, v);
-  }
-  if (tid == 0) a.counters[blockIdx.x] = 0;
+  sum_slices_if_last(a, M, blockIdx.x * kRowsPerBlock, kRowsPerBlock, slices, &s_last);
 }
 
 // --- tensor cores, 3..32 rows ----------------------------------------------------------------------
@@ -205,20 +212,7 @@ __global__ void __launch_bounds__(kTcWarps * 32) gemv_tc_kernel(const GemvArgs a
       a.partial[(static_cast<int64_t>(slice) * a.m + m) * a.n + row] = v;
   }
   if (slices == 1) return;
-  __threadfence();
-  __syncthreads();
-  if (tid == 0) s_last = atomicAdd(a.counters + blockIdx.x, 1) == slices - 1;
-  __syncthreads();
-  if (!s_last) return;
-  __threadfence();
-  for (int i = tid; i < kTcRows * a.m; i += blockDim.x) {
-    const int m = i / kTcRows, row = row_base + i % kTcRows;
-    if (row >= a.n) continue;
-    float v = 0.f;
-    for (int s = 0; s < slices; ++s) v += __ldcg(a.partial + (static_cast<int64_t>(s) * a.m + m) * a.n + row);
-    store_y(a, m, row, v);
-  }
-  if (tid == 0) a.counters[blockIdx.x] = 0;
+  sum_slices_if_last(a, a.m, row_base, kTcRows, slices, &s_last);
 }
 
 template <int... kMs>

@@ -21,7 +21,8 @@
 //             gets the host page-table offsets), merge kernel; bo-pX the same with the attention
 //             kernel's prologue overlapped (overlap_prologue); bf-pX fused merge; bw4-pX one
 //             block per SM; battn-pX the v3 attention kernel alone; bpN-pX = bo-pX with each
-//             warp's first N pages prefetched into L2 before it waits (prefetch_pages)
+//             warp's first N pages prefetched into L2 before it waits (prefetch_pages); bpNw-pX
+//             the same with one block per SM
 // --small: steps up to 1.1 GB, no naive and no sweep; prints the v3 table only.
 // Also: the launch floor (an empty kernel timed with events; an empty kernel per layer in a graph
 // of 32), and per layer in a graph of N = min(32, pool / step) back-to-back layers (time_graph)
@@ -550,6 +551,12 @@ int main(int argc, char** argv) {
                             make_attention(d, DecodeSplit::kBalanced, ppi, 0, true, DecodeMerge::kKernel, true, true, pf)});
     }
     // v3 with one block per SM (half or a third of the loads in flight, half the partials).
+    // The same with the layer boundary overlapped: one block per SM leaves room for the next
+    // layer's blocks to become resident (and prefetch) while this layer still runs.
+    for (int pf : {8, 16})
+      variants.push_back({"bp" + std::to_string(pf) + "w-p" + std::to_string(main_ppi), kBlockPrefetch,
+                          make_attention(d, DecodeSplit::kBalanced, main_ppi, 4, true, DecodeMerge::kKernel, true, true,
+                                         pf)});
     variants.push_back({"bw4-p" + std::to_string(main_ppi), kBlockFew,
                         make_attention(d, DecodeSplit::kBalanced, main_ppi, 4, true, DecodeMerge::kKernel, true)});
     variants.push_back({"battn-p" + std::to_string(main_ppi), kBlockAttn,

@@ -92,6 +92,7 @@ def main():
                 v = torch.randn(batch, HKV, ctx, d, dtype=torch.bfloat16, device="cuda")
                 ref = None
                 best = None
+                per_backend = []
                 for name, be in BACKENDS:
                     try:
                         out = attend(q, k, v, be)
@@ -103,6 +104,7 @@ def main():
                         ref = out.float()
                     diff = (out.float() - ref).abs().max().item()
                     ms = timer.median_ms(lambda: attend(q, k, v, be), args.reps)
+                    per_backend.append(f"{name}_us={ms * 1e3:.1f}")
                     if best is None or ms < best[1]:
                         best = (name, ms, be, diff)
                 if best is None:
@@ -131,7 +133,8 @@ def main():
                 pct = 100 * step / (us * 1e-6) / bw
                 gpct = 100 * step / (g_us * 1e-6) / bw if g_us > 0 else 0.0
                 print(f"SDPA_DECODE d={d} batch={batch} ctx={ctx} backend={name} us={us:.1f} pct={pct:.1f} "
-                      f"graph_layers={n} graph_us={g_us:.1f} graph_pct={gpct:.1f} max_diff_vs_first={diff:.3g}",
+                      f"graph_layers={n} graph_us={g_us:.1f} graph_pct={gpct:.1f} max_diff_vs_first={diff:.3g} "
+                      f"per_call: {' '.join(per_backend)}",
                       flush=True)
                 rows.append((d, batch, ctx, step, name, us, pct, n, g_us, gpct))
                 del q, k, v

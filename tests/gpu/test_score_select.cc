@@ -1051,6 +1051,74 @@ CheckResult check_kvc_select() {
   return {false, "", info.str()};
 }
 
+// Keys laid out head-major, as the engine gathers them from pages ([Hkv][rows][d], rows >= L,
+// k_token_stride = d, k_head_stride = rows * d), must give bit-identical SnapKV scores,
+// KV-Compress metric and H2O accumulation (whole prompt and a chunk) to the token-major layout.
+CheckResult check_head_major_keys() {
+  std::mt19937_64 rng(test_seed() ^ 0x4EADull);
+  int compared = 0;
+  for (const ScoreShape& sh : {ScoreShape{333, 32, 8, 2, 128, GqaReduce::kMean, PoolKind::kMax, 7},
+                               ScoreShape{700, 16, 12, 4, 64, GqaReduce::kMax, PoolKind::kAvg, 5},
+                               ScoreShape{1500, 32, 32, 8, 128, GqaReduce::kMean, PoolKind::kMax, 1}}) {
+    ScoreShape every_query = sh;  // H2O needs every prompt query; the window ones are its last w
+    every_query.w = sh.L;
+    const LayerData x = make_layer(every_query, 0, rng);
+    auto scorer = cuda::WindowScorer::create({sh.H, sh.hkv, sh.d, sh.L, sh.w});
+    if (!scorer) return {false, scorer.status().message(), ""};
+    const int32_t rows = sh.L + 24;  // the gather's row stride: longer than the prompt
+    std::vector<uint16_t> head_major(static_cast<size_t>(sh.hkv) * rows * sh.d, 0x7fc0);  // NaN padding
+    for (int32_t j = 0; j < sh.L; ++j)
+      for (int32_t h = 0; h < sh.hkv; ++h)
+        std::copy_n(x.k.bits.begin() + (static_cast<int64_t>(j) * sh.hkv + h) * sh.d, sh.d,
+                    head_major.begin() + (static_cast<int64_t>(h) * rows + j) * sh.d);
+    DeviceArray<uint16_t> dq(x.q.bits), dk(x.k.bits), dkh(head_major);
+    const int64_t stride = sh.L + 3;
+    DeviceArray<float> a(static_cast<size_t>(sh.hkv) * stride), b(static_cast<size_t>(sh.hkv) * stride);
+    const auto same = [&](const char* what) -> std::string {
+      const std::vector<float> va = a.download(), vb = b.download();
+      for (int32_t h = 0; h < sh.hkv; ++h)
+        for (int32_t j = 0; j < sh.L; ++j)
+          if (std::memcmp(&va[size_t(h) * stride + j], &vb[size_t(h) * stride + j], sizeof(float)) != 0)
+            return std::string(what) + " L " + std::to_string(sh.L) + ": head-major keys differ at head " +
+                   std::to_string(h) + " entry " + std::to_string(j);
+      ++compared;
+      return "";
+    };
+    const auto queries_from = [&](int32_t first) { return as_bf16(dq) + static_cast<int64_t>(first) * sh.H * sh.d; };
+    cuda::WindowScoreInputs tok{queries_from(sh.L - sh.w), 0, as_bf16(dk), 0, sh.L, sh.w};
+    cuda::WindowScoreInputs hm = tok;
+    hm.keys = as_bf16(dkh);
+    hm.k_token_stride = sh.d;
+    hm.k_head_stride = int64_t{rows} * sh.d;
+    CHECK_STATUS((*scorer)->snapkv(tok, sh.gqa, sh.pool, sh.kernel, a.ptr, stride, nullptr));
+    CHECK_STATUS((*scorer)->snapkv(hm, sh.gqa, sh.pool, sh.kernel, b.ptr, stride, nullptr));
+    {
+      // SnapKV writes the first L - w of each row: compare those.
+      const std::vector<float> va = a.download(), vb = b.download();
+      for (int32_t h = 0; h < sh.hkv; ++h)
+        if (std::memcmp(&va[size_t(h) * stride], &vb[size_t(h) * stride], sizeof(float) * size_t(sh.L - sh.w)) != 0)
+          return {false, "SnapKV L " + std::to_string(sh.L) + ": head-major keys differ at head " + std::to_string(h), ""};
+      ++compared;
+    }
+    CHECK_STATUS((*scorer)->kvcompress_metric(tok, sh.pool, sh.kernel, a.ptr, stride, nullptr));
+    CHECK_STATUS((*scorer)->kvcompress_metric(hm, sh.pool, sh.kernel, b.ptr, stride, nullptr));
+    if (std::string e = same("KV-Compress"); !e.empty()) return {false, e, ""};
+    // H2O: the whole prompt, then its last chunk of 100 queries against every key before them.
+    tok.queries = hm.queries = queries_from(0);
+    tok.window = hm.window = sh.L;
+    CHECK_STATUS((*scorer)->h2o(tok, sh.gqa, a.ptr, stride, nullptr));
+    CHECK_STATUS((*scorer)->h2o(hm, sh.gqa, b.ptr, stride, nullptr));
+    if (std::string e = same("H2O"); !e.empty()) return {false, e, ""};
+    tok.queries = hm.queries = queries_from(sh.L - 100);
+    tok.window = hm.window = 100;
+    CHECK_STATUS((*scorer)->h2o(tok, sh.gqa, a.ptr, stride, nullptr));
+    CHECK_STATUS((*scorer)->h2o(hm, sh.gqa, b.ptr, stride, nullptr));
+    if (std::string e = same("H2O chunk"); !e.empty()) return {false, e, ""};
+  }
+  return {false, "", std::to_string(compared) + " score sets (SnapKV, KV-Compress, H2O whole and chunked; 3 shapes) "
+                         "bit-identical with head-major keys"};
+}
+
 std::vector<NamedCheck> all_checks() {
   return {
       {"SelectionOnHostScores", [] { return guarded(check_selection_host_scores); }},
@@ -1061,6 +1129,7 @@ std::vector<NamedCheck> all_checks() {
       {"DecodeMetricAgainstHost", [] { return guarded(check_decode_metric); }},
       {"H2oContinualPlanAgainstHost", [] { return guarded(check_metric_keep_top); }},
       {"KvCompressSelectionAgainstHost", [] { return guarded(check_kvc_select); }},
+      {"HeadMajorKeysEqualTokenMajor", [] { return guarded(check_head_major_keys); }},
   };
 }
 

@@ -145,7 +145,6 @@ struct CudaModel::Impl {
 
   // Compression.
   std::unique_ptr<WindowScorer> scorer;
-  std::unique_ptr<WindowScorer> head_scorer;  // one kv head's group: keys gathered from pages
   std::unique_ptr<KeepSelector> selector;
   float* scores = nullptr;     // [Hkv][max(T, max_context)]
   int32_t* keep_dev = nullptr;  // [keep_cap] keep lists of the compressing sequences ([rows][P] each)
@@ -284,23 +283,18 @@ struct CudaModel::Impl {
   Status run_compression_window(SeqId seq, const CompressConfig& comp, int32_t tok0, int32_t n, int32_t total,
                                 const int32_t* row_len_dev, int32_t layer, int64_t keep_base, int32_t slot);
   // A chunked prompt's later chunks: every row of seq's `layer` holds its `total` entries. Gathers
-  // them into gather_k / gather_v (the attention's gather may have been another sequence's) and
-  // calls score_head(inputs of kv head kh's query group against its own row, kh) for each kv head.
-  template <typename F>
-  Status score_gathered_heads(SeqId seq, int32_t layer, const int32_t* row_len_dev, int32_t total,
-                              const WindowScoreInputs& in, F&& score_head) {
+  // them into gather_k / gather_v ([Hkv][max_context][d]; the attention's gather may have been
+  // another sequence's) and returns `in` with its keys pointing at the gathered rows.
+  Expected<WindowScoreInputs> gather_keys(SeqId seq, int32_t layer, const int32_t* row_len_dev, int32_t total,
+                                          WindowScoreInputs in) {
     const int32_t Hkv = static_cast<int32_t>(cfg.num_kv_heads), L = static_cast<int32_t>(cfg.num_layers);
-    const int32_t d = static_cast<int32_t>(cfg.head_dim), g = static_cast<int32_t>(cfg.num_heads) / Hkv;
+    const int32_t d = static_cast<int32_t>(cfg.head_dim);
     const int64_t hs = max_context * d;
     ADAKV_RETURN_IF_ERROR(kv_gather_rows(pool, seq, layer, L, Hkv, d, row_len_dev, total, gather_k, gather_v, hs, stream));
-    for (int32_t kh = 0; kh < Hkv; ++kh) {
-      WindowScoreInputs h = in;
-      h.queries = in.queries + int64_t{kh} * g * d;
-      h.keys = gather_k + kh * hs;
-      h.k_token_stride = d;
-      ADAKV_RETURN_IF_ERROR(score_head(h, kh));
-    }
-    return Status::ok();
+    in.keys = gather_k;
+    in.k_token_stride = d;
+    in.k_head_stride = hs;
+    return in;
   }
   // H2O over one chunk of a chunked prompt (tokens tok0 .. tok0 + n - 1 of the workspace, prompt
   // positions total - n .. total - 1): the chunk's queries' attention of every entry before them,
@@ -582,9 +576,6 @@ Status CudaModel::Impl::allocate_runtime() {
       window_status = sc.status();
     } else {
       scorer = std::move(sc).value();
-      so.num_heads = H / Hkv;
-      so.num_kv_heads = 1;
-      ADAKV_ASSIGN_OR_RETURN(head_scorer, WindowScorer::create(so));
       KeepSelectorOptions ko;
       ko.num_kv_heads = Hkv;
       ko.max_length = max_len;
@@ -831,7 +822,6 @@ Status CudaModel::Impl::mirror_rows(SeqId seq, const KvCacheManager& m, int64_t*
 Status CudaModel::Impl::h2o_accumulate_chunk(SeqId seq, const CompressConfig& comp, int32_t tok0, int32_t n,
                                              int32_t total, const int32_t* row_len_dev, int32_t layer) {
   const int32_t Hkv = static_cast<int32_t>(cfg.num_kv_heads), L = static_cast<int32_t>(cfg.num_layers);
-  const int32_t g = static_cast<int32_t>(cfg.num_heads) / Hkv;
   const int64_t qd = q_dim();
   WindowScoreInputs in;
   in.queries = qkv + int64_t{tok0} * qkv_dim();
@@ -844,10 +834,8 @@ Status CudaModel::Impl::h2o_accumulate_chunk(SeqId seq, const CompressConfig& co
     in.k_token_stride = qkv_dim();
     ADAKV_RETURN_IF_ERROR(scorer->h2o(in, comp.gqa, scores, total, stream, lse));
   } else {
-    ADAKV_RETURN_IF_ERROR(score_gathered_heads(seq, layer, row_len_dev, total, in, [&](const WindowScoreInputs& h, int32_t kh) {
-      return head_scorer->h2o(h, comp.gqa, scores + int64_t{kh} * total, total, stream,
-                              lse == nullptr ? nullptr : lse + int64_t{kh} * g * n);
-    }));
+    ADAKV_ASSIGN_OR_RETURN(const WindowScoreInputs gathered_in, gather_keys(seq, layer, row_len_dev, total, in));
+    ADAKV_RETURN_IF_ERROR(scorer->h2o(gathered_in, comp.gqa, scores, total, stream, lse));
   }
   const MetricRows mrows{page_table, row_offsets_all + (int64_t{seq} * L + layer) * Hkv, Hkv};
   ADAKV_RETURN_IF_ERROR(metric_add_rows(mrows, scores, total, total, metric, stream));
@@ -929,9 +917,8 @@ Status CudaModel::Impl::run_compression_window(SeqId seq, const CompressConfig& 
     if (fresh) {
       ADAKV_RETURN_IF_ERROR(scorer->kvcompress_metric(in, comp.pool, comp.pool_kernel, scores, P, stream));
     } else {
-      ADAKV_RETURN_IF_ERROR(score_gathered_heads(seq, layer, row_len_dev, P, in, [&](const WindowScoreInputs& h, int32_t kh) {
-        return head_scorer->kvcompress_metric(h, comp.pool, comp.pool_kernel, scores + int64_t{kh} * P, P, stream);
-      }));
+      ADAKV_ASSIGN_OR_RETURN(const WindowScoreInputs gathered_in, gather_keys(seq, layer, row_len_dev, P, in));
+      ADAKV_RETURN_IF_ERROR(scorer->kvcompress_metric(gathered_in, comp.pool, comp.pool_kernel, scores, P, stream));
       gathered = true;
     }
     ADAKV_RETURN_IF_ERROR(metric_scatter_rows(mrows, scores, P, P, metric, stream));
@@ -939,9 +926,8 @@ Status CudaModel::Impl::run_compression_window(SeqId seq, const CompressConfig& 
     if (fresh) {
       ADAKV_RETURN_IF_ERROR(scorer->snapkv(in, comp.gqa, comp.pool, comp.pool_kernel, scores, P, stream));
     } else {
-      ADAKV_RETURN_IF_ERROR(score_gathered_heads(seq, layer, row_len_dev, P, in, [&](const WindowScoreInputs& h, int32_t kh) {
-        return head_scorer->snapkv(h, comp.gqa, comp.pool, comp.pool_kernel, scores + int64_t{kh} * P, P, stream);
-      }));
+      ADAKV_ASSIGN_OR_RETURN(const WindowScoreInputs gathered_in, gather_keys(seq, layer, row_len_dev, P, in));
+      ADAKV_RETURN_IF_ERROR(scorer->snapkv(gathered_in, comp.gqa, comp.pool, comp.pool_kernel, scores, P, stream));
       gathered = true;
     }
   }

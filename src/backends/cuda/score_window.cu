@@ -19,8 +19,9 @@ namespace score_detail {
 struct WindowParams {
   const __nv_bfloat16* q;  // [w][H][D], tokens q_stride apart
   int64_t q_stride;
-  const __nv_bfloat16* k;  // [L][Hkv][D], tokens k_stride apart
+  const __nv_bfloat16* k;  // [L][Hkv][D], tokens k_stride apart, kv heads k_head_stride apart
   int64_t k_stride;
+  int64_t k_head_stride;
   int32_t length;      // L
   int32_t window;      // w (H2O: w = L, every prompt query)
   int32_t num_heads;   // H
@@ -83,7 +84,7 @@ __device__ __forceinline__ void load_query_chunk(__nv_bfloat16* dst, const Windo
 template <int D>
 __device__ __forceinline__ void load_key_tile(__nv_bfloat16* dst, const WindowParams& p, int kvh, int j0) {
   load_rows_bf16<D>(dst, min(kMmaKeys, p.length - j0), [&](int c) {
-    return p.k + static_cast<int64_t>(j0 + c) * p.k_stride + static_cast<int64_t>(kvh) * D;
+    return p.k + static_cast<int64_t>(j0 + c) * p.k_stride + static_cast<int64_t>(kvh) * p.k_head_stride;
   });
 }
 
@@ -576,17 +577,21 @@ Status WindowScorer::run(const WindowScoreInputs& in, bool squared, GqaReduce gq
     return invalid_argument(where + "L = " + std::to_string(in.length) + " above max_length " + std::to_string(o.max_length));
   if (kernel < 1 || kernel % 2 == 0) return invalid_argument(where + "pool kernel must be odd and >= 1");
   if (out_stride < out_len) return invalid_argument(where + "out_stride shorter than a row of scores");
-  if (q_stride % 8 != 0 || k_stride % 8 != 0 || reinterpret_cast<uintptr_t>(in.queries) % 16 != 0 ||
-      reinterpret_cast<uintptr_t>(in.keys) % 16 != 0)
+  const int64_t k_head_stride = in.k_head_stride != 0 ? in.k_head_stride : o.head_dim;
+  if (q_stride % 8 != 0 || k_stride % 8 != 0 || k_head_stride % 8 != 0 ||
+      reinterpret_cast<uintptr_t>(in.queries) % 16 != 0 || reinterpret_cast<uintptr_t>(in.keys) % 16 != 0)
     return invalid_argument(where + "queries / keys need 16-byte alignment and strides that are multiples of 8");
-  if (q_stride < static_cast<int64_t>(o.num_heads) * o.head_dim || k_stride < static_cast<int64_t>(o.num_kv_heads) * o.head_dim)
-    return invalid_argument(where + "token stride shorter than a token");
+  // Token-major keys hold every kv head within a token; head-major ones need a token per stride.
+  const int64_t k_token = in.k_head_stride != 0 ? o.head_dim : static_cast<int64_t>(o.num_kv_heads) * o.head_dim;
+  if (q_stride < static_cast<int64_t>(o.num_heads) * o.head_dim || k_stride < k_token || k_head_stride < o.head_dim)
+    return invalid_argument(where + "token or head stride shorter than a token or a head");
 
   WindowParams p{};
   p.q = in.queries;
   p.q_stride = q_stride;
   p.k = in.keys;
   p.k_stride = k_stride;
+  p.k_head_stride = k_head_stride;
   p.length = in.length;
   p.window = in.window;
   p.num_heads = o.num_heads;

@@ -47,6 +47,10 @@ struct WindowScoreInputs {
   int64_t k_token_stride = 0;              // elements; 0 means Hkv * head_dim
   int32_t length = 0;                      // L
   int32_t window = 0;                      // w
+  // Elements between kv heads' keys; 0 means head_dim (the token-major layout above). Rows gathered
+  // from the pages, [Hkv][rows][head_dim], are scored in one call with k_token_stride = head_dim
+  // and k_head_stride = the gather's row stride.
+  int64_t k_head_stride = 0;
 };
 // Pointers must be 16-byte aligned and strides multiples of 8 elements (16-byte loads).
 

@@ -20,6 +20,7 @@
 #include "cli/commands.h"
 #include "cli/kv_flags.h"
 #include "engine/generator.h"
+#include "engine/model_runner_factory.h"
 #include "io/chat_template.h"
 #include "server/api_server.h"
 #include "server/http_server.h"
@@ -161,9 +162,10 @@ void run_serve(const ServeArgs& args) {
   if (sig == 0) {
     api->attach_engine(engine.get(), std::move(defaults));
     const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - load_start).count();
-    std::fprintf(stderr, "adakv: serving '%s' on http://%s:%d (loaded in %.2f s, kv policy %s, %lld kv pages)\n",
-                 model_name.c_str(), args.host.c_str(), http_server->port(), secs, kv_policy_name(compress.policy),
-                 static_cast<long long>(engine->stats().kv_pages_total));
+    std::fprintf(stderr,
+                 "adakv: serving '%s' on http://%s:%d (device %s, loaded in %.2f s, kv policy %s, %lld kv pages)\n",
+                 model_name.c_str(), args.host.c_str(), http_server->port(), device_label(args.device).c_str(), secs,
+                 kv_policy_name(compress.policy), static_cast<long long>(engine->stats().kv_pages_total));
     while (sig == 0) sig = wait_signal(1000);
   }
 

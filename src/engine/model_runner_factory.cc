@@ -25,6 +25,15 @@ Expected<std::string> resolve_device(const std::string& device) {
 #endif
 }
 
+std::string device_label(const std::string& device) {
+  Expected<std::string> d = resolve_device(device);
+  if (!d) return d.status().message();
+#if ADAKV_HAVE_CUDA
+  if (*d == "cuda") return "cuda (" + cuda::cuda_device_name() + ")";
+#endif
+  return *d;
+}
+
 Status validate_device_options(const EngineOptions& o) {
   ADAKV_ASSIGN_OR_RETURN(const std::string device, resolve_device(o.device));
   if (!(o.gpu_memory_fraction > 0.0 && o.gpu_memory_fraction <= 1.0))

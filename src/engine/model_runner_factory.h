@@ -16,6 +16,10 @@ namespace adakv {
 // device is usable, else cpu). "cuda" without CUDA support: "adakv was built without CUDA".
 Expected<std::string> resolve_device(const std::string& device);
 
+// For logs: "cpu", or "cuda (<the current GPU's name>)"; the resolved name of `device`, or the
+// resolution's error message.
+std::string device_label(const std::string& device);
+
 // The device-related options alone (device name, gpu_memory_fraction, random_weights), without
 // touching a device: Engine::create's validation calls it.
 Status validate_device_options(const EngineOptions& options);

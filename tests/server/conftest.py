@@ -1,7 +1,7 @@
 """Starts the real `adakv serve` on a free loopback port for the server tests.
 
 The binary comes from $ADAKV_BINARY (ctest sets it), else build/adakv; the model from
-$ADAKV_MODEL_DIR, else models/adakv-tiny-v1. Every server listens on 127.0.0.1 only, and every
+$ADAKV_MODEL_DIR, else models/adakv-tiny-v1; $ADAKV_SERVER_ARGS adds arguments to every server. Every server listens on 127.0.0.1 only, and every
 test bounds its own requests in count and time.
 """
 import json
@@ -23,6 +23,9 @@ MODEL_DIR = os.environ.get("ADAKV_MODEL_DIR", str(ROOT / "models" / "adakv-tiny-
 MODEL_NAME = "adakv-tiny-v1"
 # Sanitizer builds run several times slower.
 SLOW = float(os.environ.get("ADAKV_TEST_SLOWDOWN", "1"))
+# Arguments every server of the suite gets first, e.g. "--device cuda" to run the suite against
+# the GPU engine on the GPU machine.
+SERVER_ARGS = os.environ.get("ADAKV_SERVER_ARGS", "").split()
 
 
 class Server:
@@ -31,7 +34,8 @@ class Server:
     def __init__(self, *extra_args, load_timeout=120.0):
         self.final_log = None
         self.log = tempfile.NamedTemporaryFile(prefix="adakv-serve-", suffix=".log", delete=False)
-        self.args = [BINARY, "serve", "--model", MODEL_DIR, "--host", "127.0.0.1", "--port", "0", *extra_args]
+        self.args = [BINARY, "serve", "--model", MODEL_DIR, "--host", "127.0.0.1", "--port", "0", *SERVER_ARGS,
+                     *extra_args]
         self.proc = subprocess.Popen(self.args, stdout=subprocess.DEVNULL, stderr=self.log, stdin=subprocess.DEVNULL)
         self.port = None
         deadline = time.monotonic() + load_timeout * SLOW

@@ -1,12 +1,13 @@
 """The OpenAI-compatible API of `adakv serve`, through the official openai client and curl."""
 import json
+import re
 import subprocess
 import threading
 
 import openai
 import pytest
 
-from conftest import BINARY, MODEL_DIR, MODEL_NAME, wait_for
+from conftest import BINARY, MODEL_DIR, MODEL_NAME, SERVER_ARGS, wait_for
 
 # Long enough that a budget of 64 entries per head really evicts (about 330 tokens).
 LONG_PROMPT = " ".join(
@@ -30,6 +31,14 @@ def test_health_and_models(server, client):
     models = client.models.list()
     assert [m.id for m in models.data] == [MODEL_NAME]
     assert client.models.retrieve(MODEL_NAME).id == MODEL_NAME
+
+
+def test_start_up_line_names_the_device(server):
+    m = re.search(r"serving 'adakv-tiny-v1' on http://127\.0\.0\.1:\d+ \(device (cpu|cuda \([^)]+\)), loaded in",
+                  server.stderr())
+    assert m, server.stderr()
+    if "--device" in SERVER_ARGS:
+        assert m.group(1).startswith(SERVER_ARGS[SERVER_ARGS.index("--device") + 1])
 
 
 def test_completion(client):

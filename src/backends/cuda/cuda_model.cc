@@ -369,6 +369,16 @@ Status cuda_device_available() {
   return Status::ok();
 }
 
+std::string cuda_device_name() {
+  int dev = 0;
+  cudaDeviceProp prop{};
+  if (cudaGetDevice(&dev) != cudaSuccess || cudaGetDeviceProperties(&prop, dev) != cudaSuccess) {
+    cudaGetLastError();
+    return "no device";
+  }
+  return prop.name;
+}
+
 Status CudaModel::Impl::allocate_weights() {
   const int64_t hidden = cfg.hidden_size, inter = cfg.intermediate_size, d = cfg.head_dim;
   ADAKV_RETURN_IF_ERROR(alloc(&embed, cfg.vocab_size * hidden, "embed_tokens", &weight_bytes));

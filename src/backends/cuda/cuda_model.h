@@ -188,6 +188,8 @@ class CudaModel {
 
 // Whether a CUDA device is usable; the reason otherwise ("no CUDA device", driver errors).
 Status cuda_device_available();
+// The current device's name ("NVIDIA H100 80GB HBM3"), or "no device".
+std::string cuda_device_name();
 
 // Whether the device runs `config`'s policy (every policy of method.md does: full, snapkv,
 // pyramidkv, ada-snapkv, ada-pyramidkv, criticalkv, ada-criticalkv, h2o, kvcompress,

@@ -37,6 +37,20 @@ TEST(ModelRunnerFactory, ResolvesDeviceNames) {
 #endif
 }
 
+// The label `adakv serve` prints at start-up.
+TEST(ModelRunnerFactory, LabelsTheDevice) {
+  EXPECT_EQ(device_label("cpu"), "cpu");
+  EXPECT_NE(device_label("tpu").find("cpu | cuda | auto"), std::string::npos) << device_label("tpu");
+  const std::string automatic = device_label("auto");
+  if (device_usable()) {
+    EXPECT_EQ(automatic.rfind("cuda (", 0), 0u) << automatic;
+    EXPECT_EQ(automatic.back(), ')') << automatic;
+    EXPECT_EQ(automatic.find("no device"), std::string::npos) << automatic;
+  } else {
+    EXPECT_EQ(automatic, "cpu");
+  }
+}
+
 TEST(ModelRunnerFactory, ChecksDeviceOptions) {
   EngineOptions o;
   o.model_dir = "/nonexistent";

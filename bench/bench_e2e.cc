@@ -11,6 +11,8 @@
 // cache does not fit the pool is reported as OOM (the pool is --gpu-memory-fraction of what the
 // weights and workspace leave).
 // Peer: tools/bench/e2e_transformers.py, same shapes, in the same device call.
+// ADAKV_PROFILE_OPS=1: also a table per decode configuration of the device time per op (the steps
+// then run without CUDA graphs, so their tokens/s are not the product's).
 #if ADAKV_HAVE_CUDA
 #include <cuda_runtime.h>
 
@@ -354,6 +356,7 @@ int main(int argc, char** argv) {
         };
         Status s = Status::ok();
         for (int i = 0; i < 3 && s.is_ok(); ++i) s = one_step();
+        model.reset_op_profile();
         std::vector<double> dev_ms;
         const double w0 = now_s();
         for (int i = 0; i < steps && s.is_ok(); ++i) {
@@ -378,6 +381,10 @@ int main(int argc, char** argv) {
         model.on_release(s);
       }
       rows.push_back({B, ada ? "ada-snapkv" : "full", why});
+      // ADAKV_PROFILE_OPS=1: where the timed steps' device time went, op by op.
+      if (const std::string ops = model.op_profile(); !ops.empty())
+        std::printf("\n== decode ops, batch %d, %s (ADAKV_PROFILE_OPS: events between ops, no graphs)\n%s", B,
+                    ada ? "ada-snapkv" : "full", ops.c_str());
     }
 
   std::printf("\n== e2e (Llama-3.1-8B shapes, random bf16, %s, context %d, ada-snapkv budget %d)\n", prop.name, ctx, budget);

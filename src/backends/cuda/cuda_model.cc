@@ -19,6 +19,7 @@
 #include "backends/cuda/gemm_lt.h"
 #include "backends/cuda/metric_kv.h"
 #include "backends/cuda/model_ops.h"
+#include "backends/cuda/op_timer.h"
 #include "backends/cuda/paged_kv_view.h"
 #include "backends/cuda/prefill_attention.h"
 #include "backends/cuda/sampling.h"
@@ -187,6 +188,8 @@ struct CudaModel::Impl {
   bool graphs_enabled = true;
   // CudaModelOptions::decode_overlap unless ADAKV_DECODE_OVERLAP says 0 or 1.
   bool overlap_decode_prologue = false;
+  // ADAKV_PROFILE_OPS=1: device time per op of every forward (op_timer.h; no graphs then).
+  OpTimer ops;
   // Launches the graph of `forward` for this shape on `stream`, capturing it first if new. A
   // capture that fails turns graphs off and runs `forward` directly (the step is not lost).
   template <typename F>
@@ -676,6 +679,8 @@ Expected<std::unique_ptr<CudaModel::Impl>> make_impl(const ModelConfig& cfg, con
   impl->seq_compressed.assign(S, 0);
   impl->ring_end.assign(S, 0);
   if (const char* e = std::getenv("ADAKV_CUDA_GRAPHS"); e != nullptr && std::string(e) == "0") impl->graphs_enabled = false;
+  if (const char* e = std::getenv("ADAKV_PROFILE_OPS"); e != nullptr && std::string(e) == "1")
+    ADAKV_RETURN_IF_ERROR(impl->ops.enable(16 * static_cast<int>(cfg.num_layers) + 16));
   impl->overlap_decode_prologue = options.decode_overlap;
   if (const char* e = std::getenv("ADAKV_DECODE_OVERLAP"); e != nullptr && (std::string(e) == "0" || std::string(e) == "1"))
     impl->overlap_decode_prologue = std::string(e) == "1";
@@ -737,6 +742,9 @@ std::string CudaModel::memory_summary() const {
 const std::vector<CompressionAuditLayer>& CudaModel::compression_audit() const { return impl_->audit; }
 float CudaModel::last_step_ms() const { return impl_->last_ms; }
 const CudaModel::StepTiming& CudaModel::last_step_timing() const { return impl_->timing; }
+
+std::string CudaModel::op_profile() const { return impl_->ops.report(); }
+void CudaModel::reset_op_profile() { impl_->ops.reset(); }
 int64_t CudaModel::num_graphs() const { return static_cast<int64_t>(impl_->graphs.size()); }
 
 namespace {
@@ -1318,8 +1326,11 @@ Status CudaModel::step(std::span<const SeqStep> steps, KvCacheManager& mgr, bool
   const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(d)));
   const float eps = static_cast<float>(c.rms_norm_eps);
   auto forward = [&]() -> Status {
+  const auto mark = [&](const char* op) { I.ops.mark(op, st); };
+  I.ops.begin(st);
   ADAKV_RETURN_IF_ERROR(rope_cos_sin(I.inv_freq, md + f_pos, T, d / 2, I.cos_sin, st));
   ADAKV_RETURN_IF_ERROR(embed_gather(I.embed, hidden, md + f_tokens, T, I.x, st));
+  mark("embedding + rope tables");
   for (int32_t l = 0; l < L; ++l) {
     const DevLayer& W = I.layers[static_cast<size_t>(l)];
     RmsNormArgs nrm;
@@ -1331,7 +1342,9 @@ Status CudaModel::step(std::span<const SeqStep> steps, KvCacheManager& mgr, bool
     nrm.dim = static_cast<int32_t>(hidden);
     nrm.eps = eps;
     ADAKV_RETURN_IF_ERROR(rms_norm_residual(nrm, st));
+    mark("residual + rmsnorm");
     ADAKV_RETURN_IF_ERROR(I.gemm->linear(I.h, W.qkv, I.qkv, DType::kBF16, T, qkvd, hidden, st));
+    mark("qkv projection");
     QkvRopeArgs qr;
     qr.qkv = I.qkv;
     qr.row_stride = qkvd;
@@ -1345,8 +1358,10 @@ Status CudaModel::step(std::span<const SeqStep> steps, KvCacheManager& mgr, bool
     qr.eps = eps;
     qr.cos_sin = I.cos_sin;
     ADAKV_RETURN_IF_ERROR(qkv_rope(qr, st));
+    mark("bias + q/k norm + rope");
     ADAKV_RETURN_IF_ERROR(kv_append(I.pool, bv, l, I.qkv, qkvd, static_cast<int32_t>(qd),
                                     static_cast<int32_t>(qd + I.kv_dim()), d, st));
+    mark("kv append");
     // Chunked prefill: the chunk's trailing window queries into the ring (position p at row p % w).
     for (int32_t b = 0; b < B; ++b) {
       if (!ring_save[static_cast<size_t>(b)]) continue;
@@ -1381,6 +1396,7 @@ Status CudaModel::step(std::span<const SeqStep> steps, KvCacheManager& mgr, bool
       } else {
         ADAKV_RETURN_IF_ERROR(attention_generic(I.pool, sub_view(0, n_dec), l, H, d, I.qkv, qkvd, I.attn, qd, scale, st));
       }
+      mark("decode attention");
     }
     if (n_dec < B && !I.fast_prefill) {
       const int32_t first = tok0[static_cast<size_t>(n_dec)];
@@ -1432,6 +1448,7 @@ Status CudaModel::step(std::span<const SeqStep> steps, KvCacheManager& mgr, bool
         }
       }
     }
+    if (n_dec < B) mark("prefill attention");
     for (int32_t b = 0; b < B; ++b) {  // H2O chunks before the last: their share of the metric
       if (!h2o_part[static_cast<size_t>(b)]) continue;
       const int32_t n = ntok[static_cast<size_t>(b)];
@@ -1487,14 +1504,20 @@ Status CudaModel::step(std::span<const SeqStep> steps, KvCacheManager& mgr, bool
       ADAKV_RETURN_IF_ERROR(metric_decode_add(mp, st));
       b = e;
     }
+    mark("compression (scores, selection, metric)");
     ADAKV_RETURN_IF_ERROR(I.gemm->linear(I.attn, W.o, I.delta, DType::kBF16, T, hidden, qd, st));
+    mark("o projection");
     nrm.delta = I.delta;
     nrm.delta_bias = W.o_bias;
     nrm.weight = W.post_norm;
     ADAKV_RETURN_IF_ERROR(rms_norm_residual(nrm, st));
+    mark("residual + rmsnorm");
     ADAKV_RETURN_IF_ERROR(I.gemm->linear(I.h, W.gate_up, I.gu, DType::kBF16, T, 2 * inter, hidden, st));
+    mark("gate_up projection");
     ADAKV_RETURN_IF_ERROR(swiglu(I.gu, I.act, T, static_cast<int32_t>(inter), st));
+    mark("swiglu");
     ADAKV_RETURN_IF_ERROR(I.gemm->linear(I.act, W.down, I.delta, DType::kBF16, T, hidden, inter, st));
+    mark("down projection");
   }
   RmsNormArgs fin;
   fin.x = I.x;
@@ -1506,14 +1529,17 @@ Status CudaModel::step(std::span<const SeqStep> steps, KvCacheManager& mgr, bool
   fin.dim = static_cast<int32_t>(hidden);
   fin.eps = eps;
   ADAKV_RETURN_IF_ERROR(rms_norm_residual(fin, st));
+  mark("residual + rmsnorm");
   ADAKV_RETURN_IF_ERROR(I.gemm->linear(I.hsel, I.lm_head, I.logits, DType::kF32, R, c.vocab_size, hidden, st));
+  mark("lm_head");
   if (n_samp > 0)
     ADAKV_RETURN_IF_ERROR(sample_rows(I.logits, c.vocab_size, n_samp, static_cast<int32_t>(c.vocab_size), I.samp_dev,
                                       I.sampled_dev, st));
+  mark("sampling");
   return Status::ok();
   };
   bool graph_ok = I.opt.cuda_graphs && I.graphs_enabled && n_dec == B && T == B && R == B && I.fast_decode &&
-                  n_comp == 0 && !any_obs && !I.opt.audit_compression;
+                  n_comp == 0 && !any_obs && !I.opt.audit_compression && !I.ops.enabled();
   for (int32_t b = 0; graph_ok && b < B; ++b)
     graph_ok = !ring_save[static_cast<size_t>(b)] && !h2o_part[static_cast<size_t>(b)] &&
                !metric_zero[static_cast<size_t>(b)];
@@ -1543,6 +1569,7 @@ Status CudaModel::step(std::span<const SeqStep> steps, KvCacheManager& mgr, bool
   const HostClock::time_point t_enqueued = HostClock::now();
   ADAKV_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(st));
   const HostClock::time_point t_synced = HostClock::now();
+  ADAKV_RETURN_IF_ERROR(I.ops.collect());
   ADAKV_CUDA_RETURN_IF_ERROR(cudaEventElapsedTime(&I.last_ms, I.ev_start, I.ev_end));
   float copy_ms = 0.f;
   ADAKV_CUDA_RETURN_IF_ERROR(cudaEventElapsedTime(&copy_ms, I.ev_end, I.ev_copied));

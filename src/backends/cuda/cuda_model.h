@@ -178,6 +178,10 @@ class CudaModel {
   // CUDA graphs captured so far (one per decode batch shape).
   int64_t num_graphs() const;
   const StepTiming& last_step_timing() const;
+  // With ADAKV_PROFILE_OPS=1 in the environment at load: device ms per op per forward since the
+  // last reset, as a markdown table (op_timer.h); "" otherwise.
+  std::string op_profile() const;
+  void reset_op_profile();
 
   struct Impl;
 

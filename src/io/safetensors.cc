@@ -8,6 +8,8 @@
 
 #include <nlohmann/json.hpp>
 
+#include "core/printable.h"
+
 namespace adakv {
 namespace {
 
@@ -22,23 +24,7 @@ Status fail(StatusCode code, const std::string& source, const std::string& messa
 }
 
 // Names come from files we did not write: keep messages on one line and of bounded length.
-std::string printable(std::string_view s) {
-  static constexpr char kHex[] = "0123456789abcdef";
-  constexpr size_t kMaxChars = 200;
-  std::string out;
-  for (size_t i = 0; i < s.size() && i < kMaxChars; ++i) {
-    const auto c = static_cast<unsigned char>(s[i]);
-    if (c < 0x20 || c == 0x7f) {
-      out += "\\x";
-      out += kHex[c >> 4];
-      out += kHex[c & 15];
-    } else {
-      out += static_cast<char>(c);
-    }
-  }
-  if (s.size() > kMaxChars) out += "...";
-  return out;
-}
+std::string printable(std::string_view s) { return adakv::printable(s, 200); }
 
 std::string shape_string(const std::vector<int64_t>& shape) {
   std::string s = "[";

@@ -9,6 +9,7 @@
 #include <nlohmann/json.hpp>
 
 #include "core/mapped_file.h"
+#include "core/printable.h"
 
 namespace adakv {
 namespace {
@@ -32,23 +33,7 @@ constexpr ArchInfo kArchs[] = {
 constexpr const char* kSupportedArchs = "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM";
 
 // Strings from config.json end up in messages: keep those on one line and of bounded length.
-std::string printable(const std::string& s) {
-  static constexpr char kHex[] = "0123456789abcdef";
-  constexpr size_t kMaxChars = 100;
-  std::string out;
-  for (size_t i = 0; i < s.size() && i < kMaxChars; ++i) {
-    const auto c = static_cast<unsigned char>(s[i]);
-    if (c < 0x20 || c == 0x7f) {
-      out += "\\x";
-      out += kHex[c >> 4];
-      out += kHex[c & 15];
-    } else {
-      out += static_cast<char>(c);
-    }
-  }
-  if (s.size() > kMaxChars) out += "...";
-  return out;
-}
+std::string printable(std::string_view s) { return adakv::printable(s, 100); }
 
 // Typed access to the fields of one JSON object. Absent and null are the same ("not set")
 // everywhere except where the caller asks `present` (a few fields default differently when

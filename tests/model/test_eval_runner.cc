@@ -4,7 +4,6 @@
 // leaves every policy's greedy generation exactly equal to the full cache's, and the CLI's
 // one-line errors (skipped while `adakv eval` does not list the task kinds).
 #include <gtest/gtest.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -18,6 +17,7 @@
 #include "engine/eval_runner.h"
 #include "eval/haystack.h"
 #include "eval/tasks.h"
+#include "run_adakv.h"
 #include "tiny_eval_fixture.h"
 
 namespace adakv {
@@ -123,31 +123,9 @@ TEST(EvalRunner, BudgetAbovePromptMatchesFull) {
 
 // --- the CLI ---
 
-struct RunResult {
-  int exit_code = -1;
-  std::string out, err;
-};
-
-std::string read_file(const fs::path& p) {
-  std::ifstream f(p, std::ios::binary);
-  std::stringstream ss;
-  ss << f.rdbuf();
-  return ss.str();
-}
-
-RunResult run_adakv(const std::string& args) {
-  const fs::path base = fs::temp_directory_path() / ("adakv_evalrun_" + std::to_string(::getpid()));
-  const std::string out = base.string() + ".out", err = base.string() + ".err";
-  const std::string cmd = std::string("'") + ADAKV_BINARY_PATH + "' " + args + " >" + out + " 2>" + err;
-  const int status = std::system(cmd.c_str());
-  RunResult r;
-  r.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  r.out = read_file(out);
-  r.err = read_file(err);
-  fs::remove(out);
-  fs::remove(err);
-  return r;
-}
+using test::read_file;
+using test::run_adakv;
+using test::RunResult;
 
 bool cli_has_task_kinds() { return run_adakv("eval needle --help").exit_code == 0; }
 

@@ -2,7 +2,6 @@
 // transformers' greedy tokens (streamed through the tokenizer's StreamDecoder) and its speed
 // summary on stderr; bad inputs exit non-zero with a single "adakv: error: ..." line.
 #include <gtest/gtest.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
 #include <cstdlib>
@@ -12,44 +11,18 @@
 #include <sstream>
 #include <string>
 
+#include "run_adakv.h"
+
 namespace {
 
 namespace fs = std::filesystem;
 
 const fs::path kModelsDir = fs::path(ADAKV_FIXTURES_DIR) / "models";
 
-struct RunResult {
-  int exit_code = -1;
-  std::string out;
-  std::string err;
-};
-
-std::string read_file(const fs::path& p) {
-  std::ifstream f(p, std::ios::binary);
-  std::stringstream ss;
-  ss << f.rdbuf();
-  return ss.str();
-}
-
-std::string shell_quote(const std::string& s) {
-  std::string q = "'";
-  for (char c : s) q += c == '\'' ? std::string("'\\''") : std::string(1, c);
-  return q + "'";
-}
-
-RunResult run_adakv(const std::string& args) {
-  const fs::path base = fs::temp_directory_path() / ("adakv_cli_" + std::to_string(::getpid()));
-  const std::string out = base.string() + ".out", err = base.string() + ".err";
-  const std::string cmd = shell_quote(ADAKV_BINARY_PATH) + " " + args + " >" + out + " 2>" + err;
-  const int status = std::system(cmd.c_str());
-  RunResult r;
-  r.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  r.out = read_file(out);
-  r.err = read_file(err);
-  fs::remove(out);
-  fs::remove(err);
-  return r;
-}
+using adakv::test::read_file;
+using adakv::test::run_adakv;
+using adakv::test::RunResult;
+using adakv::test::shell_quote;
 
 nlohmann::json reference(const std::string& name) {
   std::ifstream f(kModelsDir / name / "reference.json");

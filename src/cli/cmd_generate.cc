@@ -13,6 +13,7 @@
 #include "cli/kv_flags.h"
 #include "core/mapped_file.h"
 #include "engine/generator.h"
+#include "engine/model_runner_factory.h"
 #include "io/tokenizer.h"
 #include "model/transformer.h"
 #if ADAKV_HAVE_CUDA
@@ -121,7 +122,7 @@ void run_generate(const GenerateArgs& args) {
 
   const GenerateStats& s = result.stats;
   std::fprintf(stderr, "adakv: loaded %s in %.3f s (device %s)\n", args.model_dir.c_str(), load_seconds,
-               use_cuda ? "cuda" : "cpu");
+               device_label(use_cuda ? "cuda" : "cpu").c_str());
   if (s.context_tokens > 0) std::fprintf(stderr, "adakv: context: %lld tokens\n", static_cast<long long>(s.context_tokens));
   std::fprintf(stderr, "adakv: prompt: %lld tokens in %.3f s (%.1f tokens/s)\n", static_cast<long long>(s.prompt_tokens),
                s.prefill_seconds,  // the prefill covers the context too

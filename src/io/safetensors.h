@@ -25,8 +25,12 @@ struct TensorInfo {
   // element size: the format only aligns when the writer pads the header (torch's writer does).
   const uint8_t* data = nullptr;
 
-  // Cannot overflow for a parsed tensor: the parser refuses shapes whose byte size overflows.
+  // Cannot overflow for a parsed tensor: the parser refuses shapes whose byte size overflows,
+  // except when a dimension is 0 (the tensor is empty however large the others are), which is
+  // answered before multiplying.
   int64_t numel() const {
+    for (int64_t d : shape)
+      if (d == 0) return 0;
     int64_t n = 1;
     for (int64_t d : shape) n *= d;
     return n;

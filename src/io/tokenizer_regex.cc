@@ -3,6 +3,7 @@
 #define PCRE2_CODE_UNIT_WIDTH 8
 #include <pcre2.h>
 
+#include "core/printable.h"
 #include "io/unicode_text.h"
 
 namespace adakv::tok {
@@ -76,8 +77,8 @@ Expected<std::shared_ptr<const Regex>> Regex::compile(std::string_view pattern) 
   if (code == nullptr) {
     PCRE2_UCHAR buf[256];
     pcre2_get_error_message(error, buf, sizeof(buf));
-    std::string shown(pattern.substr(0, 80));
-    return invalid_argument("bad regex '" + shown + "' at offset " + std::to_string(offset) + ": " +
+    // The pattern comes from tokenizer.json: one line (a \n in it is shown as \x0a), bounded.
+    return invalid_argument("bad regex '" + printable(pattern, 80) + "' at offset " + std::to_string(offset) + ": " +
                             reinterpret_cast<const char*>(buf));
   }
   std::shared_ptr<Regex> re(new Regex());

@@ -215,6 +215,17 @@ TEST(SafetensorsErrors, HugeDimsOverflowInsteadOfWrapping) {
                   .is_ok());
 }
 
+// Found by fuzz_safetensors_header (UBSan): the parser accepts huge dimensions before a 0, and
+// numel() multiplied them in order, overflowing int64 before reaching the 0.
+TEST(Safetensors, EmptyTensorWithHugeDimsHasNoElements) {
+  const std::string header =
+      R"({"w":{"dtype":"I64","shape":[94744,207,7095516,51,2947,51,294796044440016,0],"data_offsets":[0,0]}})";
+  auto tensors = parse_safetensors_header(reinterpret_cast<const uint8_t*>(header.data()), header.size(), 0, "h");
+  ASSERT_TRUE(tensors) << tensors.status().message();
+  EXPECT_EQ(tensors->at("w").numel(), 0);
+  EXPECT_EQ(tensors->at("w").nbytes(), 0u);
+}
+
 TEST(SafetensorsErrors, DataOffsetsNotANonDecreasingPair) {
   const char* phrase = "is not a pair of non-decreasing non-negative integers";
   expect_refused(open_header(R"({"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4,8]}})", 8), phrase);

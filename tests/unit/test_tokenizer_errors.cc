@@ -94,6 +94,14 @@ TEST(TokenizerErrors, BadRegexIsDataLoss) {
                StatusCode::kDataLoss, "regex");
 }
 
+// Found by fuzz_tokenizer_json: the refusal quoted the pattern, and a pattern holding a newline
+// (JSON "\n") split the message over two lines. It is shown as \x0a now.
+TEST(TokenizerErrors, BadRegexWithANewlineStaysOnOneLine) {
+  expect_error(load_error("{" + kBpe + R"(, "pre_tokenizer": {"type": "Split", "pattern": {"Regex": "[^\r\n]\\p{"},
+      "behavior": "Isolated"}})"),
+               StatusCode::kDataLoss, "[^\\x0d\\x0a]");
+}
+
 TEST(TokenizerErrors, MalformedConfigIsDataLoss) {
   auto t = Tokenizer::from_json("{" + kBpe + "}", "{not json", kSource);
   ASSERT_FALSE(t.has_value());

@@ -4,6 +4,13 @@
 #include <exception>
 
 #include "cli/commands.h"
+#include "core/printable.h"
+
+namespace {
+// Messages may quote text from the user's files; printed one line (control bytes as \xNN), bounded.
+constexpr size_t kMaxMessage = 4000;
+using adakv::printable;
+}  // namespace
 
 int main(int argc, char** argv) {
   CLI::App app{"adakv: an inference engine with a per-head paged KV cache"};
@@ -20,10 +27,10 @@ int main(int argc, char** argv) {
     return app.exit(e);
   } catch (const CLI::ParseError& e) {
     // Usage errors (missing --model, unknown flag, bad value) as one line like every other error.
-    std::fprintf(stderr, "adakv: error: %s (see adakv --help)\n", e.what());
+    std::fprintf(stderr, "adakv: error: %s (see adakv --help)\n", printable(e.what(), kMaxMessage).c_str());
     return e.get_exit_code() != 0 ? e.get_exit_code() : 2;
   } catch (const std::exception& e) {
-    std::fprintf(stderr, "adakv: error: %s\n", e.what());
+    std::fprintf(stderr, "adakv: error: %s\n", printable(e.what(), kMaxMessage).c_str());
     return 1;
   }
   return 0;

@@ -2,6 +2,7 @@
 #include <algorithm>
 #include <nlohmann/json.hpp>
 
+#include "core/printable.h"
 #include "io/tokenizer_spec.h"
 
 namespace adakv::tok {
@@ -578,12 +579,14 @@ TokenizerSpec parse(const std::string& tokenizer_json, const std::string& config
 
 Expected<TokenizerSpec> parse_tokenizer_spec(const std::string& tokenizer_json, const std::string& config_json,
                                              const std::string& model_config_json, const std::string& source) {
+  // Messages quote names, types and tokens from the files: one line whatever they hold.
+  constexpr size_t kMaxMessage = 2000;
   try {
     return parse(tokenizer_json, config_json, model_config_json);
   } catch (const SpecError& e) {
-    return e.status.with_context(source);
+    return Status(e.status.code(), source + ": " + printable(e.status.message(), kMaxMessage));
   } catch (const nlohmann::json::exception& e) {
-    return data_loss(source + ": " + e.what());
+    return data_loss(source + ": " + printable(e.what(), kMaxMessage));
   }
 }
 

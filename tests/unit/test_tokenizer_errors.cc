@@ -102,6 +102,15 @@ TEST(TokenizerErrors, BadRegexWithANewlineStaysOnOneLine) {
                StatusCode::kDataLoss, "[^\\x0d\\x0a]");
 }
 
+// Names quoted from the file (types, tokens, keys) may hold any character: every refusal stays on
+// one line.
+TEST(TokenizerErrors, QuotedNamesWithNewlinesStayOnOneLine) {
+  expect_error(load_error(R"({"model": {"type": "BP\nE", "vocab": {}, "merges": []}})"), StatusCode::kUnimplemented,
+               "BP\\x0aE");
+  expect_error(load_error("{" + kBpe + R"(, "decoder": {"type": "Strip\r\n"}})"), StatusCode::kUnimplemented,
+               "Strip\\x0d\\x0a");
+}
+
 TEST(TokenizerErrors, MalformedConfigIsDataLoss) {
   auto t = Tokenizer::from_json("{" + kBpe + "}", "{not json", kSource);
   ASSERT_FALSE(t.has_value());

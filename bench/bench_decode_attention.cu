@@ -23,7 +23,11 @@
 //             block per SM; battn-pX the v3 attention kernel alone; bpN-pX = bo-pX with each
 //             warp's first N pages prefetched into L2 before it waits (prefetch_pages); bpNw-pX
 //             the same with one block per SM
-// --small: steps up to 1.1 GB, no naive and no sweep; prints the v3 table only.
+// --small: steps up to 1.1 GB, no naive and no sweep; prints the v3 table only. --lean: the same
+// with only b2 and bp8 at the main pages/iter.
+// Also the ceiling at each step's own size (read_roofline.cuh): the best pure read of the step's
+// bytes per layer in the same graph setting, and a copy of them; the v3 table's rd_g% / bp/rd, and
+// prd_g%: the best pure read of the step's own scattered pages through its page table.
 // Also: the launch floor (an empty kernel timed with events; an empty kernel per layer in a graph
 // of 32), and per layer in a graph of N = min(32, pool / step) back-to-back layers (time_graph)
 // for k2 and auto at the larger pX, on steps up to 1.1 GB.
@@ -33,7 +37,7 @@
 // A tuning sweep (warps per SM, pages per iteration, dependent launch) over a few shapes is
 // printed first.
 //
-// Usage: bench_decode_attention [--quick] [--reps N] [--no-sweep]; writes
+// Usage: bench_decode_attention [--quick] [--small] [--lean] [--reps N] [--no-sweep]; writes
 // $OUT/bench_decode_attention.csv when OUT is set. Prints one table last.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -44,6 +48,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <map>
 #include <memory>
 #include <numeric>
 #include <random>
@@ -52,6 +57,7 @@
 
 #include "backends/cuda/cuda_check.h"
 #include "backends/cuda/decode_attention.h"
+#include "read_roofline.cuh"
 
 namespace {
 
@@ -438,13 +444,16 @@ struct Result {
 }  // namespace
 
 int main(int argc, char** argv) {
-  bool quick = false, do_sweep = true, small = false;
+  bool quick = false, do_sweep = true, small = false, lean = false;
   Bench b;
   for (int i = 1; i < argc; ++i) {
     if (!std::strcmp(argv[i], "--quick")) {
       quick = true;
     } else if (!std::strcmp(argv[i], "--small")) {
       small = true;  // v3 check: batch 1/8/32 x 4K-32K (+ batch 1 128K), no naive, no sweep
+      do_sweep = false;
+    } else if (!std::strcmp(argv[i], "--lean")) {
+      lean = small = true;  // --small with only b2 and bp8 at the main pages/iter (and the ceilings)
       do_sweep = false;
     } else if (!std::strcmp(argv[i], "--no-sweep")) {
       do_sweep = false;
@@ -526,41 +535,49 @@ int main(int argc, char** argv) {
     std::vector<Variant> variants;
     const std::vector<int> ppis = d == 128 ? std::vector<int>{1, 2} : std::vector<int>{2, 4};
     const int main_ppi = ppis.back();
-    for (int ppi : ppis)
-      variants.push_back({"k2-p" + std::to_string(ppi), kTwoKernel,
-                          make_attention(d, DecodeSplit::kBalanced, ppi, 0, true, DecodeMerge::kKernel)});
-    for (int ppi : ppis)
-      variants.push_back({"fu-p" + std::to_string(ppi), kFusedMerge,
-                          make_attention(d, DecodeSplit::kBalanced, ppi, 0, true, DecodeMerge::kFused)});
-    variants.push_back({"auto-p" + std::to_string(main_ppi), kAutoMerge,
-                        make_attention(d, DecodeSplit::kBalanced, main_ppi, 0, true, DecodeMerge::kAuto)});
-    variants.push_back({"attn-p" + std::to_string(main_ppi), kAttnOnly,
-                        make_attention(d, DecodeSplit::kBalanced, main_ppi, 0, true, DecodeMerge::kNone)});
-    if (!small) variants.push_back({"naive", kNaive, make_attention(d, DecodeSplit::kOneBlockPerRow, 2, 0, true)});
-    // v3: block items (4 warps per piece, combined in shared memory; absolute item offsets).
-    for (int ppi : ppis) {
-      const std::string sfx = "-p" + std::to_string(ppi);
+    if (lean) {
+      const std::string sfx = "-p" + std::to_string(main_ppi);
       variants.push_back({"b2" + sfx, kBlockKernel,
-                          make_attention(d, DecodeSplit::kBalanced, ppi, 0, true, DecodeMerge::kKernel, true)});
-      variants.push_back({"bo" + sfx, kBlockOverlap,
-                          make_attention(d, DecodeSplit::kBalanced, ppi, 0, true, DecodeMerge::kKernel, true, true)});
-      variants.push_back({"bf" + sfx, kBlockFused,
-                          make_attention(d, DecodeSplit::kBalanced, ppi, 0, true, DecodeMerge::kFused, true)});
-      for (int pf : ppi == main_ppi ? std::vector<int>{4, 8, 16, 32} : std::vector<int>{8})
-        variants.push_back({"bp" + std::to_string(pf) + sfx, kBlockPrefetch,
-                            make_attention(d, DecodeSplit::kBalanced, ppi, 0, true, DecodeMerge::kKernel, true, true, pf)});
+                          make_attention(d, DecodeSplit::kBalanced, main_ppi, 0, true, DecodeMerge::kKernel, true)});
+      variants.push_back({"bp8" + sfx, kBlockPrefetch,
+                          make_attention(d, DecodeSplit::kBalanced, main_ppi, 0, true, DecodeMerge::kKernel, true, true, 8)});
+    } else {
+      for (int ppi : ppis)
+        variants.push_back({"k2-p" + std::to_string(ppi), kTwoKernel,
+                            make_attention(d, DecodeSplit::kBalanced, ppi, 0, true, DecodeMerge::kKernel)});
+      for (int ppi : ppis)
+        variants.push_back({"fu-p" + std::to_string(ppi), kFusedMerge,
+                            make_attention(d, DecodeSplit::kBalanced, ppi, 0, true, DecodeMerge::kFused)});
+      variants.push_back({"auto-p" + std::to_string(main_ppi), kAutoMerge,
+                          make_attention(d, DecodeSplit::kBalanced, main_ppi, 0, true, DecodeMerge::kAuto)});
+      variants.push_back({"attn-p" + std::to_string(main_ppi), kAttnOnly,
+                          make_attention(d, DecodeSplit::kBalanced, main_ppi, 0, true, DecodeMerge::kNone)});
+      if (!small) variants.push_back({"naive", kNaive, make_attention(d, DecodeSplit::kOneBlockPerRow, 2, 0, true)});
+      // v3: block items (4 warps per piece, combined in shared memory; absolute item offsets).
+      for (int ppi : ppis) {
+        const std::string sfx = "-p" + std::to_string(ppi);
+        variants.push_back({"b2" + sfx, kBlockKernel,
+                            make_attention(d, DecodeSplit::kBalanced, ppi, 0, true, DecodeMerge::kKernel, true)});
+        variants.push_back({"bo" + sfx, kBlockOverlap,
+                            make_attention(d, DecodeSplit::kBalanced, ppi, 0, true, DecodeMerge::kKernel, true, true)});
+        variants.push_back({"bf" + sfx, kBlockFused,
+                            make_attention(d, DecodeSplit::kBalanced, ppi, 0, true, DecodeMerge::kFused, true)});
+        for (int pf : ppi == main_ppi ? std::vector<int>{4, 8, 16, 32} : std::vector<int>{8})
+          variants.push_back({"bp" + std::to_string(pf) + sfx, kBlockPrefetch,
+                              make_attention(d, DecodeSplit::kBalanced, ppi, 0, true, DecodeMerge::kKernel, true, true, pf)});
+      }
+      // v3 with one block per SM (half or a third of the loads in flight, half the partials).
+      // The same with the layer boundary overlapped: one block per SM leaves room for the next
+      // layer's blocks to become resident (and prefetch) while this layer still runs.
+      for (int pf : {8, 16})
+        variants.push_back({"bp" + std::to_string(pf) + "w-p" + std::to_string(main_ppi), kBlockPrefetch,
+                            make_attention(d, DecodeSplit::kBalanced, main_ppi, 4, true, DecodeMerge::kKernel, true, true,
+                                           pf)});
+      variants.push_back({"bw4-p" + std::to_string(main_ppi), kBlockFew,
+                          make_attention(d, DecodeSplit::kBalanced, main_ppi, 4, true, DecodeMerge::kKernel, true)});
+      variants.push_back({"battn-p" + std::to_string(main_ppi), kBlockAttn,
+                          make_attention(d, DecodeSplit::kBalanced, main_ppi, 0, true, DecodeMerge::kNone, true)});
     }
-    // v3 with one block per SM (half or a third of the loads in flight, half the partials).
-    // The same with the layer boundary overlapped: one block per SM leaves room for the next
-    // layer's blocks to become resident (and prefetch) while this layer still runs.
-    for (int pf : {8, 16})
-      variants.push_back({"bp" + std::to_string(pf) + "w-p" + std::to_string(main_ppi), kBlockPrefetch,
-                          make_attention(d, DecodeSplit::kBalanced, main_ppi, 4, true, DecodeMerge::kKernel, true, true,
-                                         pf)});
-    variants.push_back({"bw4-p" + std::to_string(main_ppi), kBlockFew,
-                        make_attention(d, DecodeSplit::kBalanced, main_ppi, 4, true, DecodeMerge::kKernel, true)});
-    variants.push_back({"battn-p" + std::to_string(main_ppi), kBlockAttn,
-                        make_attention(d, DecodeSplit::kBalanced, main_ppi, 0, true, DecodeMerge::kNone, true)});
     for (const Variant& v : variants)
       std::printf("d %d %s: %d warp slots on the device\n", d, v.name.c_str(), v.attn->device_warp_slots());
     for (int batch : batches) {
@@ -628,6 +645,37 @@ int main(int argc, char** argv) {
       }
     }
   }
+
+  // The ceiling at each step's own size (read_roofline.cuh), once per distinct byte count.
+  std::map<int64_t, read_roofline::Result> roof;
+  std::map<std::pair<int, int64_t>, double> paged;  // (d, pages) -> the best paged read per layer, us
+  std::map<std::pair<int, int64_t>, std::string> paged_cfg;
+  {
+    const read_roofline::Timer timer{b.stream, b.ev0, b.ev1, [&b] { b.flush(); }, std::max(3, b.reps / 2)};
+    const size_t pool_bytes = size_t(b.max_pages) * size_t(kPageSize) * 128 * 2;
+    for (const Result& r : results) {
+      const int64_t key = int64_t(r.shape.bytes);
+      if (r.shape.bytes > 1.1e9) continue;
+      const std::pair<int, int64_t> pkey{r.shape.d, r.shape.pages};
+      const int layers = int(std::min<int64_t>(32, b.max_pages / r.shape.pages));
+      if (!paged.count(pkey) && layers >= 2)
+        paged[pkey] = read_roofline::measure_paged(timer, b.prop.multiProcessorCount, b.k_pool, b.v_pool, b.ids,
+                                                   r.shape.pages, kPageSize * r.shape.d * 2, layers, &paged_cfg[pkey],
+                                                   b.sink);
+      if (roof.count(key)) continue;
+      roof[key] = read_roofline::measure(timer, b.prop.multiProcessorCount, b.k_pool, b.v_pool, pool_bytes, b.flush_buf,
+                                         b.flush_words * 16, r.shape.bytes, b.sink);
+    }
+  }
+  std::printf("\n== the ceiling at the step's size: per layer in a graph of N back-to-back layers, %% of the 1 GiB copy "
+              "(%s) ==\n%8s | %2s | %7s %5s %-8s | %7s %5s %-8s | %2s %7s %5s\n",
+              b.prop.name, "KV_MB", "N", "read_us", "%", "cfg", "pdl_us", "%", "cfg", "N", "copy_us", "%");
+  for (const auto& [bytes, x] : roof)
+    std::printf("%8.1f | %2d | %7.2f %5.1f %-8s | %7.2f %5.1f %-8s | %2d %7.2f %5.1f\n", bytes / 1e6, x.layers,
+                x.read_us, pct(b, double(bytes), x.read_us), x.read_cfg.c_str(), x.read_pdl_us,
+                pct(b, double(bytes), x.read_pdl_us), x.read_pdl_cfg.c_str(), x.copy_layers, x.copy_us,
+                x.copy_us > 0 ? pct(b, 2.0 * double(bytes), x.copy_us) : 0.0);
+  for (const auto& [bytes, x] : roof) std::printf("read configs at %.1f MB (us per layer):%s\n", bytes / 1e6, x.all.c_str());
 
   if (const char* out_dir = std::getenv("OUT")) {
     const std::string path = std::string(out_dir) + "/bench_decode_attention.csv";
@@ -701,9 +749,10 @@ int main(int argc, char** argv) {
   std::printf("\n== decode attention v3 (%s; copy %.0f GB/s; launch floor %.1f us per call, %.2f us per kernel in a "
               "graph; %% = of copy; g = graph per layer) ==\n",
               b.prop.name, b.copy_bw / 1e9, floor_single, floor_graph);
-  std::printf("%3s %5s %4s %7s %5s %6s | %6s %5s %5s | %6s %5s %-3s %5s %-3s| %5s %5s | %6s %5s %-6s| %5s %5s | %6s | %5s %5s | %2s | %6s %6s\n", "d",
+  std::printf("%3s %5s %4s %7s %5s %6s | %6s %5s %5s | %6s %5s %-3s %5s %-3s| %5s %5s | %6s %5s %-6s| %5s %5s | %6s | %5s %5s | %2s | %6s %6s | %5s %6s %6s %-8s\n", "d",
               "batch", "ctx", "dist", "max/m", "KV_MB", "v2_us", "%", "g%", "b2_us", "%", "pp", "g%", "pp", "bo_g%",
-              "bo%", "bp8_g%", "bp_g%", "bp", "bf%", "bf_g%", "battn", "w4%", "w4_g%", "N", "plv2us", "plv3us");
+              "bo%", "bp8_g%", "bp_g%", "bp", "bf%", "bf_g%", "battn", "w4%", "w4_g%", "N", "plv2us", "plv3us", "rd_g%",
+              "bp/rd", "prd_g%", "cfg");
   for (const Result& r : results) {
     const auto best = [&](int role, bool graph) {
       int bi = -1;
@@ -727,14 +776,24 @@ int main(int argc, char** argv) {
       if (r.names[v] == "bp8-p" + std::to_string(r.shape.d == 128 ? 2 : 4)) bp8 = int(v);
     double diff = 0;
     for (double x : r.diff) diff = std::max(diff, x);
-    std::printf("%3d %5d %3dK %7s %5.1f %6.0f | %6.1f %5.1f %5.1f | %6.1f %5.1f %-3s %5.1f %-3s| %5.1f %5.1f | %6.1f %5.1f %-6s| %5.1f %5.1f | %6.1f | %5.1f %5.1f | %2d | %6.1f %6.1f%s\n",
+    // The best pure read of these bytes (plain or overlapped) and the best bp against it.
+    double rd = 0;
+    if (const auto it = roof.find(int64_t(by)); it != roof.end()) {
+      const double t = std::min(it->second.read_us > 0 ? it->second.read_us : 1e30,
+                                it->second.read_pdl_us > 0 ? it->second.read_pdl_us : 1e30);
+      rd = t < 1e30 ? pct(b, by, t) : 0;
+    }
+    const std::pair<int, int64_t> pkey{r.shape.d, r.shape.pages};
+    const double prd = paged.count(pkey) ? pct(b, by, paged.at(pkey)) : 0;
+    std::printf("%3d %5d %3dK %7s %5.1f %6.0f | %6.1f %5.1f %5.1f | %6.1f %5.1f %-3s %5.1f %-3s| %5.1f %5.1f | %6.1f %5.1f %-6s| %5.1f %5.1f | %6.1f | %5.1f %5.1f | %2d | %6.1f %6.1f | %5.1f %6.2f %6.1f %-8s%s\n",
                 r.shape.d, r.shape.batch, r.shape.ctx / 1024, r.shape.dist(), r.shape.max_over_mean, by / 1e6,
                 v2 < 0 ? 0.0 : r.us[v2], pc(v2, false), pc(v2g, true), b2 < 0 ? 0.0 : r.us[b2], pc(b2, false),
                 b2 < 0 ? "-" : r.names[b2].c_str() + 3, pc(b2g, true), b2g < 0 ? "-" : r.names[b2g].c_str() + 3,
                 pc(bog, true), pc(bo, false), pc(bp8, true), pc(bpg, true),
                 bpg < 0 ? "-" : r.names[bpg].c_str() + 2, pc(bf, false), pc(bfg, true), ba < 0 ? 0.0 : r.us[ba], pc(w4, false),
                 pc(w4g, true), r.layers,
-                r.plan_v2_us, r.plan_v3_us, diff < 0.05 ? "" : "  MISMATCH");
+                r.plan_v2_us, r.plan_v3_us, rd, rd > 0 ? pc(bpg, true) / rd : 0.0, prd,
+                paged_cfg.count(pkey) ? paged_cfg.at(pkey).c_str() : "-", diff < 0.05 ? "" : "  MISMATCH");
   }
   if (mismatch) std::printf("MISMATCH: variants disagree by 0.05 or more (or a NaN) somewhere above\n");
   return mismatch ? 2 : 0;

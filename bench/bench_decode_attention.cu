@@ -24,7 +24,7 @@
 //             warp's first N pages prefetched into L2 before it waits (prefetch_pages); bpNw-pX
 //             the same with one block per SM
 // --small: steps up to 1.1 GB, no naive and no sweep; prints the v3 table only. --lean: the same
-// with only b2 and bp8 at the main pages/iter.
+// with only b2, bp8 and bpa8 (bp8 without the merge: timing only) at the main pages/iter.
 // Also the ceiling at each step's own size (read_roofline.cuh): the best pure read of the step's
 // bytes per layer in the same graph setting, and a copy of them; the v3 table's rd_g% / bp/rd, and
 // prd_g%: the best pure read of the step's own scattered pages through its page table.
@@ -541,6 +541,12 @@ int main(int argc, char** argv) {
                           make_attention(d, DecodeSplit::kBalanced, main_ppi, 0, true, DecodeMerge::kKernel, true)});
       variants.push_back({"bp8" + sfx, kBlockPrefetch,
                           make_attention(d, DecodeSplit::kBalanced, main_ppi, 0, true, DecodeMerge::kKernel, true, true, 8)});
+      // The same with the merge fused (the block that brings a row's last partial merges it).
+      variants.push_back({"bfp8" + sfx, kBlockFused,
+                          make_attention(d, DecodeSplit::kBalanced, main_ppi, 0, true, DecodeMerge::kFused, true, true, 8)});
+      // The same without the merge (split rows left unmerged: timing only): the merge's share.
+      variants.push_back({"bpa8" + sfx, kBlockAttn,
+                          make_attention(d, DecodeSplit::kBalanced, main_ppi, 0, true, DecodeMerge::kNone, true, true, 8)});
     } else {
       for (int ppi : ppis)
         variants.push_back({"k2-p" + std::to_string(ppi), kTwoKernel,

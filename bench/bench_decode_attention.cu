@@ -24,7 +24,8 @@
 //             warp's first N pages prefetched into L2 before it waits (prefetch_pages); bpNw-pX
 //             the same with one block per SM
 // --small: steps up to 1.1 GB, no naive and no sweep; prints the v3 table only. --lean: the same
-// with only b2, bp8 and bpa8 (bp8 without the merge: timing only) at the main pages/iter.
+// with only b2, bp8, bfp8 (bp8 with the fused merge) and bpa8 (bp8 without the merge: timing only)
+// at the main pages/iter.
 // Also the ceiling at each step's own size (read_roofline.cuh): the best pure read of the step's
 // bytes per layer in the same graph setting, and a copy of them; the v3 table's rd_g% / bp/rd, and
 // prd_g%: the best pure read of the step's own scattered pages through its page table.

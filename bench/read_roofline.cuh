@@ -35,6 +35,19 @@ namespace read_roofline {
 constexpr int kThreads = 256;
 constexpr int64_t kPageWords = 256;  // 4 KB in 16-byte words
 
+// Programmatic dependent launch from the device (sm_90; nothing before it, where the launches
+// are plain).
+__device__ __forceinline__ void launch_dependents() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void wait_for_previous() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
 // One layer: reads words [0, 2 * half) of the step, k[0, half) then v[0, half); each block a
 // contiguous chunk of chunk_words, kThreads x U words per iteration (coalesced).
 template <int U>
@@ -43,13 +56,13 @@ __global__ void __launch_bounds__(kThreads) read_step(const uint4* k, const uint
   const int64_t begin = blockIdx.x * chunk_words, end = min(begin + chunk_words, 2 * half);
   const auto at = [&](int64_t w) { return w < half ? k + w : v + (w - half); };
   if (pdl) {
-    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+    launch_dependents();
     const int64_t w = begin + threadIdx.x * kPageWords;
     if (int(threadIdx.x) < prefetch_pages && w < end) {
       const int64_t stop = min(end, w < half ? half : 2 * half);  // a prefetch stays inside k or v
       adakv::cuda::prefetch_l2(at(w), uint32_t((stop - w < kPageWords ? stop - w : kPageWords) * 16));
     }
-    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+    wait_for_previous();
   }
   unsigned acc = 0;
   for (int64_t base = begin; base < end; base += int64_t(U) * kThreads) {
@@ -77,7 +90,7 @@ __global__ void __launch_bounds__(kThreads) read_pages(const uint4* k, const uin
   extern __shared__ int32_t s_ids[];
   const int64_t first = blockIdx.x * block_pages, last = min(first + block_pages, pages);
   const int n = int(last - first);
-  if (pdl) asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+  if (pdl) launch_dependents();
   for (int i = threadIdx.x; i < n; i += kThreads) {
     s_ids[i] = ids[first + i];
     if (pdl && i < prefetch_pages) {
@@ -85,7 +98,7 @@ __global__ void __launch_bounds__(kThreads) read_pages(const uint4* k, const uin
       adakv::cuda::prefetch_l2(v + int64_t(s_ids[i]) * page_words, uint32_t(page_words * 16));
     }
   }
-  if (pdl) asm volatile("griddepcontrol.wait;\n" ::: "memory");
+  if (pdl) wait_for_previous();
   __syncthreads();
   const int64_t words = int64_t(n) * 2 * page_words;
   unsigned acc = 0;

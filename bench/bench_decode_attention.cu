@@ -148,6 +148,11 @@ struct Bench {
     read_all<<<prop.multiProcessorCount * 8, 512, 0, stream>>>(flush_buf, flush_words, sink);
     ADAKV_CUDA_CHECK(cudaGetLastError());
   }
+  // Graph timing as time_graph and the ceilings do it: L2 flushed before each replay, median of
+  // max(3, reps / 2) after 2 warm-ups.
+  read_roofline::Timer timer() {
+    return read_roofline::Timer{stream, ev0, ev1, [this] { flush(); }, std::max(3, reps / 2)};
+  }
   float elapsed_ms() const {
     ADAKV_CUDA_CHECK(cudaEventSynchronize(ev1));
     float ms = 0;
@@ -362,10 +367,7 @@ double time_graph(Bench& b, DecodeAttention& attn, const Shape& s, int* layers) 
   }
   ADAKV_CUDA_CHECK(cudaStreamSynchronize(b.stream));
   const float scale = 1.f / std::sqrt(float(s.d));
-  cudaGraph_t graph = nullptr;
-  cudaGraphExec_t exec = nullptr;
-  ADAKV_CUDA_CHECK(cudaStreamBeginCapture(b.stream, cudaStreamCaptureModeThreadLocal));
-  for (int l = 0; l < n; ++l) {
+  return read_roofline::time_layers(b.timer(), n, [&](int l) {
     PagedKvView v = s.view;
     v.page_ids = s.view.page_ids + int64_t(l) * s.pages;
     const adakv::Status rs =
@@ -374,22 +376,7 @@ double time_graph(Bench& b, DecodeAttention& attn, const Shape& s, int* layers) 
       std::fprintf(stderr, "run (capture): %s\n", rs.message().c_str());
       std::exit(1);
     }
-  }
-  ADAKV_CUDA_CHECK(cudaStreamEndCapture(b.stream, &graph));
-  ADAKV_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
-  std::vector<double> t;
-  const int reps = std::max(3, b.reps / 2);
-  for (int i = 0; i < reps + 2; ++i) {
-    b.flush();
-    ADAKV_CUDA_CHECK(cudaEventRecord(b.ev0, b.stream));
-    ADAKV_CUDA_CHECK(cudaGraphLaunch(exec, b.stream));
-    ADAKV_CUDA_CHECK(cudaEventRecord(b.ev1, b.stream));
-    const float ms = b.elapsed_ms();
-    if (i >= 2) t.push_back(ms * 1e-3 / n);
-  }
-  ADAKV_CUDA_CHECK(cudaGraphExecDestroy(exec));
-  ADAKV_CUDA_CHECK(cudaGraphDestroy(graph));
-  return median(t) * 1e6;
+  });
 }
 
 __global__ void empty_kernel(int* p) {
@@ -658,7 +645,7 @@ int main(int argc, char** argv) {
   std::map<std::pair<int, int64_t>, double> paged;  // (d, pages) -> the best paged read per layer, us
   std::map<std::pair<int, int64_t>, std::string> paged_cfg;
   {
-    const read_roofline::Timer timer{b.stream, b.ev0, b.ev1, [&b] { b.flush(); }, std::max(3, b.reps / 2)};
+    const read_roofline::Timer timer = b.timer();
     const size_t pool_bytes = size_t(b.max_pages) * size_t(kPageSize) * 128 * 2;
     for (const Result& r : results) {
       const int64_t key = int64_t(r.shape.bytes);

@@ -441,7 +441,7 @@ int main(int argc, char** argv) {
       small = true;  // v3 check: batch 1/8/32 x 4K-32K (+ batch 1 128K), no naive, no sweep
       do_sweep = false;
     } else if (!std::strcmp(argv[i], "--lean")) {
-      lean = small = true;  // --small with only b2 and bp8 at the main pages/iter (and the ceilings)
+      lean = small = true;  // --small with only b2, bp8, bfp8 and bpa8 (and the ceilings)
       do_sweep = false;
     } else if (!std::strcmp(argv[i], "--no-sweep")) {
       do_sweep = false;

@@ -24,8 +24,12 @@
 //             warp's first N pages prefetched into L2 before it waits (prefetch_pages); bpNw-pX
 //             the same with one block per SM
 // --small: steps up to 1.1 GB, no naive and no sweep; prints the v3 table only. --lean: the same
-// with only b2, bp8, bfp8 (bp8 with the fused merge) and bpa8 (bp8 without the merge: timing only)
-// at the main pages/iter.
+// with only b2, bp8, b2r / bp8r (the row-aligned split), bp8w (one block per SM), and bpa8 /
+// bpa8r / bpa8w (without the merge: timing only) at the main pages/iter. --timeline (with
+// --lean): per layer in the graph, where the time goes (DecodeAttention::set_trace's
+// global-timer stamps) for each variant at d 128 batch 1 4K / 16K and batch 8 4K, and d 64
+// batch 1 4K; steps under 40 MB also "hot" (every layer on the first layer's pages, so K/V come
+// from L2).
 // Also the ceiling at each step's own size (read_roofline.cuh): the best pure read of the step's
 // bytes per layer in the same graph setting, and a copy of them; the v3 table's rd_g% / bp/rd, and
 // prd_g%: the best pure read of the step's own scattered pages through its page table.
@@ -58,6 +62,7 @@
 
 #include "backends/cuda/cuda_check.h"
 #include "backends/cuda/decode_attention.h"
+#include "decode_timeline.h"
 #include "read_roofline.cuh"
 
 namespace {
@@ -415,7 +420,49 @@ void launch_floor(Bench& b, double* single_us, double* graph_us) {
 }
 
 // Variant roles in the table.
-enum Role { kTwoKernel, kFusedMerge, kAutoMerge, kAttnOnly, kNaive, kBlockKernel, kBlockOverlap, kBlockFused, kBlockAttn, kBlockFew, kBlockPrefetch };
+enum Role { kTwoKernel, kFusedMerge, kAutoMerge, kAttnOnly, kNaive, kBlockKernel, kBlockOverlap, kBlockFused, kBlockAttn, kBlockFew, kBlockPrefetch, kBlockPrefetchOneBlock, kBlockAttnOneBlock, kBlockPrefetchAligned, kBlockAttnAligned, kBlockKernelAligned };
+
+// The timeline of N back-to-back layers (as time_graph runs them) from the kernels' global-timer
+// stamps of the last replay: one line of offsets per variant and shape. hot: every layer reads
+// the first layer's pages, so that from the second layer on K/V come from L2 (steps up to about
+// 40 MB): the chain of a layer without DRAM.
+std::string timeline_line(Bench& b, DecodeAttention& attn, const Shape& s, const std::string& name, bool hot) {
+  const int n = int(std::min<int64_t>(32, s.pages > 0 ? b.max_pages / s.pages : 0));
+  if (n < 5) return "";
+  if (!plan_for(attn, s, b.stream)) std::exit(1);
+  ADAKV_CUDA_CHECK(cudaStreamSynchronize(b.stream));
+  const int ab = attn.last_plan().num_warps, mb = s.view.num_rows * (kQoHeads / kKvHeads);
+  unsigned long long *ta = nullptr, *tm = nullptr;
+  ADAKV_CUDA_CHECK(cudaMalloc(&ta, sizeof(*ta) * 3 * size_t(ab) * n));
+  ADAKV_CUDA_CHECK(cudaMalloc(&tm, sizeof(*tm) * 3 * size_t(mb) * n));
+  ADAKV_CUDA_CHECK(cudaMemset(ta, 0, sizeof(*ta) * 3 * size_t(ab) * n));
+  ADAKV_CUDA_CHECK(cudaMemset(tm, 0, sizeof(*tm) * 3 * size_t(mb) * n));
+  const float scale = 1.f / std::sqrt(float(s.d));
+  const double per_layer = read_roofline::time_layers(b.timer(), n, [&](int l) {
+    PagedKvView v = s.view;
+    v.page_ids = s.view.page_ids + (hot ? 0 : int64_t(l) * s.pages);
+    attn.set_trace(ta + 3 * size_t(ab) * l, tm + 3 * size_t(mb) * l);
+    if (!attn.run(v, b.q, int64_t(kQoHeads) * s.d, b.out, int64_t(kQoHeads) * s.d, b.lse, scale, b.stream))
+      std::exit(1);
+  });
+  attn.set_trace(nullptr, nullptr);
+  std::vector<uint64_t> ha(3 * size_t(ab) * n), hm(3 * size_t(mb) * n);
+  ADAKV_CUDA_CHECK(cudaMemcpy(ha.data(), ta, ha.size() * 8, cudaMemcpyDeviceToHost));
+  ADAKV_CUDA_CHECK(cudaMemcpy(hm.data(), tm, hm.size() * 8, cudaMemcpyDeviceToHost));
+  ADAKV_CUDA_CHECK(cudaFree(ta));
+  ADAKV_CUDA_CHECK(cudaFree(tm));
+  const bool merged = attn.last_merge() == DecodeMerge::kKernel;
+  const decode_timeline::Summary t = decode_timeline::summarize(ha, ab, hm, merged ? mb : 0, n);
+  char line[320];
+  std::snprintf(line, sizeof(line),
+              "%3d %5d %3dK %7s %6.0f %-12s | %5.2f %5.1f | %6.2f %6.2f %5.2f | %5.2f %5.2f %5.2f | %6.2f %6.2f %5.2f "
+              "%5.2f %5.2f | %5.2f | %2d %4.0f\n",
+              s.d, s.batch, s.ctx / 1024, s.dist(), s.bytes / 1e6, (name + (hot ? "/hot" : "")).c_str(), per_layer, pct(b, s.bytes, per_layer),
+              t.attn_start_first, t.attn_start_last, t.go_last, t.done_first, t.done_median, t.done_last,
+              t.merge_start_first, t.merge_start_last, t.ready_first, t.ready_last, t.merge_done_last, t.next_go,
+              t.layers, t.resolution_ns);
+  return line;
+}
 
 struct Result {
   Shape shape;
@@ -426,13 +473,13 @@ struct Result {
   std::vector<double> graph_us;  // per variant; 0 = not timed
   int layers = 0;
   std::string auto_merge;
-  double plan_v2_us = 0, plan_v3_us = 0;  // DecodeAttention::plan() host time (build + upload call)
+  double plan_v2_us = 0, plan_v3_us = 0, plan_v3r_us = 0;  // DecodeAttention::plan() host time (build + upload call)
 };
 
 }  // namespace
 
 int main(int argc, char** argv) {
-  bool quick = false, do_sweep = true, small = false, lean = false;
+  bool quick = false, do_sweep = true, small = false, lean = false, timeline = false;
   Bench b;
   for (int i = 1; i < argc; ++i) {
     if (!std::strcmp(argv[i], "--quick")) {
@@ -441,8 +488,10 @@ int main(int argc, char** argv) {
       small = true;  // v3 check: batch 1/8/32 x 4K-32K (+ batch 1 128K), no naive, no sweep
       do_sweep = false;
     } else if (!std::strcmp(argv[i], "--lean")) {
-      lean = small = true;  // --small with only b2, bp8, bfp8 and bpa8 (and the ceilings)
+      lean = small = true;  // --small with only the variants the top lists (and the ceilings)
       do_sweep = false;
+    } else if (!std::strcmp(argv[i], "--timeline")) {
+      timeline = true;  // with --lean: per-layer timelines of each variant (see the top)
     } else if (!std::strcmp(argv[i], "--no-sweep")) {
       do_sweep = false;
     } else if (!std::strcmp(argv[i], "--reps") && i + 1 < argc) {
@@ -514,6 +563,7 @@ int main(int argc, char** argv) {
   if (do_sweep && !quick) sweep(b);
 
   std::vector<Result> results;
+  std::string timelines;
   for (int d : {128, 64}) {
     struct Variant {
       std::string name;
@@ -529,9 +579,19 @@ int main(int argc, char** argv) {
                           make_attention(d, DecodeSplit::kBalanced, main_ppi, 0, true, DecodeMerge::kKernel, true)});
       variants.push_back({"bp8" + sfx, kBlockPrefetch,
                           make_attention(d, DecodeSplit::kBalanced, main_ppi, 0, true, DecodeMerge::kKernel, true, true, 8)});
-      // The same with the merge fused (the block that brings a row's last partial merges it).
-      variants.push_back({"bfp8" + sfx, kBlockFused,
-                          make_attention(d, DecodeSplit::kBalanced, main_ppi, 0, true, DecodeMerge::kFused, true, true, 8)});
+      // b2 and bp8 with the row-aligned split (no slot runs pieces of two split rows one after the
+      // other).
+      variants.push_back({"b2r" + sfx, kBlockKernelAligned,
+                          make_attention(d, DecodeSplit::kRowAligned, main_ppi, 0, true, DecodeMerge::kKernel, true)});
+      variants.push_back({"bp8r" + sfx, kBlockPrefetchAligned,
+                          make_attention(d, DecodeSplit::kRowAligned, main_ppi, 0, true, DecodeMerge::kKernel, true, true, 8)});
+      variants.push_back({"bpa8r" + sfx, kBlockAttnAligned,
+                          make_attention(d, DecodeSplit::kRowAligned, main_ppi, 0, true, DecodeMerge::kNone, true, true, 8)});
+      // bp8 with one block per SM: the next layer's blocks fit beside this layer's from its start.
+      variants.push_back({"bp8w" + sfx, kBlockPrefetchOneBlock,
+                          make_attention(d, DecodeSplit::kBalanced, main_ppi, 4, true, DecodeMerge::kKernel, true, true, 8)});
+      variants.push_back({"bpa8w" + sfx, kBlockAttnOneBlock,
+                          make_attention(d, DecodeSplit::kBalanced, main_ppi, 4, true, DecodeMerge::kNone, true, true, 8)});
       // The same without the merge (split rows left unmerged: timing only): the merge's share.
       variants.push_back({"bpa8" + sfx, kBlockAttn,
                           make_attention(d, DecodeSplit::kBalanced, main_ppi, 0, true, DecodeMerge::kNone, true, true, 8)});
@@ -596,10 +656,11 @@ int main(int argc, char** argv) {
           }
           res.plan_us = median(t) * 1e6;
           // plan() as a step calls it (host build + staging + async upload), v2 and v3.
-          for (int which = 0; which < 2; ++which) {
+          for (int which = 0; which < 3; ++which) {
             DecodeAttention* pa = nullptr;
+            const int role = which == 0 ? kTwoKernel : which == 1 ? kBlockKernel : kBlockKernelAligned;
             for (Variant& v : variants)
-              if (v.role == (which == 0 ? kTwoKernel : kBlockKernel)) pa = v.attn.get();
+              if (v.role == role) pa = v.attn.get();
             if (pa == nullptr) continue;
             t.clear();
             for (int i = 0; i < 9; ++i) {
@@ -608,7 +669,7 @@ int main(int argc, char** argv) {
               if (!plan_for(*pa, res.shape, b.stream)) return 1;
               t.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
             }
-            (which == 0 ? res.plan_v2_us : res.plan_v3_us) = median(t) * 1e6;
+            (which == 0 ? res.plan_v2_us : which == 1 ? res.plan_v3_us : res.plan_v3r_us) = median(t) * 1e6;
           }
           std::vector<uint16_t> ref, out;
           for (Variant& v : variants) {
@@ -616,7 +677,10 @@ int main(int argc, char** argv) {
             res.roles.push_back(v.role);
             res.us.push_back(time_run(b, *v.attn, res.shape, &out));
             if (ref.empty()) ref = out;
-            res.diff.push_back(v.role == kAttnOnly || v.role == kBlockAttn ? 0.0 : max_diff(ref, out));
+            res.diff.push_back(v.role == kAttnOnly || v.role == kBlockAttn || v.role == kBlockAttnOneBlock ||
+                                       v.role == kBlockAttnAligned
+                                   ? 0.0
+                                                                                                           : max_diff(ref, out));
             if (v.role == kAutoMerge)
               res.auto_merge = v.attn->last_merge() == DecodeMerge::kFused ? "fused" : "kernel";
             // Graph timing for the two-kernel and the auto variant at the main pages/iter, on
@@ -625,12 +689,19 @@ int main(int argc, char** argv) {
             const bool graph_it =
                 (v.role == kAutoMerge || v.role == kBlockKernel || v.role == kBlockOverlap || v.role == kBlockFused ||
                  v.role == kBlockPrefetch ||
-                 v.role == kBlockFew || v.role == kBlockAttn ||
+                 v.role == kBlockFew || v.role == kBlockAttn || v.role == kBlockPrefetchOneBlock ||
+                 v.role == kBlockAttnOneBlock || v.role == kBlockPrefetchAligned || v.role == kBlockAttnAligned ||
+                 v.role == kBlockKernelAligned ||
                  (v.role == kTwoKernel && v.name.back() - '0' == main_ppi)) &&
                 res.shape.bytes <= 1.1e9;
             if (graph_it) g = time_graph(b, *v.attn, res.shape, &res.layers);
             res.graph_us.push_back(g);
           }
+          if (timeline && ((d == 128 && ((batch == 1 && ctx <= 16384) || (batch == 8 && ctx == 4096))) ||
+                           (d == 64 && batch == 1 && ctx == 4096)))
+            for (Variant& v : variants)
+              for (bool hot : {false, true})
+                if (!hot || res.shape.bytes < 40e6) timelines += timeline_line(b, *v.attn, res.shape, v.name, hot);
           std::printf("done d %d batch %d ctx %d %s\n", d, batch, ctx, res.shape.dist());
           std::fflush(stdout);
           res.shape.len.clear();
@@ -743,9 +814,9 @@ int main(int argc, char** argv) {
   std::printf("\n== decode attention v3 (%s; copy %.0f GB/s; launch floor %.1f us per call, %.2f us per kernel in a "
               "graph; %% = of copy; g = graph per layer) ==\n",
               b.prop.name, b.copy_bw / 1e9, floor_single, floor_graph);
-  std::printf("%3s %5s %4s %7s %5s %6s | %6s %5s %5s | %6s %5s %-3s %5s %-3s| %5s %5s | %6s %5s %-6s| %5s %5s | %6s | %5s %5s | %2s | %6s %6s | %5s %6s %6s %-8s\n", "d",
+  std::printf("%3s %5s %4s %7s %5s %6s | %6s %5s %5s | %6s %5s %-3s %5s %-3s| %5s %5s | %6s %5s %-6s| %6s %6s %6s | %6s %5s %6s | %5s %5s | %6s | %5s %5s | %2s | %6s %6s %6s | %5s %6s %6s %-8s\n", "d",
               "batch", "ctx", "dist", "max/m", "KV_MB", "v2_us", "%", "g%", "b2_us", "%", "pp", "g%", "pp", "bo_g%",
-              "bo%", "bp8_g%", "bp_g%", "bp", "bf%", "bf_g%", "battn", "w4%", "w4_g%", "N", "plv2us", "plv3us", "rd_g%",
+              "bo%", "bp8_g%", "bp_g%", "bp", "b2r_g%", "bpr_g%", "bar_g%", "bpw_g%", "ba_g%", "baw_g%", "bf%", "bf_g%", "battn", "w4%", "w4_g%", "N", "plv2us", "plv3us", "plv3r", "rd_g%",
               "bp/rd", "prd_g%", "cfg");
   for (const Result& r : results) {
     const auto best = [&](int role, bool graph) {
@@ -763,7 +834,10 @@ int main(int argc, char** argv) {
     const int v2 = best(kTwoKernel, false), v2g = best(kTwoKernel, true), b2 = best(kBlockKernel, false),
               b2g = best(kBlockKernel, true), bog = best(kBlockOverlap, true), bo = best(kBlockOverlap, false),
               bf = best(kBlockFused, false), bfg = best(kBlockFused, true), ba = best(kBlockAttn, false),
-              w4 = best(kBlockFew, false), w4g = best(kBlockFew, true), bpg = best(kBlockPrefetch, true);
+              w4 = best(kBlockFew, false), w4g = best(kBlockFew, true), bpg = best(kBlockPrefetch, true),
+              bpwg = best(kBlockPrefetchOneBlock, true), bag = best(kBlockAttn, true),
+              bawg = best(kBlockAttnOneBlock, true), bprg = best(kBlockPrefetchAligned, true),
+              barg = best(kBlockAttnAligned, true), b2rg = best(kBlockKernelAligned, true);
     // The fixed setting: 8 pages prefetched per warp at the main pages/iter.
     int bp8 = -1;
     for (size_t v = 0; v < r.names.size(); ++v)
@@ -779,16 +853,22 @@ int main(int argc, char** argv) {
     }
     const std::pair<int, int64_t> pkey{r.shape.d, r.shape.pages};
     const double prd = paged.count(pkey) ? pct(b, by, paged.at(pkey)) : 0;
-    std::printf("%3d %5d %3dK %7s %5.1f %6.0f | %6.1f %5.1f %5.1f | %6.1f %5.1f %-3s %5.1f %-3s| %5.1f %5.1f | %6.1f %5.1f %-6s| %5.1f %5.1f | %6.1f | %5.1f %5.1f | %2d | %6.1f %6.1f | %5.1f %6.2f %6.1f %-8s%s\n",
+    std::printf("%3d %5d %3dK %7s %5.1f %6.0f | %6.1f %5.1f %5.1f | %6.1f %5.1f %-3s %5.1f %-3s| %5.1f %5.1f | %6.1f %5.1f %-6s| %6.1f %6.1f %6.1f | %6.1f %5.1f %6.1f | %5.1f %5.1f | %6.1f | %5.1f %5.1f | %2d | %6.1f %6.1f %6.1f | %5.1f %6.2f %6.1f %-8s%s\n",
                 r.shape.d, r.shape.batch, r.shape.ctx / 1024, r.shape.dist(), r.shape.max_over_mean, by / 1e6,
                 v2 < 0 ? 0.0 : r.us[v2], pc(v2, false), pc(v2g, true), b2 < 0 ? 0.0 : r.us[b2], pc(b2, false),
                 b2 < 0 ? "-" : r.names[b2].c_str() + 3, pc(b2g, true), b2g < 0 ? "-" : r.names[b2g].c_str() + 3,
                 pc(bog, true), pc(bo, false), pc(bp8, true), pc(bpg, true),
-                bpg < 0 ? "-" : r.names[bpg].c_str() + 2, pc(bf, false), pc(bfg, true), ba < 0 ? 0.0 : r.us[ba], pc(w4, false),
+                bpg < 0 ? "-" : r.names[bpg].c_str() + 2, pc(b2rg, true), pc(bprg, true), pc(barg, true), pc(bpwg, true), pc(bag, true), pc(bawg, true), pc(bf, false), pc(bfg, true), ba < 0 ? 0.0 : r.us[ba], pc(w4, false),
                 pc(w4g, true), r.layers,
-                r.plan_v2_us, r.plan_v3_us, rd, rd > 0 ? pc(bpg, true) / rd : 0.0, prd,
+                r.plan_v2_us, r.plan_v3_us, r.plan_v3r_us, rd, rd > 0 ? pc(bpg, true) / rd : 0.0, prd,
                 paged_cfg.count(pkey) ? paged_cfg.at(pkey).c_str() : "-", diff < 0.05 ? "" : "  MISMATCH");
   }
+  if (!timelines.empty())
+    std::printf("\n== timeline per layer in a graph of N layers (%s): us after the layer's first block past its wait, mean "
+                "over the middle layers ==\n%3s %5s %4s %7s %6s %-12s | %5s %5s | %6s %6s %5s | %5s %5s %5s | %6s %6s %5s %5s "
+                "%5s | %5s | %2s %4s\n%s",
+                b.prop.name, "d", "batch", "ctx", "dist", "KV_MB", "variant", "us", "%", "a_st0", "a_st1", "go1", "dn0",
+                "dn50", "dn1", "m_st0", "m_st1", "rdy0", "rdy1", "mdn1", "next", "L", "res", timelines.c_str());
   if (mismatch) std::printf("MISMATCH: variants disagree by 0.05 or more (or a NaN) somewhere above\n");
   return mismatch ? 2 : 0;
 }

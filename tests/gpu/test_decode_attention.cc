@@ -138,6 +138,42 @@ std::string plan_problem(const DecodePlan& plan, const std::vector<int32_t>& len
         return err.str();
       }
     }
+  } else if (opt.split == DecodeSplit::kRowAligned) {
+    // Either the balanced plan itself (the aligned one would load its busiest slot more), or no
+    // slot holds a piece of a split row beside anything else and its busiest slot costs no more
+    // than the balanced plan's (pages + item cost per item + item cost per item after a slot's
+    // first: they run one after the other).
+    if (plan.num_warps != slots) return "row-aligned plan does not use the warp slots";
+    DecodePlanOptions bal = opt;
+    bal.split = DecodeSplit::kBalanced;
+    auto balanced = adakv::cuda::decode_attention_plan(lengths, slots, bal);
+    if (!balanced) return "balanced plan failed";
+    const auto busiest = [&](const DecodePlan& p) {
+      int64_t worst = 0;
+      for (int32_t w = 0; w < p.num_warps; ++w) {
+        const int32_t n = p.warp_item_offsets[w + 1] - p.warp_item_offsets[w];
+        int64_t cost = n > 0 ? int64_t{opt.item_cost_pages} * (2 * n - 1) : 0;
+        for (int32_t i = p.warp_item_offsets[w]; i < p.warp_item_offsets[w + 1]; ++i)
+          cost += p.items[i].page_end - p.items[i].page_begin;
+        worst = std::max(worst, cost);
+      }
+      return worst;
+    };
+    bool same = balanced->items.size() == plan.items.size() && balanced->warp_item_offsets == plan.warp_item_offsets;
+    for (size_t i = 0; same && i < plan.items.size(); ++i)
+      same = balanced->items[i].row == plan.items[i].row && balanced->items[i].page_begin == plan.items[i].page_begin &&
+             balanced->items[i].page_end == plan.items[i].page_end;
+    if (!same) {
+      for (int32_t w = 0; w < plan.num_warps; ++w) {
+        const int32_t b = plan.warp_item_offsets[w], e = plan.warp_item_offsets[w + 1];
+        for (int32_t i = b; i < e; ++i)
+          if (e - b > 1 && plan.items[i].partial >= 0) return "row-aligned plan: a split row's piece shares its slot";
+      }
+      if (busiest(plan) > busiest(*balanced)) {
+        err << "row-aligned plan's busiest slot costs " << busiest(plan) << ", the balanced one's " << busiest(*balanced);
+        return err.str();
+      }
+    }
   } else {
     if (plan.num_warps != rows * adakv::cuda::kDecodeWarpsPerBlock) return "one-block plan warp count";
     for (int32_t w = 0; w < plan.num_warps; ++w)
@@ -193,6 +229,7 @@ CheckResult check_plan_random(DecodeSplit split) {
 
 CheckResult check_plan_edges() {
   DecodePlanOptions opt;
+  opt.split = DecodeSplit::kBalanced;
   // Hand-checked: 3 rows of 1, 0 and 40 pages over 2 warps with item cost 2: total cost
   // 41 + 2 * (2 + 1) = 47, targets 23 and 47. Warp 0 takes row 0 (1 page, cum 3) and 18 pages of
   // row 2 (cum 23); warp 1 the remaining 22.
@@ -213,6 +250,38 @@ CheckResult check_plan_edges() {
   if (adakv::cuda::decode_attention_plan(std::vector<int32_t>{3, -1}, 4, opt))
     return {false, "negative length accepted", ""};
   if (adakv::cuda::decode_attention_plan(std::vector<int32_t>{3}, 0, opt)) return {false, "zero slots accepted", ""};
+  // Row-aligned, hand-checked: 8 rows of 256 pages and 2 short rows (1 and 3 pages) over 264
+  // slots, at least 8 pages per slot (257 workers), item cost 2: a share of ceil(2052 / 257) = 8
+  // pages needs 8 * 32 + 2 = 258 slots (one for each short row: a long row between them closes
+  // the first's), 9 fits (8 * ceil(256 / 9) + 2 = 234), so every long row is cut into 29 pieces
+  // of 8-9 pages, each in a slot of its own.
+  DecodePlanOptions al;
+  al.split = DecodeSplit::kRowAligned;
+  al.min_pages_per_warp = 8;
+  std::vector<int32_t> al_len(8, 256 * 16);
+  al_len.insert(al_len.begin() + 3, 16);
+  al_len.push_back(3 * 16 - 5);
+  auto ap = adakv::cuda::decode_attention_plan(al_len, 264, al);
+  if (!ap) return {false, "row-aligned plan failed: " + ap.status().message(), ""};
+  if (ap->items.size() != 8 * 29 + 2) return {false, "row-aligned: " + std::to_string(ap->items.size()) + " items", ""};
+  for (int32_t r = 0; r < 10; ++r) {
+    const bool short_row = r == 3 || r == 9;
+    if (ap->row_merge[r].partial_count != (short_row ? -1 : 29))
+      return {false, "row-aligned: row " + std::to_string(r) + " has " + std::to_string(ap->row_merge[r].partial_count) +
+                         " pieces", ""};
+  }
+  for (int32_t w = 0; w < ap->num_warps; ++w) {
+    const int32_t n = ap->warp_item_offsets[w + 1] - ap->warp_item_offsets[w];
+    for (int32_t i = ap->warp_item_offsets[w]; i < ap->warp_item_offsets[w + 1]; ++i) {
+      const auto& it = ap->items[i];
+      if (it.partial >= 0 && (n != 1 || it.page_end - it.page_begin < 8 || it.page_end - it.page_begin > 9))
+        return {false, "row-aligned: slot " + std::to_string(w) + " holds a piece of " +
+                           std::to_string(it.page_end - it.page_begin) + " pages beside " + std::to_string(n - 1) +
+                           " other items", ""};
+    }
+  }
+  if (const std::string problem = plan_problem(*ap, al_len, al, 264); !problem.empty())
+    return {false, "row-aligned: " + problem, ""};
   return {};
 }
 
@@ -224,7 +293,7 @@ struct GpuCase {
   int head_dim = 128;
   bool q_f32 = false;
   int pages_per_iter = 2;
-  DecodeSplit split = DecodeSplit::kBalanced;
+  DecodeSplit split = DecodePlanOptions{}.split;  // the library's default (row-aligned)
   int max_warps_per_sm = 0;  // small: few warps, long pieces; 0: every resident warp, many partials
   int min_pages_per_warp = 4;
   float q_sigma = 1.f;  // 3: peaky softmax
@@ -235,6 +304,9 @@ struct GpuCase {
   bool host_offsets = false;      // plan() gets the host row_page_offsets (absolute item offsets)
   bool overlap_prologue = false;  // the attention kernel as a programmatic dependent
   int prefetch_pages = 0;         // with overlap_prologue: pages per warp requested in L2 first
+  // Each checked run() is preceded, on the same stream and without a sync, by a run() of the same
+  // plan on another query into another output: the two launches' kernels may overlap.
+  bool back_to_back = false;
   std::vector<int32_t> lengths;  // [rows], rows a multiple of num_kv_heads
 };
 
@@ -328,12 +400,28 @@ std::string run_step(DecodeAttention& attn, const GpuCase& cs, const std::vector
   const void* q = cs.q_f32 ? static_cast<const void*>(dqf.ptr) : static_cast<const void*>(dqb.ptr);
   std::vector<uint16_t> out1, out2;
   std::vector<float> lse1;
+  DeviceArray<uint16_t> decoy_q(cs.back_to_back ? qb.size() : 0), decoy_out(cs.back_to_back ? dout.n : 0);
+  DeviceArray<float> decoy_qf(cs.back_to_back ? qf.size() : 0);
+  if (cs.back_to_back) {
+    std::vector<uint16_t> other(qb.size());
+    std::vector<float> otherf(qf.size());
+    for (size_t i = 0; i < other.size(); ++i) other[i] = f32_to_bf16(otherf[i] = normal(rng) * cs.q_sigma);
+    if (!decoy_q.ptr || !decoy_out.ptr || !decoy_qf.ptr || !decoy_q.upload(other) || !decoy_qf.upload(otherf))
+      return "decoy buffers failed";
+    CUDA_OK(cudaDeviceSynchronize());
+  }
   for (int run = 0; run < 2; ++run) {  // twice: the result must be bitwise the same (no races)
     CUDA_OK(cudaMemsetAsync(dout.ptr, 0xff, dout.n * sizeof(uint16_t), stream));  // bf16 NaN everywhere
     CUDA_OK(cudaMemsetAsync(dlse.ptr, 0xff, dlse.n * sizeof(float), stream));     // fp32 NaN
     const adakv::Status st =
         cs.host_offsets ? attn.plan(lengths, offsets, stream) : attn.plan(lengths, stream);
     if (!st) return "plan: " + st.message();
+    if (cs.back_to_back) {
+      const void* dq = cs.q_f32 ? static_cast<const void*>(decoy_qf.ptr) : static_cast<const void*>(decoy_q.ptr);
+      const adakv::Status ds = attn.run(view, dq, q_stride, reinterpret_cast<__nv_bfloat16*>(decoy_out.ptr), out_stride,
+                                        nullptr, scale, stream);
+      if (!ds) return "run (decoy): " + ds.message();
+    }
     const adakv::Status rs =
         attn.run(view, q, q_stride, reinterpret_cast<__nv_bfloat16*>(dout.ptr), out_stride, dlse.ptr, scale, stream);
     if (!rs) return "run: " + rs.message();
@@ -409,6 +497,17 @@ std::string run_step(DecodeAttention& attn, const GpuCase& cs, const std::vector
   return "";
 }
 
+int most_partials(const DecodeAttention& attn) {
+  int most = 0;
+  for (const auto& m : attn.last_plan().row_merge) most = std::max(most, m.partial_count);
+  return most;
+}
+
+const char* merge_name(adakv::cuda::DecodeMerge m) {
+  using adakv::cuda::DecodeMerge;
+  return m == DecodeMerge::kFused ? "fused" : "kernel";
+}
+
 CheckResult check_gpu(const GpuCase& cs) {
   CheckResult res;
   if (const std::string why = gpu_unavailable(); !why.empty()) return {true, why, ""};
@@ -442,8 +541,9 @@ CheckResult check_gpu(const GpuCase& cs) {
   }
   std::ostringstream info;
   info << "max relative error " << max_rel << ", max lse error " << max_lse << ", " << (*attn)->last_plan().items.size()
-       << " work items, " << (*attn)->last_plan().num_partials << " partials, merge "
-       << ((*attn)->last_merge() == adakv::cuda::DecodeMerge::kFused ? "fused" : "kernel") << ", seed " << test_seed();
+       << " work items, " << (*attn)->last_plan().num_partials << " partials (most in a row: " << most_partials(**attn)
+       << "), merge "
+       << merge_name((*attn)->last_merge()) << ", seed " << test_seed();
   res.info = info.str();
   return res;
 }
@@ -472,6 +572,7 @@ std::vector<NamedCheck> all_checks() {
   std::vector<NamedCheck> v;
   v.push_back({"PlanBalancedRandom", [] { return check_plan_random(DecodeSplit::kBalanced); }});
   v.push_back({"PlanOneBlockPerRowRandom", [] { return check_plan_random(DecodeSplit::kOneBlockPerRow); }});
+  v.push_back({"PlanRowAlignedRandom", [] { return check_plan_random(DecodeSplit::kRowAligned); }});
   v.push_back({"PlanEdges", [] { return check_plan_edges(); }});
   // Llama-3-8B-like: Hkv 8, g 4, d 128; 3 sequences with one 20000-entry row.
   v.push_back({"GpuD128G4Pages2", [] { return check_gpu(make_case(8, 4, 128, 3, 20000)); }});
@@ -627,6 +728,7 @@ std::vector<NamedCheck> all_checks() {
                  // Only short rows: empty, 1..16 entries (single page), odd lengths just past a
                  // page edge; blocks whose 4 warps mostly have no page.
                  GpuCase cs;
+                 cs.split = DecodeSplit::kBalanced;
                  cs.num_kv_heads = 8;
                  cs.group = 4;
                  cs.head_dim = 128;
@@ -664,6 +766,79 @@ std::vector<NamedCheck> all_checks() {
                    if (!res.passed()) return res;
                  }
                  return CheckResult{};
+               }});
+  // The merge kernel under back-to-back launches of one workspace: each checked run() follows
+  // another on a different query without a sync, so with the boundary overlapped the second
+  // launch's attention kernel starts under the first one's merge and rewrites the partials it
+  // reads (it may only do so past its griddepcontrol.wait). Rows of hundreds of partials, short
+  // and empty rows, g 1 and d 64, g 8 with an fp32 query, no dependent launch, Ada-like skew.
+  v.push_back({"GpuMergeD128G4ManyPartialsBackToBackOverlapBalanced", [] {
+                 GpuCase cs = make_case(8, 4, 128, 3, 60000);
+                 cs.split = DecodeSplit::kBalanced;
+                 cs.merge = DecodeMerge::kKernel;
+                 cs.min_pages_per_warp = 1;
+                 cs.host_offsets = true;
+                 cs.overlap_prologue = true;
+                 cs.prefetch_pages = 8;
+                 cs.back_to_back = true;
+                 return check_gpu(cs);
+               }});
+  v.push_back({"GpuMergeD128G8Fp32QueryBackToBack", [] {
+                 GpuCase cs = make_case(4, 8, 128, 4, 6000);
+                 cs.merge = DecodeMerge::kKernel;
+                 cs.q_f32 = true;
+                 cs.back_to_back = true;
+                 return check_gpu(cs);
+               }});
+  v.push_back({"GpuMergeOddEmptySinglePageG1D64Overlap", [] {
+                 GpuCase cs;
+                 cs.num_kv_heads = 2;
+                 cs.group = 1;
+                 cs.head_dim = 64;
+                 cs.merge = DecodeMerge::kKernel;
+                 cs.min_pages_per_warp = 1;
+                 cs.pages_per_iter = 4;
+                 cs.overlap_prologue = true;
+                 cs.back_to_back = true;
+                 cs.lengths = {0, 1, 16, 17, 0, 0, 33, 3, 1, 0, 129, 15, 5000, 0, 700, 2};
+                 return check_gpu(cs);
+               }});
+  v.push_back({"GpuMergeD64G4NoDependentLaunch", [] {
+                 GpuCase cs = make_case(8, 4, 64, 3, 20000);
+                 cs.merge = DecodeMerge::kKernel;
+                 cs.dependent_launch = false;
+                 cs.back_to_back = true;
+                 return check_gpu(cs);
+               }});
+  v.push_back({"GpuRowAlignedAdaSkewOverlap", [] {
+                 // The row-aligned split on skewed rows with short ones among them.
+                 GpuCase cs;
+                 cs.split = DecodeSplit::kRowAligned;
+                 cs.host_offsets = true;
+                 cs.overlap_prologue = true;
+                 cs.prefetch_pages = 8;
+                 cs.back_to_back = true;
+                 cs.merge = DecodeMerge::kKernel;
+                 std::mt19937_64 rng(test_seed() + 79);
+                 std::lognormal_distribution<double> ln(std::log(900.0), 0.9);
+                 for (int r = 0; r < 24; ++r) cs.lengths.push_back(r % 5 == 2 ? r : std::max<int32_t>(1, int32_t(ln(rng))));
+                 cs.lengths[7] = 8 * 1000 + 5;
+                 return check_gpu(cs);
+               }});
+  v.push_back({"GpuMergeAdaSkewOverlapBackToBackBalanced", [] {
+                 GpuCase cs;
+                 cs.split = DecodeSplit::kBalanced;
+                 cs.host_offsets = true;
+                 cs.overlap_prologue = true;
+                 cs.prefetch_pages = 8;
+                 cs.back_to_back = true;
+                 cs.merge = DecodeMerge::kKernel;
+                 cs.min_pages_per_warp = 1;
+                 std::mt19937_64 rng(test_seed() + 78);
+                 std::lognormal_distribution<double> ln(std::log(900.0), 0.6);
+                 for (int r = 0; r < 16; ++r) cs.lengths.push_back(std::max<int32_t>(1, int32_t(ln(rng))));
+                 cs.lengths[11] = 8 * 1000 + 3;
+                 return check_gpu(cs);
                }});
   return v;
 }

@@ -234,10 +234,13 @@ Status DecodeAttention::run(const PagedKvView& kv, const void* q, int64_t q_seq_
   p.partial_o = d_partial_o_;
   p.partial_lse = d_partial_lse_;
 
-  const decode_detail::MergeMode mode = merge_ == DecodeMerge::kFused  ? decode_detail::MergeMode::kFused
-                                        : merge_ == DecodeMerge::kNone ? decode_detail::MergeMode::kNone
-                                                                       : decode_detail::MergeMode::kKernel;
-  p.row_counters = mode == decode_detail::MergeMode::kFused ? d_row_counters_ : nullptr;
+  using decode_detail::MergeMode;
+  const MergeMode mode = merge_ == DecodeMerge::kFused  ? MergeMode::kFused
+                         : merge_ == DecodeMerge::kNone ? MergeMode::kNone
+                                                        : MergeMode::kKernel;
+  p.row_counters = mode == MergeMode::kFused ? d_row_counters_ : nullptr;
+  p.trace_attn = trace_attn_;
+  p.trace_merge = trace_merge_;
 
   const bool q_f32 = options_.q_dtype == DType::kF32;
   const int ppi = options_.pages_per_iter;

@@ -91,6 +91,15 @@ __device__ __forceinline__ uint32_t transpose_8x8(uint32_t x) {
   return y;
 }
 
+// Diagnostics: the global nanosecond timer into t[i] (thread 0 of a block calls it; t may be null).
+__device__ __forceinline__ void trace_stamp(unsigned long long* t, int i) {
+  if (t != nullptr) {
+    unsigned long long x;
+    asm volatile("mov.u64 %0, %%globaltimer;\n" : "=l"(x));
+    t[i] = x;
+  }
+}
+
 // --- fragments ----------------------------------------------------------------------------------
 
 template <int kHeadDim>
@@ -451,6 +460,7 @@ __global__ void __launch_bounds__(kDecodeWarpsPerBlock * 32)
   const int lane = tid & 31, w = tid >> 5;
   const int r = lane >> 2, c = lane & 3;
   const int g = p.group_size;
+  if (tid == 0) trace_stamp(p.trace_attn, 3 * blockIdx.x);
 #if __CUDA_ARCH__ >= 900
   // Let the merge kernel (a programmatic dependent) be scheduled now: it waits for this grid's
   // completion itself, and this grid is a single wave.
@@ -488,6 +498,7 @@ __global__ void __launch_bounds__(kDecodeWarpsPerBlock * 32)
       asm volatile("griddepcontrol.wait;\n" ::: "memory");
 #endif
       waited = true;
+      if (tid == 0) trace_stamp(p.trace_attn, 3 * blockIdx.x + 1);
     }
     const int seq = row / p.kv.num_kv_heads;
     const int head0 = (row - seq * p.kv.num_kv_heads) * g;
@@ -580,6 +591,7 @@ __global__ void __launch_bounds__(kDecodeWarpsPerBlock * 32)
     a = na;
     b = nb;
   }
+  if (tid == 0) trace_stamp(p.trace_attn, 3 * blockIdx.x + 2);
 
   if (p.row_counters != nullptr) {
     if (!waited) {
@@ -608,7 +620,7 @@ constexpr int kMergeWarps = 8;
 
 template <int kHeadDim>
 // At most 32 registers (8 blocks of 256 threads per SM): a merge block then fits beside two
-// 222-register attention blocks, so under PDL it is resident and waiting before they finish.
+// 224-register attention blocks, so under PDL it is resident and waiting before they finish.
 __global__ void __launch_bounds__(kMergeWarps * 32, 8) decode_merge_kernel(const __grid_constant__ DecodeParams p) {
   constexpr int kPerLane = kHeadDim / 32;  // floats of o per lane
 #if __CUDA_ARCH__ >= 900
@@ -620,9 +632,17 @@ __global__ void __launch_bounds__(kMergeWarps * 32, 8) decode_merge_kernel(const
   asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
   asm volatile("griddepcontrol.wait;\n" ::: "memory");
 #endif
+  // The block's stamps (addresses recomputed from the parameters: no register held for them).
+  const auto stamp = [&](int k) {
+    if (p.trace_merge != nullptr) trace_stamp(p.trace_merge + 3 * (int64_t{blockIdx.x} * gridDim.y + blockIdx.y), k);
+  };
+  if (threadIdx.x == 0) stamp(0);
   const int row = blockIdx.x, hh = blockIdx.y;
   const int2 rm = p.row_merge[row];  // {partial_begin, partial_count}
-  if (rm.y < 0) return;
+  if (rm.y < 0) {
+    if (threadIdx.x == 0) stamp(2);
+    return;
+  }
   const int g = p.group_size;
   const int seq = row / p.kv.num_kv_heads;
   const int head = (row - seq * p.kv.num_kv_heads) * g + hh;
@@ -668,6 +688,7 @@ __global__ void __launch_bounds__(kMergeWarps * 32, 8) decode_merge_kernel(const
     sum = sum * a + wgt;
     mx = mn;
   }
+  if (tid == 0) stamp(1);
 #pragma unroll
   for (int e = 0; e < kPerLane; ++e) s_acc[w][lane * kPerLane + e] = acc[e];
   if (lane == 0) {
@@ -687,7 +708,10 @@ __global__ void __launch_bounds__(kMergeWarps * 32, 8) decode_merge_kernel(const
     for (int k = 0; k < kMergeWarps; ++k) v += fast_exp2(s_max[k] - big) * s_acc[k][i];
     dst[i] = __float2bfloat16(v / total);
   }
-  if (tid == 0 && p.lse != nullptr) p.lse[int64_t{seq} * p.num_qo_heads + head] = (big + __log2f(total)) * kLn2;
+  if (tid == 0) {
+    if (p.lse != nullptr) p.lse[int64_t{seq} * p.num_qo_heads + head] = (big + __log2f(total)) * kLn2;
+    stamp(2);
+  }
 }
 
 // --- launch -------------------------------------------------------------------------------------

@@ -5,10 +5,12 @@
 // one thread-block chain leaves most SMs idle while the long rows finish. Here the host splits
 // the total work (pages of all rows) into equal shares, one per resident warp of the device (v2)
 // or one per resident 4-warp block (v3 block items, the default: the block's warps interleave
-// the pages and combine in shared memory); a share may end in the middle of a row and cover
-// several rows. Each (warp or block, row piece) is a work item; a piece that is a whole row writes the output directly, the others write a partial
-// result (normalised o and its log-sum-exp) merged through the softmax state, either by a second
-// kernel or, fused, by the warp that finishes the row's last piece (a per-row arrival counter).
+// the pages and combine in shared memory); by default a long row is cut into whole shares and
+// short rows are packed (DecodeSplit::kRowAligned), else a share may end in the middle of a row
+// and cover several rows (kBalanced). Each (warp or block, row piece) is a work item; a piece
+// that is a whole row writes the output directly, the others write a partial result (normalised
+// o and its log-sum-exp) merged through the softmax state, either by a second kernel or, fused,
+// by the warp that finishes the row's last piece (a per-row arrival counter).
 //
 // Computation, per row (seq s, kv head k) and each of its g = H / Hkv query heads h:
 //   out[s][h] = softmax_j(scale * q[s][h] . K[j]) V[j]      over the row's valid entries j
@@ -59,10 +61,19 @@ struct DecodeRowMerge {
 enum class DecodeSplit {
   kBalanced,        // equal shares of pages over all warp slots (the fast path)
   kOneBlockPerRow,  // baseline: one 4-warp block per row, each warp a quarter of the row
+  // The default: like kBalanced, but no slot holds a piece of a split row beside another item: a
+  // long row gets a whole number of slots (near-equal pieces), short rows are packed whole. Under
+  // kBalanced a slot whose share ends inside a row runs two items one after the other (the second
+  // one's loads start only when the first is done), and those slots finish the layer last.
+  // Rounding rows to whole slots raises the share where many rows are about a share long (large
+  // batches with skewed rows), so the planner keeps the balanced split wherever the aligned one's
+  // busiest slot would cost more (pages, plus item_cost_pages per item and again per item after a
+  // slot's first).
+  kRowAligned,
 };
 
 struct DecodePlanOptions {
-  DecodeSplit split = DecodeSplit::kBalanced;
+  DecodeSplit split = DecodeSplit::kRowAligned;
   // A warp's share is at least this many pages, so small steps use fewer warps and fewer partials.
   int32_t min_pages_per_warp = 4;
   // Fixed cost of starting a work item (loads of the item, the row's page-table offset, q; the
@@ -166,6 +177,15 @@ class DecodeAttention {
   Status run(const PagedKvView& kv, const void* q, int64_t q_seq_stride, __nv_bfloat16* out,
              int64_t out_seq_stride, float* lse, float softmax_scale, cudaStream_t stream);
 
+  // Diagnostics: the next run() calls stamp the global timer (ns) into these device buffers
+  // (nullptr: off): per attention block (the plan's num_warps blocks) 3 stamps {start, past the
+  // wait, done}, per merge block (row, query head of the group) {past its wait, partials folded,
+  // done}.
+  void set_trace(unsigned long long* attn, unsigned long long* merge) {
+    trace_attn_ = attn;
+    trace_merge_ = merge;
+  }
+
   const DecodePlan& last_plan() const { return plan_; }
   // The merge the last plan() chose (kAuto resolved to kKernel or kFused).
   DecodeMerge last_merge() const { return merge_; }
@@ -193,6 +213,8 @@ class DecodeAttention {
   float* d_partial_o_ = nullptr;   // [max_items][g][head_dim]
   float* d_partial_lse_ = nullptr; // [max_items][g] log2 units
   int32_t* d_row_counters_ = nullptr;  // [max_rows] fused merge arrivals, zero between launches
+  unsigned long long* trace_attn_ = nullptr;  // diagnostics (set_trace)
+  unsigned long long* trace_merge_ = nullptr;
 };
 
 }  // namespace adakv::cuda

@@ -45,6 +45,12 @@ struct DecodeParams {
   // first prefetch_pages K/V pages in L2 before it waits for the preceding kernel, so the
   // layer's first DRAM reads overlap that kernel's tail. 0: no prefetch.
   int32_t prefetch_pages = 0;
+  // Diagnostics (nullptr: off): %globaltimer stamps in ns, written by thread 0 of each block.
+  // Attention block b: trace_attn[3b + {0: start, 1: past the wait, 2: done}]; merge block
+  // (row, h): trace_merge[3 (row * group_size + h) + {0: past its wait, 1: partials folded,
+  // 2: done}].
+  unsigned long long* trace_attn = nullptr;
+  unsigned long long* trace_merge = nullptr;
 };
 
 // How the partials of split rows are combined.

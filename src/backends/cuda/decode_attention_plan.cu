@@ -40,6 +40,84 @@ void assign_partials(DecodePlan* plan) {
   plan->num_partials = next;
 }
 
+// Balanced split (DecodeSplit::kBalanced) over `workers` slots: slot w's share ends where the
+// running cost (pages plus item_cost per item) reaches its absolute target, so a slot that stops
+// short (the next row's first item would not fit) does not push the excess onto the last one.
+void balanced_split(std::span<const int32_t> row_lengths, int64_t workers, int64_t item_cost, int64_t nonempty,
+                    int64_t total_pages, std::vector<DecodeWorkItem>* items, std::vector<int32_t>* item_warp) {
+  // Each slot starts at most one item beyond those that start rows, so this bounds the cost.
+  const int64_t total_cost = total_pages + item_cost * (nonempty + workers - 1);
+  const auto target = [&](int64_t w) { return (w + 1) * total_cost / workers; };
+  int64_t w = 0, cum = 0;
+  for (int32_t r = 0; r < static_cast<int32_t>(row_lengths.size()); ++r) {
+    const int32_t pages = pages_of(row_lengths[r]);
+    int32_t p = 0;
+    while (p < pages) {
+      const int64_t room = target(w) - cum - item_cost;
+      if (room <= 0 && w < workers - 1) {  // this slot is full: the next one starts the piece
+        ++w;
+        continue;
+      }
+      // The last worker takes whatever is left (at most about one share).
+      const int32_t take =
+          (w == workers - 1) ? pages - p : static_cast<int32_t>(std::min<int64_t>(pages - p, room));
+      items->push_back({r, p, p + take, -1});
+      item_warp->push_back(static_cast<int32_t>(w));
+      cum += take + item_cost;
+      p += take;
+    }
+  }
+}
+
+// Row-aligned split (DecodeSplit::kRowAligned) with slots of at most `share` cost: a row whose
+// pages and item cost exceed the share gets ceil(pages / share) slots of its own, near-equal
+// pieces; shorter rows are packed whole into shared slots, in row order (a long row closes the
+// open one). Returns the slots used; fills items / item_warp unless they are null.
+int64_t aligned_split(std::span<const int32_t> row_lengths, int64_t share, int64_t item_cost,
+                      std::vector<DecodeWorkItem>* items, std::vector<int32_t>* item_warp) {
+  int64_t used = 0, open_cost = -1;  // cost in the open packing slot; -1: none open
+  for (int32_t r = 0; r < static_cast<int32_t>(row_lengths.size()); ++r) {
+    const int32_t pages = pages_of(row_lengths[r]);
+    if (pages == 0) continue;
+    if (pages + item_cost > share) {
+      open_cost = -1;
+      const int64_t n = (pages + share - 1) / share;
+      for (int64_t i = 0; i < n; ++i) {
+        if (items != nullptr) {
+          items->push_back({r, static_cast<int32_t>(pages * i / n), static_cast<int32_t>(pages * (i + 1) / n), -1});
+          item_warp->push_back(static_cast<int32_t>(used));
+        }
+        ++used;
+      }
+    } else {
+      if (open_cost < 0 || open_cost + pages + item_cost > share) {
+        open_cost = 0;
+        ++used;
+      }
+      open_cost += pages + item_cost;
+      if (items != nullptr) {
+        items->push_back({r, 0, pages, -1});
+        item_warp->push_back(static_cast<int32_t>(used - 1));
+      }
+    }
+  }
+  return used;
+}
+
+// The cost of a split's busiest slot: its pages plus item_cost per item, and item_cost again for
+// each item after the first (a slot's items run one after the other, each a full latency chain,
+// which item_cost alone undercounts). Items are grouped by slot, in slot order.
+int64_t busiest_slot(const std::vector<DecodeWorkItem>& items, const std::vector<int32_t>& item_warp,
+                     int64_t item_cost) {
+  int64_t worst = 0, cost = 0;
+  for (size_t i = 0; i < items.size(); ++i) {
+    const bool first = i == 0 || item_warp[i] != item_warp[i - 1];
+    cost = (first ? 0 : cost + item_cost) + items[i].page_end - items[i].page_begin + item_cost;
+    worst = std::max(worst, cost);
+  }
+  return worst;
+}
+
 void fill_offsets(DecodePlan* plan, const std::vector<int32_t>& item_warp) {
   plan->warp_item_offsets.assign(static_cast<size_t>(plan->num_warps) + 1, 0);
   for (int32_t w : item_warp) ++plan->warp_item_offsets[w + 1];
@@ -85,29 +163,33 @@ Expected<DecodePlan> decode_attention_plan(std::span<const int32_t> row_lengths,
     // Warps that get work; the rest of the slots get empty ranges (the grid stays fixed).
     const int64_t workers =
         std::max<int64_t>(1, std::min<int64_t>(num_warp_slots, (plan.total_pages + min_pages - 1) / min_pages));
-    // Each warp starts at most one item beyond those that start rows, so this bounds the cost.
-    const int64_t total_cost = plan.total_pages + item_cost * (nonempty + workers - 1);
-    // Warp w's share ends where the running cost reaches its absolute target, so a warp that
-    // stops short (the next row's first item would not fit) does not push the excess onto the
-    // last warp.
-    const auto target = [&](int64_t w) { return (w + 1) * total_cost / workers; };
-    int64_t w = 0, cum = 0;
-    for (int32_t r = 0; r < plan.num_rows; ++r) {
-      const int32_t pages = pages_of(row_lengths[r]);
-      int32_t p = 0;
-      while (p < pages) {
-        const int64_t room = target(w) - cum - item_cost;
-        if (room <= 0 && w < workers - 1) {  // this warp is full: the next one starts the piece
-          ++w;
-          continue;
-        }
-        // The last worker takes whatever is left (at most about one share).
-        const int32_t take = (w == workers - 1) ? pages - p
-                                                : static_cast<int32_t>(std::min<int64_t>(pages - p, room));
-        plan.items.push_back({r, p, p + take, -1});
-        item_warp.push_back(static_cast<int32_t>(w));
-        cum += take + item_cost;
-        p += take;
+    balanced_split(row_lengths, workers, item_cost, nonempty, plan.total_pages, &plan.items, &item_warp);
+    if (options.split == DecodeSplit::kRowAligned) {
+      // About the smallest share whose aligned split fits the workers: from the mean pages per
+      // worker (no smaller share can fit) up in doubling steps until one fits, then bisection to
+      // within 1/64 (the slots used fall as the share grows, up to rounding; only shares checked
+      // to fit are kept). A share of everything packs all rows into one slot, so the search ends.
+      const auto fits = [&](int64_t share) {
+        return aligned_split(row_lengths, share, item_cost, nullptr, nullptr) <= workers;
+      };
+      const int64_t all = plan.total_pages + item_cost * (nonempty + 1) + 1;
+      int64_t good = std::max<int64_t>(1, (plan.total_pages + workers - 1) / workers), bad = good - 1;
+      for (int64_t step = std::max<int64_t>(1, good / 16); !fits(good); step *= 2) {
+        bad = good;
+        good = std::min(all, good + step);
+      }
+      while (good - bad > std::max<int64_t>(1, bad / 64)) {
+        const int64_t mid = bad + (good - bad) / 2;
+        (fits(mid) ? good : bad) = mid;
+      }
+      std::vector<DecodeWorkItem> items;
+      std::vector<int32_t> warps;
+      aligned_split(row_lengths, good, item_cost, &items, &warps);
+      // Rounding rows to whole slots raises the share most where many rows are about a share
+      // long; keep the aligned split only where its busiest slot costs no more.
+      if (busiest_slot(items, warps, item_cost) <= busiest_slot(plan.items, item_warp, item_cost)) {
+        plan.items = std::move(items);
+        item_warp = std::move(warps);
       }
     }
   }

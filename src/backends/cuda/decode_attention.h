@@ -66,9 +66,9 @@ enum class DecodeSplit {
   // kBalanced a slot whose share ends inside a row runs two items one after the other (the second
   // one's loads start only when the first is done), and those slots finish the layer last.
   // Rounding rows to whole slots raises the share where many rows are about a share long (large
-  // batches with skewed rows), so the planner keeps the balanced split wherever the aligned one's
-  // busiest slot would cost more (pages, plus item_cost_pages per item and again per item after a
-  // slot's first).
+  // batches with skewed rows), so the planner aligns only with at least 8 slots per non-empty row
+  // and keeps the balanced split wherever the aligned one's busiest slot would cost more (pages,
+  // plus item_cost_pages per item and again per item after a slot's first).
   kRowAligned,
 };
 

@@ -72,16 +72,20 @@ void balanced_split(std::span<const int32_t> row_lengths, int64_t workers, int64
 // Row-aligned split (DecodeSplit::kRowAligned) with slots of at most `share` cost: a row whose
 // pages and item cost exceed the share gets ceil(pages / share) slots of its own, near-equal
 // pieces; shorter rows are packed whole into shared slots, in row order (a long row closes the
-// open one). Returns the slots used; fills items / item_warp unless they are null.
+// open one). Returns the slots used; fills items / item_warp unless they are null, and *busiest
+// (as busiest_slot() counts it) unless it is null.
 int64_t aligned_split(std::span<const int32_t> row_lengths, int64_t share, int64_t item_cost,
-                      std::vector<DecodeWorkItem>* items, std::vector<int32_t>* item_warp) {
+                      std::vector<DecodeWorkItem>* items, std::vector<int32_t>* item_warp,
+                      int64_t* busiest = nullptr) {
   int64_t used = 0, open_cost = -1;  // cost in the open packing slot; -1: none open
+  int64_t open_items = 0, worst = 0;
   for (int32_t r = 0; r < static_cast<int32_t>(row_lengths.size()); ++r) {
     const int32_t pages = pages_of(row_lengths[r]);
     if (pages == 0) continue;
     if (pages + item_cost > share) {
       open_cost = -1;
       const int64_t n = (pages + share - 1) / share;
+      worst = std::max(worst, (pages + n - 1) / n + item_cost);
       for (int64_t i = 0; i < n; ++i) {
         if (items != nullptr) {
           items->push_back({r, static_cast<int32_t>(pages * i / n), static_cast<int32_t>(pages * (i + 1) / n), -1});
@@ -92,15 +96,18 @@ int64_t aligned_split(std::span<const int32_t> row_lengths, int64_t share, int64
     } else {
       if (open_cost < 0 || open_cost + pages + item_cost > share) {
         open_cost = 0;
+        open_items = 0;
         ++used;
       }
       open_cost += pages + item_cost;
+      worst = std::max(worst, open_cost + item_cost * open_items++);
       if (items != nullptr) {
         items->push_back({r, 0, pages, -1});
         item_warp->push_back(static_cast<int32_t>(used - 1));
       }
     }
   }
+  if (busiest != nullptr) *busiest = worst;
   return used;
 }
 
@@ -164,7 +171,10 @@ Expected<DecodePlan> decode_attention_plan(std::span<const int32_t> row_lengths,
     const int64_t workers =
         std::max<int64_t>(1, std::min<int64_t>(num_warp_slots, (plan.total_pages + min_pages - 1) / min_pages));
     balanced_split(row_lengths, workers, item_cost, nonempty, plan.total_pages, &plan.items, &item_warp);
-    if (options.split == DecodeSplit::kRowAligned) {
+    // Aligning pays where a few long rows are each cut into several slots (small batches: up to
+    // a few hundred pages per row and slot); with many rows per slot count the balanced split
+    // is kept without the search (its host time is on every decode step's path).
+    if (options.split == DecodeSplit::kRowAligned && nonempty * 8 <= workers) {
       // About the smallest share whose aligned split fits the workers: from the mean pages per
       // worker (no smaller share can fit) up in doubling steps until one fits, then bisection to
       // within 1/64 (the slots used fall as the share grows, up to rounding; only shares checked
@@ -182,14 +192,14 @@ Expected<DecodePlan> decode_attention_plan(std::span<const int32_t> row_lengths,
         const int64_t mid = bad + (good - bad) / 2;
         (fits(mid) ? good : bad) = mid;
       }
-      std::vector<DecodeWorkItem> items;
-      std::vector<int32_t> warps;
-      aligned_split(row_lengths, good, item_cost, &items, &warps);
       // Rounding rows to whole slots raises the share most where many rows are about a share
       // long; keep the aligned split only where its busiest slot costs no more.
-      if (busiest_slot(items, warps, item_cost) <= busiest_slot(plan.items, item_warp, item_cost)) {
-        plan.items = std::move(items);
-        item_warp = std::move(warps);
+      int64_t aligned_busiest = 0;
+      aligned_split(row_lengths, good, item_cost, nullptr, nullptr, &aligned_busiest);
+      if (aligned_busiest <= busiest_slot(plan.items, item_warp, item_cost)) {
+        plan.items.clear();
+        item_warp.clear();
+        aligned_split(row_lengths, good, item_cost, &plan.items, &item_warp);
       }
     }
   }

@@ -615,12 +615,14 @@ __global__ void __launch_bounds__(kDecodeWarpsPerBlock * 32)
 
 // One block per (row, query head of the group): combines the row's partials through their
 // log-sum-exp, or writes zeros for an empty row. Rows written directly return at once. A row of
-// one long sequence can have a few hundred partials, so 8 warps each load several at once.
-constexpr int kMergeWarps = 8;
+// one long sequence can have a few hundred partials, so 4 warps each load 8 at once (32 per L2
+// round trip).
+constexpr int kMergeWarps = 4;
 
 template <int kHeadDim>
-// At most 32 registers (8 blocks of 256 threads per SM): a merge block then fits beside two
-// 224-register attention blocks, so under PDL it is resident and waiting before they finish.
+// At most 64 registers (8 blocks of 128 threads per SM): a merge block then fits beside two
+// 224-register attention blocks, so under PDL it is resident and waiting before they finish. (8
+// warps of 32 registers each, the earlier shape, left no room for a batch of loads in flight.)
 __global__ void __launch_bounds__(kMergeWarps * 32, 8) decode_merge_kernel(const __grid_constant__ DecodeParams p) {
   constexpr int kPerLane = kHeadDim / 32;  // floats of o per lane
 #if __CUDA_ARCH__ >= 900
@@ -657,36 +659,49 @@ __global__ void __launch_bounds__(kMergeWarps * 32, 8) decode_merge_kernel(const
   __shared__ float s_sum[kMergeWarps];
   __shared__ float s_acc[kMergeWarps][kHeadDim];
 
-  // One pass (v3): each warp merges its partials (w, w + 8, ...) with a running max, loading a
+  // One pass (v3): each warp merges its partials (w, w + 4, ...) with a running max, loading a
   // partial's lse and o together, so the block needs one L2 round trip for the partials instead
-  // of two (max first, then the weighted sum); the 8 warps' states are combined at the end.
+  // of two (max first, then the weighted sum); the 4 warps' states are combined at the end.
+  // A warp's partials are loaded kMergeBatch at a time, all into registers before the first is
+  // folded: with 8 warps under a 32-register cap the compiler let each load wait for the
+  // previous partial's fold, one L2 round trip per partial.
+  constexpr int kMergeBatch = 8;
   float acc[kPerLane];
 #pragma unroll
   for (int e = 0; e < kPerLane; ++e) acc[e] = 0.f;
   float mx = kNegInf, sum = 0.f;
-#pragma unroll 4
-  for (int i = w; i < rm.y; i += kMergeWarps) {
-    const int64_t pi = int64_t{rm.x + i} * g + hh;
-    const float lse_i = p.partial_lse[pi];  // finite: every piece has an entry
-    const float* src = p.partial_o + pi * kHeadDim + lane * kPerLane;
-    float v[kPerLane];
-    if constexpr (kPerLane == 4) {
-      const float4 x = *reinterpret_cast<const float4*>(src);
-      v[0] = x.x;
-      v[1] = x.y;
-      v[2] = x.z;
-      v[3] = x.w;
-    } else {
-      const float2 x = *reinterpret_cast<const float2*>(src);
-      v[0] = x.x;
-      v[1] = x.y;
-    }
-    const float mn = fmaxf(mx, lse_i);
-    const float a = fast_exp2(mx - mn), wgt = fast_exp2(lse_i - mn);
+  for (int i0 = w; i0 < rm.y; i0 += kMergeBatch * kMergeWarps) {
+    float lse_b[kMergeBatch];
+    float v[kMergeBatch][kPerLane];
 #pragma unroll
-    for (int e = 0; e < kPerLane; ++e) acc[e] = acc[e] * a + wgt * v[e];
-    sum = sum * a + wgt;
-    mx = mn;
+    for (int u = 0; u < kMergeBatch; ++u) {
+      const int i = i0 + u * kMergeWarps;
+      const int64_t pi = int64_t{rm.x + min(i, rm.y - 1)} * g + hh;
+      // Past the row's end: weight 0 (lse -inf; the batch's first partial is always real, so
+      // the running max is finite before any of these is folded).
+      lse_b[u] = i < rm.y ? p.partial_lse[pi] : kNegInf;
+      const float* src = p.partial_o + pi * kHeadDim + lane * kPerLane;
+      if constexpr (kPerLane == 4) {
+        const float4 x = *reinterpret_cast<const float4*>(src);
+        v[u][0] = x.x;
+        v[u][1] = x.y;
+        v[u][2] = x.z;
+        v[u][3] = x.w;
+      } else {
+        const float2 x = *reinterpret_cast<const float2*>(src);
+        v[u][0] = x.x;
+        v[u][1] = x.y;
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kMergeBatch; ++u) {
+      const float mn = fmaxf(mx, lse_b[u]);
+      const float a = fast_exp2(mx - mn), wgt = fast_exp2(lse_b[u] - mn);
+#pragma unroll
+      for (int e = 0; e < kPerLane; ++e) acc[e] = acc[e] * a + wgt * v[u][e];
+      sum = sum * a + wgt;
+      mx = mn;
+    }
   }
   if (tid == 0) stamp(1);
 #pragma unroll

@@ -61,7 +61,7 @@ enum class MergeMode : int {
 };
 
 // Launches the attention kernel (grid: num_warps / 4 blocks of 128 threads) and the merge kernel
-// (grid: num_rows x group_size blocks of 256 threads) on `stream`. pages_per_iter is 1, 2 or 4
+// (grid: num_rows x group_size blocks of 128 threads) on `stream`. pages_per_iter is 1, 2 or 4
 // (4 at head dim 64 only).
 // dependent_launch (sm_90 only): the merge kernel is a programmatic dependent launch, so its
 // launch overlaps the attention kernel's tail.

@@ -560,6 +560,21 @@ std::vector<int32_t> edge_lengths(int rows, int long_len, uint64_t salt) {
   return len;
 }
 
+// Ada-like rows: lognormal around 900 entries (spread sigma), one heavy row of heavy_len; with
+// short_every > 0 every short_every-th row (from the third) is short instead (r entries).
+std::vector<int32_t> skewed_lengths(uint64_t salt, int rows, double sigma, int heavy_row, int32_t heavy_len,
+                                    int short_every = 0) {
+  std::mt19937_64 rng(test_seed() + salt);
+  std::lognormal_distribution<double> ln(std::log(900.0), sigma);
+  std::vector<int32_t> len;
+  for (int r = 0; r < rows; ++r) {
+    const int32_t x = std::max<int32_t>(1, int32_t(ln(rng)));
+    len.push_back(short_every > 0 && r % short_every == 2 ? r : x);
+  }
+  len[heavy_row] = heavy_len;
+  return len;
+}
+
 GpuCase make_case(int hkv, int g, int d, int seqs, int long_len) {
   GpuCase cs;
   cs.num_kv_heads = hkv;
@@ -759,10 +774,7 @@ std::vector<NamedCheck> all_checks() {
                    cs.overlap_prologue = mg == DecodeMerge::kKernel;
                    cs.prefetch_pages = mg == DecodeMerge::kKernel ? 32 : 0;
                    cs.merge = mg;
-                   std::mt19937_64 rng(test_seed() + 77);
-                   std::lognormal_distribution<double> ln(std::log(900.0), 0.6);
-                   for (int r = 0; r < 16; ++r) cs.lengths.push_back(std::max<int32_t>(1, int32_t(ln(rng))));
-                   cs.lengths[5] = 8 * 1000 + 7;
+                   cs.lengths = skewed_lengths(77, 16, 0.6, 5, 8 * 1000 + 7);
                    const CheckResult res = check_gpu(cs);
                    if (!res.passed()) return res;
                  }
@@ -820,10 +832,7 @@ std::vector<NamedCheck> all_checks() {
                  cs.prefetch_pages = 8;
                  cs.back_to_back = true;
                  cs.merge = DecodeMerge::kKernel;
-                 std::mt19937_64 rng(test_seed() + 79);
-                 std::lognormal_distribution<double> ln(std::log(900.0), 0.9);
-                 for (int r = 0; r < 24; ++r) cs.lengths.push_back(r % 5 == 2 ? r : std::max<int32_t>(1, int32_t(ln(rng))));
-                 cs.lengths[7] = 8 * 1000 + 5;
+                 cs.lengths = skewed_lengths(79, 24, 0.9, 7, 8 * 1000 + 5, 5);
                  return check_gpu(cs);
                }});
   v.push_back({"GpuMergeAdaSkewOverlapBackToBackBalanced", [] {
@@ -835,10 +844,7 @@ std::vector<NamedCheck> all_checks() {
                  cs.back_to_back = true;
                  cs.merge = DecodeMerge::kKernel;
                  cs.min_pages_per_warp = 1;
-                 std::mt19937_64 rng(test_seed() + 78);
-                 std::lognormal_distribution<double> ln(std::log(900.0), 0.6);
-                 for (int r = 0; r < 16; ++r) cs.lengths.push_back(std::max<int32_t>(1, int32_t(ln(rng))));
-                 cs.lengths[11] = 8 * 1000 + 3;
+                 cs.lengths = skewed_lengths(78, 16, 0.6, 11, 8 * 1000 + 3);
                  return check_gpu(cs);
                }});
   return v;

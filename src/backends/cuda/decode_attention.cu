@@ -124,6 +124,14 @@ Status DecodeAttention::plan(std::span<const int32_t> row_lengths, std::span<con
       row_page_offsets.size() != row_lengths.size() + 1)
     return invalid_argument(where + "row_page_offsets needs num_rows (or num_rows + 1) entries, got " +
                             std::to_string(row_page_offsets.size()));
+  // The plan depends on the rows' page counts (and page-table offsets) only; the kernels take the
+  // exact lengths from the view. Rows that grew within their pages keep the uploaded plan.
+  bool same = plan_cached_ && stream == plan_stream_ && row_lengths.size() == plan_pages_.size() &&
+              std::equal(row_page_offsets.begin(), row_page_offsets.end(), plan_offsets_.begin(), plan_offsets_.end());
+  for (size_t r = 0; same && r < row_lengths.size(); ++r)
+    same = row_lengths[r] >= 0 && (row_lengths[r] + kPageSize - 1) / kPageSize == plan_pages_[r];
+  if (same) return Status::ok();
+  plan_cached_ = false;
   // Block items: the slots are blocks (4 warps each), and a block's share is at least twice a
   // warp's minimum (so at least 2 pages per warp of the block).
   DecodePlanOptions popt = options_.plan;
@@ -167,10 +175,9 @@ Status DecodeAttention::plan(std::span<const int32_t> row_lengths, std::span<con
       for (int32_t i = first; i < last; ++i) {
         const DecodeWorkItem& it = plan_.items[i];
         const int32_t n = it.page_end - it.page_begin;
-        const int32_t valid = std::min(row_lengths[it.row] - it.page_begin * kPageSize, n * kPageSize);
         const int32_t off = (items_absolute_ ? row_page_offsets[it.row] : 0) + it.page_begin;
         const int32_t next = i + 1 < last ? extra++ : -1;
-        bi[2 * at] = make_int4(off, n, valid, it.row);
+        bi[2 * at] = make_int4(off, n, it.page_begin, it.row);
         bi[2 * at + 1] = make_int4(it.partial, next, 0, 0);
         at = next;
       }
@@ -189,6 +196,11 @@ Status DecodeAttention::plan(std::span<const int32_t> row_lengths, std::span<con
     ADAKV_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(d_plan_, h_plan_, bytes, cudaMemcpyHostToDevice, stream));
   }
   ADAKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(upload_done_, stream));
+  plan_pages_.resize(row_lengths.size());
+  for (size_t r = 0; r < row_lengths.size(); ++r) plan_pages_[r] = (row_lengths[r] + kPageSize - 1) / kPageSize;
+  plan_offsets_.assign(row_page_offsets.begin(), row_page_offsets.end());
+  plan_stream_ = stream;
+  plan_cached_ = true;
   return Status::ok();
 }
 

@@ -467,7 +467,7 @@ __global__ void __launch_bounds__(kDecodeWarpsPerBlock * 32)
   asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
 #endif
   int idx = blockIdx.x;
-  int4 a = p.block_items[2 * idx];      // {page_off, num_pages, valid, row}
+  int4 a = p.block_items[2 * idx];      // {page_off, num_pages, page_begin, row}
   int4 b = p.block_items[2 * idx + 1];  // {partial, next, 0, 0}
   bool waited = false;
   while (a.y > 0) {
@@ -477,6 +477,9 @@ __global__ void __launch_bounds__(kDecodeWarpsPerBlock * 32)
     const int32_t* ids = p.kv.page_ids + a.x + w;
     if (!p.items_absolute) ids += p.kv.row_page_offsets[row];
     int cur = lane < mine ? ids[W * lane] : 0;
+    // Entries of the row from the item's first page on (the plan holds pages only, so that it
+    // stays valid while the rows grow within their pages).
+    const int valid = p.kv.row_lengths[row] - kPageSize * a.z;
     // The block's next item travels with this one.
     int4 na = make_int4(0, 0, 0, 0), nb = make_int4(0, -1, 0, 0);
     if (b.y >= 0) {
@@ -484,8 +487,9 @@ __global__ void __launch_bounds__(kDecodeWarpsPerBlock * 32)
       nb = p.block_items[2 * b.y + 1];
     }
     if (!waited) {
-      // Before the wait only the plan and the page ids are read; K/V pages are merely requested
-      // in L2 (a hint: if the preceding kernel still writes one, L2 keeps it coherent).
+      // Before the wait only the plan, the page ids and the row length are read; K/V pages are
+      // merely requested in L2 (a hint: if the preceding kernel still writes one, L2 keeps it
+      // coherent).
       if (lane < min(mine, p.prefetch_pages)) {
         constexpr uint32_t kPageBytes = kPageSize * kHeadDim * sizeof(__nv_bfloat16);
         const int64_t off = int64_t{cur} * p.kv.page_stride;
@@ -507,7 +511,7 @@ __global__ void __launch_bounds__(kDecodeWarpsPerBlock * 32)
     load_group_q<kHeadDim, QT>(qf, p, seq, head0, r, c);
     float o[T][4], m[2], l[2];
     init_softmax_state<T>(o, m, l);
-    attend_pages<kHeadDim, kPagesPerIter, W>(p, ids, mine, w, a.z, qf, o, m, l, lane, cur);
+    attend_pages<kHeadDim, kPagesPerIter, W>(p, ids, mine, w, valid, qf, o, m, l, lane, cur);
 
     // This warp's state to shared memory (unnormalised o; m = -inf, l = 0 for a warp without pages).
 #pragma unroll

@@ -160,7 +160,11 @@ class DecodeAttention {
   DecodeAttention& operator=(const DecodeAttention&) = delete;
 
   // Builds the plan for this step's row lengths (host copy, [num_rows], row = seq * Hkv + kv
-  // head) and uploads it on `stream`. The next run() on the same stream uses it.
+  // head) and uploads it on `stream`. The next run() on the same stream uses it; run() takes the
+  // exact lengths from the view's row_lengths (which must match these), the plan only page
+  // counts. So while every row keeps its page count (and the page-table offsets and the stream
+  // stay the same) plan() returns at once and the uploaded plan serves the next run() too: in a
+  // decode step a row gains a page only every 16 tokens.
   Status plan(std::span<const int32_t> row_lengths, cudaStream_t stream) {
     return plan(row_lengths, {}, stream);
   }
@@ -205,6 +209,11 @@ class DecodeAttention {
 
   DecodePlan plan_;
   DecodeMerge merge_ = DecodeMerge::kKernel;
+  // What the uploaded plan was built from (plan() reuses it while these match).
+  bool plan_cached_ = false;
+  std::vector<int32_t> plan_pages_;    // [rows] pages of each row
+  std::vector<int32_t> plan_offsets_;  // the row_page_offsets passed (empty: none)
+  cudaStream_t plan_stream_ = nullptr;
   // Device workspace: one allocation, laid out as the staging buffer below.
   void* d_plan_ = nullptr;         // warp offsets | row merge | items | block items
   size_t plan_bytes_ = 0;

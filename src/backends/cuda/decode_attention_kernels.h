@@ -35,10 +35,11 @@ struct DecodeParams {
   int32_t* row_counters = nullptr;          // [num_rows]
   // Block items (DecodeAttentionOptions::block_items): num_warps counts blocks, and block b's
   // first item is block_items[b]; each item is two int4:
-  //   {page_off, num_pages, valid, row}  page_off: into page_ids (relative to the row's
+  //   {page_off, num_pages, page_begin, row}  page_off: into page_ids (relative to the row's
   //                                      row_page_offsets entry unless items_absolute)
   //   {partial, next, 0, 0}              next: index of the block's next item, -1: none
-  // valid = entries of the row from the item's first page on (capped at num_pages * kPageSize).
+  // page_begin: the item's first page within its row; the kernel takes the row's length from
+  // kv.row_lengths (the plan holds page counts only, see DecodeAttention::plan).
   const int4* block_items = nullptr;
   int32_t items_absolute = 0;
   // Block items launched as a programmatic dependent (overlap_prologue): each warp asks for its

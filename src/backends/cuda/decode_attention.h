@@ -21,7 +21,8 @@
 //
 // Use: create() once (allocates every device buffer: no allocation per step), then each step
 // plan(row lengths on the host) and run() on the same stream. plan() does the host work and one
-// small asynchronous upload; run() reads only plain device parameters (CUDA-graph friendly: the
+// small asynchronous upload, or nothing while every row keeps its page count (the plan holds
+// pages; the kernels read exact lengths from the view); run() reads only plain device parameters (CUDA-graph friendly: the
 // grid of the attention kernel depends only on the device and the split mode, the merge grid only
 // on the number of rows; with DecodeMerge::kAuto a graph keeps the merge chosen when captured, so
 // capture with kFused or kKernel set, or re-capture when the plan changes).

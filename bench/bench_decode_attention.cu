@@ -25,7 +25,8 @@
 //             the same with one block per SM
 // --small: steps up to 1.1 GB, no naive and no sweep; prints the v3 table only. --lean: the same
 // with only b2, bp8, b2r / bp8r (the row-aligned split), bp8w (one block per SM), and bpa8 /
-// bpa8r / bpa8w (without the merge: timing only) at the main pages/iter. --timeline (with
+// bpa8r / bpa8w (without the merge: timing only) at the main pages/iter, and one more table last:
+// every variant per layer in a graph, % of copy. --timeline (with
 // --lean): per layer in the graph, where the time goes (DecodeAttention::set_trace's
 // global-timer stamps) for each variant at d 128 batch 1 4K / 16K and batch 8 4K, and d 64
 // batch 1 4K; steps under 40 MB also "hot" (every layer on the first layer's pages, so K/V come
@@ -42,7 +43,9 @@
 // A tuning sweep (warps per SM, pages per iteration, dependent launch) over a few shapes is
 // printed first.
 //
-// Usage: bench_decode_attention [--quick] [--small] [--lean] [--reps N] [--no-sweep]; writes
+// Usage: bench_decode_attention [--quick] [--small] [--lean [--timeline]] [--only NAME,...] [--reps N]
+// [--no-sweep] (--only: the variants of these names, without the -pX suffix; the first one kept
+// is the reference the others' outputs are compared with); writes
 // $OUT/bench_decode_attention.csv when OUT is set. Prints one table last.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -480,6 +483,7 @@ struct Result {
 
 int main(int argc, char** argv) {
   bool quick = false, do_sweep = true, small = false, lean = false, timeline = false;
+  std::vector<std::string> only;  // --only a,b,c: just the variants of these names (without the -pX)
   Bench b;
   for (int i = 1; i < argc; ++i) {
     if (!std::strcmp(argv[i], "--quick")) {
@@ -494,6 +498,12 @@ int main(int argc, char** argv) {
       timeline = true;  // with --lean: per-layer timelines of each variant (see the top)
     } else if (!std::strcmp(argv[i], "--no-sweep")) {
       do_sweep = false;
+    } else if (!std::strcmp(argv[i], "--only") && i + 1 < argc) {
+      for (std::string list = argv[++i]; !list.empty();) {
+        const size_t comma = list.find(',');
+        only.push_back(list.substr(0, comma));
+        list = comma == std::string::npos ? "" : list.substr(comma + 1);
+      }
     } else if (!std::strcmp(argv[i], "--reps") && i + 1 < argc) {
       b.reps = std::max(3, std::atoi(argv[++i]));
     }
@@ -631,6 +641,15 @@ int main(int argc, char** argv) {
                           make_attention(d, DecodeSplit::kBalanced, main_ppi, 4, true, DecodeMerge::kKernel, true)});
       variants.push_back({"battn-p" + std::to_string(main_ppi), kBlockAttn,
                           make_attention(d, DecodeSplit::kBalanced, main_ppi, 0, true, DecodeMerge::kNone, true)});
+    }
+    if (!only.empty())
+      std::erase_if(variants, [&](const Variant& v) {
+        const std::string base = v.name.substr(0, v.name.rfind("-p"));
+        return std::find(only.begin(), only.end(), base) == only.end();
+      });
+    if (variants.empty()) {
+      std::fprintf(stderr, "--only: no variant of that name\n");
+      return 1;
     }
     for (const Variant& v : variants)
       std::printf("d %d %s: %d warp slots on the device\n", d, v.name.c_str(), v.attn->device_warp_slots());
@@ -862,6 +881,24 @@ int main(int argc, char** argv) {
                 pc(w4g, true), r.layers,
                 r.plan_v2_us, r.plan_v3_us, r.plan_v3r_us, rd, rd > 0 ? pc(bpg, true) / rd : 0.0, prd,
                 paged_cfg.count(pkey) ? paged_cfg.at(pkey).c_str() : "-", diff < 0.05 ? "" : "  MISMATCH");
+  }
+  if (lean) {
+    // Every variant per layer in the graph (% of the 1 GiB copy).
+    std::printf("\n== decode attention, lean (%s; copy %.0f GB/s): per layer in a graph of N layers, %% of copy ==\n"
+                "%3s %5s %4s %7s %6s |",
+                b.prop.name, b.copy_bw / 1e9, "d", "batch", "ctx", "dist", "KV_MB");
+    if (!results.empty())
+      for (const std::string& n : results.back().names) std::printf(" %9.9s", n.c_str());
+    std::printf("\n");
+    for (const Result& r : results) {
+      double diff = 0;
+      for (double x : r.diff) diff = std::max(diff, x);
+      std::printf("%3d %5d %3dK %7s %6.0f |", r.shape.d, r.shape.batch, r.shape.ctx / 1024, r.shape.dist(),
+                  r.shape.bytes / 1e6);
+      for (size_t v = 0; v < r.names.size(); ++v)
+        std::printf(" %9.1f", r.graph_us[v] > 0 ? pct(b, r.shape.bytes, r.graph_us[v]) : 0.0);
+      std::printf("%s\n", diff < 0.05 ? "" : "  MISMATCH");
+    }
   }
   if (!timelines.empty())
     std::printf("\n== timeline per layer in a graph of N layers (%s): us after the layer's first block past its wait, mean "

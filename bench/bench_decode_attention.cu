@@ -884,13 +884,16 @@ int main(int argc, char** argv) {
   }
   if (lean) {
     // Every variant per layer in the graph (% of the 1 GiB copy).
-    std::printf("\n== decode attention, lean (%s; copy %.0f GB/s): per layer in a graph of N layers, %% of copy ==\n"
-                "%3s %5s %4s %7s %6s |",
-                b.prop.name, b.copy_bw / 1e9, "d", "batch", "ctx", "dist", "KV_MB");
-    if (!results.empty())
-      for (const std::string& n : results.back().names) std::printf(" %9.9s", n.c_str());
-    std::printf("\n");
+    std::printf("\n== decode attention, lean (%s; copy %.0f GB/s): per layer in a graph of N layers, %% of copy ==\n",
+                b.prop.name, b.copy_bw / 1e9);
+    const std::vector<std::string>* header = nullptr;  // a header line wherever the variants change
     for (const Result& r : results) {
+      if (header == nullptr || *header != r.names) {
+        header = &r.names;
+        std::printf("%3s %5s %4s %7s %6s |", "d", "batch", "ctx", "dist", "KV_MB");
+        for (const std::string& n : r.names) std::printf(" %9.9s", n.c_str());
+        std::printf("\n");
+      }
       double diff = 0;
       for (double x : r.diff) diff = std::max(diff, x);
       std::printf("%3d %5d %3dK %7s %6.0f |", r.shape.d, r.shape.batch, r.shape.ctx / 1024, r.shape.dist(),

@@ -24,7 +24,8 @@
 //             warp's first N pages prefetched into L2 before it waits (prefetch_pages); bpNw-pX
 //             the same with one block per SM
 // --small: steps up to 1.1 GB, no naive and no sweep; prints the v3 table only. --lean: the same
-// with only b2, bp8, b2r / bp8r (the row-aligned split), bp8w (one block per SM), and bpa8 /
+// with only b2, bp8, b2r / bp8r / bp0r / bp2r / bp4r (the row-aligned split; bpNr: N pages per
+// warp requested before the wait), bp8w (one block per SM), and bpa8 /
 // bpa8r / bpa8w (without the merge: timing only) at the main pages/iter, and one more table last:
 // every variant per layer in a graph, % of copy. --timeline (with
 // --lean): per layer in the graph, where the time goes (DecodeAttention::set_trace's
@@ -597,6 +598,11 @@ int main(int argc, char** argv) {
                           make_attention(d, DecodeSplit::kRowAligned, main_ppi, 0, true, DecodeMerge::kKernel, true, true, 8)});
       variants.push_back({"bpa8r" + sfx, kBlockAttnAligned,
                           make_attention(d, DecodeSplit::kRowAligned, main_ppi, 0, true, DecodeMerge::kNone, true, true, 8)});
+      // The boundary overlapped with fewer pages requested before the wait (bp0r: none).
+      for (int pf : {0, 2, 4})
+        variants.push_back({"bp" + std::to_string(pf) + "r" + sfx, kBlockPrefetchAligned,
+                            make_attention(d, DecodeSplit::kRowAligned, main_ppi, 0, true, DecodeMerge::kKernel, true,
+                                           true, pf)});
       // bp8 with one block per SM: the next layer's blocks fit beside this layer's from its start.
       variants.push_back({"bp8w" + sfx, kBlockPrefetchOneBlock,
                           make_attention(d, DecodeSplit::kBalanced, main_ppi, 4, true, DecodeMerge::kKernel, true, true, 8)});

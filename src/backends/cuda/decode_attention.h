@@ -145,8 +145,8 @@ struct DecodeAttentionOptions {
   bool overlap_prologue = false;
   // With overlap_prologue: each warp requests its first this many K/V pages in L2 before the
   // wait, so the first DRAM reads of the step overlap the preceding kernel's tail (0: none; 0..32).
-  // On an H100, 8 was best for back-to-back layers up to 134 MB per step, 4 above
-  // (docs/benchmarks.md, "The layer boundary overlapped").
+  // On an H100, 8 was best for back-to-back layers up to 134 MB per step, 4 above; on an H200 2
+  // from 34 MB on, 8 only at 17 MB (docs/benchmarks.md, "The layer boundary overlapped", "v5").
   int32_t prefetch_pages = 0;
   DecodePlanOptions plan;
 };

@@ -3,7 +3,9 @@
 // the helpers they use. Split by concern:
 //   cuda_model.cc           creation, options, accessors
 //   cuda_model_memory.cc    weights (upload, random) and the runtime allocations
-//   cuda_model_step.cc      the batched step (prefill chunks and decode, graphs)
+//   cuda_model_step.cc      the batched step: its phases, results, the host side of compression
+//   cuda_model_step_prepare.cc  the step's checks, KV reservation, metadata, compression plan
+//   cuda_model_forward.cc   the forward it enqueues (per layer: projections, attention, compression)
 //   cuda_model_compress.cc  compression: prompt scoring and selection, continual policies
 #pragma once
 
@@ -23,6 +25,7 @@
 
 #include "backends/cuda/compact_kv.h"
 #include "backends/cuda/cuda_check.h"
+#include "backends/cuda/cuda_model_step_plan.h"
 #include "backends/cuda/decode_attention.h"
 #include "backends/cuda/gemm_lt.h"
 #include "backends/cuda/metric_kv.h"
@@ -283,6 +286,24 @@ struct CudaModel::Impl {
   Status randomize(uint64_t seed);
   Status allocate_runtime();
   Status mirror_rows(SeqId seq, const KvCacheManager& m, int64_t* n_updates);
+
+  // The phases of CudaModel::step, in order (StepPlan: cuda_model_step_plan.h).
+  // Checks, order, KV reservation and commit, the step's host metadata.
+  Status prepare_step(std::span<const SeqStep> steps, KvCacheManager& mgr, cuda_model_detail::StepPlan* sp);
+  // Each layer's decode-attention plan (host work and upload; nothing while rows keep their pages).
+  Status plan_decode_attention(const cuda_model_detail::StepPlan& sp);
+  // Which sequences compress and how; zeroes the metric of their new entries (enqueued).
+  Status plan_step_compression(KvCacheManager& mgr, cuda_model_detail::StepPlan* sp);
+  Status upload_step_sampling(cuda_model_detail::StepPlan* sp);
+  // The forward from the embedding to the sampled ids, enqueued on `stream` (graph-capturable for
+  // decode-only steps); per layer, its attention and its compression work.
+  Status enqueue_forward(const cuda_model_detail::StepPlan& sp);
+  Status enqueue_layer(const cuda_model_detail::StepPlan& sp, int32_t layer);
+  Status save_window_queries(const cuda_model_detail::StepPlan& sp, int32_t layer);
+  Status enqueue_attention(const cuda_model_detail::StepPlan& sp, int32_t layer);
+  Status enqueue_layer_compression(const cuda_model_detail::StepPlan& sp, int32_t layer);
+  // After the forward: keep lists into the manager, logical lengths, continual compressions.
+  Status finish_step(const cuda_model_detail::StepPlan& sp, KvCacheManager& mgr);
   // Applies the staged page-table updates now (rows committed outside step() can outgrow the
   // staging buffer, which is sized for one step's growth) and empties the buffer.
   Status flush_page_updates(int64_t* n_updates) {

@@ -319,17 +319,28 @@ constexpr uint16_t kBf16NaN = 0x7fc0;
     if (e_ != cudaSuccess) return std::string(#expr) + ": " + cudaGetErrorString(e_);               \
   } while (0)
 
+// The test's page table: each row's pages, and 2 reserved pages past the last one of every third
+// row (so the table is not the dense CSR of the lengths). [rows + 1] offsets.
+std::vector<int32_t> table_offsets(const std::vector<int32_t>& lengths) {
+  std::vector<int32_t> offsets(lengths.size() + 1, 0);
+  for (size_t r = 0; r < lengths.size(); ++r)
+    offsets[r + 1] = offsets[r] + pages_of(lengths[r]) + (r % 3 == 1 ? 2 : 0);
+  return offsets;
+}
+
 // One step: fresh random pool, page table, q; plan, run, compare. Returns "" or the failure.
+// after_plan (optional) runs on the step's stream after each plan() and before the run() (shared
+// plan buffers: other layers' plans and the upload).
 std::string run_step(DecodeAttention& attn, const GpuCase& cs, const std::vector<int32_t>& lengths,
-                     std::mt19937_64& rng, double* max_rel, double* max_lse_err) {
+                     std::mt19937_64& rng, double* max_rel, double* max_lse_err,
+                     const std::function<std::string(cudaStream_t)>& after_plan = {}) {
   const int hkv = cs.num_kv_heads, g = cs.group, d = cs.head_dim, H = hkv * g;
   const int rows = static_cast<int>(lengths.size());
   const int seqs = rows / hkv;
   // Page table: every row's pages drawn from a shuffled pool with spare pages; every third row
   // has 2 reserved pages past its last one (NaN-filled), so the table is not the dense CSR of the
   // lengths and a kernel that used the wrong row offset would read NaN.
-  std::vector<int32_t> offsets(rows + 1, 0);
-  for (int r = 0; r < rows; ++r) offsets[r + 1] = offsets[r] + pages_of(lengths[r]) + (r % 3 == 1 ? 2 : 0);
+  const std::vector<int32_t> offsets = table_offsets(lengths);
   const int32_t used_pages = offsets[rows];
   const int32_t pool_pages = used_pages + 37;
   std::vector<int32_t> perm(pool_pages);
@@ -417,6 +428,10 @@ std::string run_step(DecodeAttention& attn, const GpuCase& cs, const std::vector
     const adakv::Status st =
         cs.host_offsets ? attn.plan(lengths, offsets, stream) : attn.plan(lengths, stream);
     if (!st) return "plan: " + st.message();
+    if (after_plan) {
+      const std::string e = after_plan(stream);
+      if (!e.empty()) return e;
+    }
     if (cs.back_to_back) {
       const void* dq = cs.q_f32 ? static_cast<const void*>(decoy_qf.ptr) : static_cast<const void*>(decoy_q.ptr);
       const adakv::Status ds = attn.run(view, dq, q_stride, reinterpret_cast<__nv_bfloat16*>(decoy_out.ptr), out_stride,
@@ -584,12 +599,79 @@ GpuCase make_case(int hkv, int g, int d, int seqs, int long_len) {
   return cs;
 }
 
+// DecodeAttentionLayers: `layers` layers with different row lengths share one plan buffer. Each
+// layer in turn is planned, then every other layer is planned (staged) and one upload sends all
+// that changed; the layer then runs and is checked. A layer whose plan is unchanged keeps the
+// copy uploaded in an earlier turn (clean slots between dirty ones are copied again unchanged).
+// Two steps: the second grows every row by one entry, so some rows cross pages and re-plan.
+CheckResult check_gpu_layers(const GpuCase& cs, int layers, int long_len) {
+  if (const std::string why = gpu_unavailable(); !why.empty()) return {true, why, ""};
+  DecodeAttentionOptions opt;
+  opt.num_qo_heads = cs.num_kv_heads * cs.group;
+  opt.num_kv_heads = cs.num_kv_heads;
+  opt.head_dim = cs.head_dim;
+  opt.max_rows = static_cast<int32_t>(cs.lengths.size());
+  opt.merge = cs.merge;
+  opt.overlap_prologue = cs.overlap_prologue;
+  opt.prefetch_pages = cs.prefetch_pages;
+  auto set = adakv::cuda::DecodeAttentionLayers::create(opt, layers);
+  if (!set) return {false, "create: " + set.status().message(), ""};
+  std::vector<std::vector<int32_t>> per(static_cast<size_t>(layers));
+  for (int l = 0; l < layers; ++l)
+    per[static_cast<size_t>(l)] = edge_lengths(static_cast<int>(cs.lengths.size()), long_len / (l + 1), 500 + l);
+  std::mt19937_64 rng(test_seed() ^ 0x5eedull);
+  double max_rel = 0, max_lse = 0;
+  for (int step = 0; step < 2; ++step) {
+    for (int l = 0; l < layers; ++l) {
+      const auto others = [&](cudaStream_t stream) -> std::string {
+        for (int o = 0; o < layers; ++o) {
+          if (o == l) continue;
+          const std::vector<int32_t>& len = per[static_cast<size_t>(o)];
+          const adakv::Status st = cs.host_offsets ? (*set)->layer(o).plan(len, table_offsets(len), stream)
+                                                   : (*set)->layer(o).plan(len, stream);
+          if (!st) return "plan of layer " + std::to_string(o) + ": " + st.message();
+        }
+        const adakv::Status up = (*set)->upload(stream);
+        return up ? "" : "upload: " + up.message();
+      };
+      const std::string failure =
+          run_step((*set)->layer(l), cs, per[static_cast<size_t>(l)], rng, &max_rel, &max_lse, others);
+      if (!failure.empty())
+        return {false, "step " + std::to_string(step) + ", layer " + std::to_string(l) + ": " + failure +
+                           " (seed " + std::to_string(test_seed()) + ")", ""};
+    }
+    for (auto& len : per)
+      for (auto& x : len) x += x > 0;
+  }
+  std::ostringstream info;
+  info << layers << " layers, max relative error " << max_rel << ", max lse error " << max_lse << ", seed "
+       << test_seed();
+  return {false, "", info.str()};
+}
+
 std::vector<NamedCheck> all_checks() {
   std::vector<NamedCheck> v;
   v.push_back({"PlanBalancedRandom", [] { return check_plan_random(DecodeSplit::kBalanced); }});
   v.push_back({"PlanOneBlockPerRowRandom", [] { return check_plan_random(DecodeSplit::kOneBlockPerRow); }});
   v.push_back({"PlanRowAlignedRandom", [] { return check_plan_random(DecodeSplit::kRowAligned); }});
   v.push_back({"PlanEdges", [] { return check_plan_edges(); }});
+  // Plans of several layers in one buffer, uploaded together (the engine's decode attention): the
+  // legacy stream keeps every plan() on one stream, so unchanged plans are reused across turns.
+  v.push_back({"GpuLayersSharedPlansHostOffsets", [] {
+                 GpuCase cs = make_case(8, 4, 128, 3, 20000);
+                 cs.default_stream = true;
+                 cs.host_offsets = true;
+                 cs.merge = adakv::cuda::DecodeMerge::kKernel;
+                 cs.overlap_prologue = true;
+                 cs.prefetch_pages = 2;
+                 return check_gpu_layers(cs, 4, 20000);
+               }});
+  v.push_back({"GpuLayersSharedPlansD64Fused", [] {
+                 GpuCase cs = make_case(8, 4, 64, 2, 9000);
+                 cs.default_stream = true;
+                 cs.merge = adakv::cuda::DecodeMerge::kFused;
+                 return check_gpu_layers(cs, 3, 9000);
+               }});
   // Llama-3-8B-like: Hkv 8, g 4, d 128; 3 sequences with one 20000-entry row.
   v.push_back({"GpuD128G4Pages2", [] { return check_gpu(make_case(8, 4, 128, 3, 20000)); }});
   v.push_back({"GpuD128G4Pages1", [] {

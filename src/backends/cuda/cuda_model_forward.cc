@@ -157,7 +157,7 @@ Status CudaModel::Impl::enqueue_attention(const StepPlan& sp, int32_t l) {
       v.num_kv_heads = Hkv;
       v.head_dim = d;
       v.page_stride = pool.page_stride;
-      ADAKV_RETURN_IF_ERROR(decode[static_cast<size_t>(l)]->run(v, qkv, qkvd, attn, qd, sp.dec_lse, scale, stream));
+      ADAKV_RETURN_IF_ERROR(decode->layer(l).run(v, qkv, qkvd, attn, qd, sp.dec_lse, scale, stream));
     } else {
       ADAKV_RETURN_IF_ERROR(attention_generic(pool, batch_view(sp, md, L, Hkv, 0, n_dec), l, H, d, qkv, qkvd, attn, qd,
                                               scale, stream));

@@ -150,7 +150,7 @@ struct CudaModel::Impl {
   float* logits_host = nullptr;  // pinned [R][vocab]
 
   std::unique_ptr<GemmLt> gemm;
-  std::vector<std::unique_ptr<DecodeAttention>> decode;  // [layers]
+  std::unique_ptr<DecodeAttentionLayers> decode;  // one per layer, plans uploaded together
   bool fast_decode = false, fast_prefill = false;
   bf16* gather_k = nullptr;  // [Hkv][max_context][d]
   bf16* gather_v = nullptr;
@@ -230,7 +230,7 @@ struct CudaModel::Impl {
 
   ~Impl() {
     for (auto& [key, exec] : graphs) cudaGraphExecDestroy(exec);
-    decode.clear();
+    decode.reset();
     kvc.reset();
     scorer.reset();
     selector.reset();

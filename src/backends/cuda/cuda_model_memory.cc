@@ -177,20 +177,17 @@ Status CudaModel::Impl::allocate_runtime() {
   fast_prefill = d == 64 || d == 128;
   fast_decode = fast_prefill && H / Hkv <= 8;
   if (fast_decode) {
-    for (int32_t l = 0; l < L; ++l) {
-      DecodeAttentionOptions o;
-      o.num_qo_heads = H;
-      o.num_kv_heads = Hkv;
-      o.head_dim = static_cast<int32_t>(d);
-      o.max_rows = static_cast<int32_t>(S * Hkv);
-      // The kernel before it on the stream is kv_append (or a memcpy, which keeps the full
-      // dependency): it writes K/V only, never the plan or the page table, so the attention kernel
-      // may load those and request its first pages in L2 while kv_append finishes.
-      o.overlap_prologue = overlap_decode_prologue;
-      o.prefetch_pages = 2;
-      ADAKV_ASSIGN_OR_RETURN(auto da, DecodeAttention::create(o));
-      decode.push_back(std::move(da));
-    }
+    DecodeAttentionOptions o;
+    o.num_qo_heads = H;
+    o.num_kv_heads = Hkv;
+    o.head_dim = static_cast<int32_t>(d);
+    o.max_rows = static_cast<int32_t>(S * Hkv);
+    // The kernel before it on the stream is kv_append (or a memcpy, which keeps the full
+    // dependency): it writes K/V only, never the plan or the page table, so the attention kernel
+    // may load those and request its first pages in L2 while kv_append finishes.
+    o.overlap_prologue = overlap_decode_prologue;
+    o.prefetch_pages = 2;
+    ADAKV_ASSIGN_OR_RETURN(decode, DecodeAttentionLayers::create(o, L));
   }
   if (fast_prefill) {
     ADAKV_RETURN_IF_ERROR(alloc(&gather_k, Hkv * max_context * d, "prefill gather K", ws));

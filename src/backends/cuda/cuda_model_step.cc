@@ -113,7 +113,8 @@ Status CudaModel::step(std::span<const SeqStep> steps, KvCacheManager& mgr, bool
 
 Status CudaModel::Impl::plan_decode_attention(const StepPlan& sp) {
   // One plan per layer, from the decode rows' lengths and page-table offsets (host copies in the
-  // metadata); plan() does nothing while every row keeps its page count.
+  // metadata); plan() does nothing while every row keeps its page count, and the plans that
+  // changed go up in one copy.
   if (!fast_decode || sp.n_dec == 0) return Status::ok();
   const int32_t L = static_cast<int32_t>(cfg.num_layers), Hkv = static_cast<int32_t>(cfg.num_kv_heads);
   const size_t rows = static_cast<size_t>(sp.n_dec) * Hkv;
@@ -122,9 +123,9 @@ Status CudaModel::Impl::plan_decode_attention(const StepPlan& sp) {
     const std::span<const int32_t> lens(meta_host + sp.meta.dlen + at, rows);
     // With the rows' page-table offsets the plan's items are absolute (one load less per item).
     const std::span<const int32_t> offs(meta_host + sp.meta.doff + at, rows);
-    ADAKV_RETURN_IF_ERROR(decode[static_cast<size_t>(l)]->plan(lens, offs, stream));
+    ADAKV_RETURN_IF_ERROR(decode->layer(l).plan(lens, offs, stream));
   }
-  return Status::ok();
+  return decode->upload(stream);
 }
 
 Status CudaModel::Impl::finish_step(const StepPlan& sp, KvCacheManager& mgr) {

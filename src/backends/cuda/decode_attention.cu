@@ -16,23 +16,39 @@ using decode_detail::DecodeParams;
 
 size_t align16(size_t x) { return (x + 15) & ~size_t{15}; }
 
-// The plan buffer (device and pinned host copy): the fixed-size parts first, so that one copy
-// from offset 0 covers them and the items actually used.
+// The plan buffer (device and pinned host copy). A plan uses a prefix of it from `begin`: the
+// fixed-size parts first, then the items it has, so that one copy covers what a plan uses. The
+// warp kernel (v2) uses warp offsets | row merge | items; block items (v3) row merge | block items.
 struct PlanLayout {
-  size_t offsets = 0;  // int32 [max_warps + 1]
+  size_t offsets = 0;  // int32 [max_warps + 1] (v2)
   size_t merge = 0;    // int2 [max_rows]
-  size_t items = 0;    // int4 [max_items]
-  size_t blocks = 0;   // int4 [2 (max_warps + max_items)] block items (heads, then the rest)
+  size_t items = 0;    // int4 [max_items] (v2)
+  size_t blocks = 0;   // int4 [2 (max_warps + max_items)] block items (heads, then the rest; v3)
+  size_t begin = 0;    // the first byte a plan uses
   size_t end = 0;
 };
 
-PlanLayout plan_layout(int64_t max_warps, int64_t max_rows, int64_t max_items) {
+PlanLayout plan_layout(int64_t max_warps, int64_t max_rows, int64_t max_items, bool block_items) {
+  const size_t offsets = sizeof(int32_t) * static_cast<size_t>(max_warps + 1);
+  const size_t merge = sizeof(int2) * static_cast<size_t>(max_rows);
+  const size_t items = sizeof(int4) * static_cast<size_t>(max_items);
+  const size_t blocks = 2 * sizeof(int4) * static_cast<size_t>(max_warps + max_items);
   PlanLayout l;
-  l.offsets = 0;
-  l.merge = align16(l.offsets + sizeof(int32_t) * static_cast<size_t>(max_warps + 1));
-  l.items = align16(l.merge + sizeof(int2) * static_cast<size_t>(max_rows));
-  l.blocks = l.items + sizeof(int4) * static_cast<size_t>(max_items);
-  l.end = l.blocks + 2 * sizeof(int4) * static_cast<size_t>(max_warps + max_items);
+  if (block_items) {
+    l.merge = 0;
+    l.blocks = align16(merge);
+    l.offsets = l.blocks + blocks;
+    l.items = align16(l.offsets + offsets);
+    l.end = l.items + items;
+    l.begin = l.merge;
+  } else {
+    l.offsets = 0;
+    l.merge = align16(offsets);
+    l.items = align16(l.merge + merge);
+    l.blocks = l.items + items;
+    l.end = l.blocks + blocks;
+    l.begin = l.offsets;
+  }
   return l;
 }
 
@@ -49,6 +65,11 @@ static_assert(sizeof(DecodeWorkItem) == sizeof(int4), "work items are read as in
 static_assert(sizeof(DecodeRowMerge) == sizeof(int2), "row merge entries are read as int2");
 
 Expected<std::unique_ptr<DecodeAttention>> DecodeAttention::create(const DecodeAttentionOptions& o) {
+  return make(o, nullptr, 0);
+}
+
+Expected<std::unique_ptr<DecodeAttention>> DecodeAttention::make(const DecodeAttentionOptions& o,
+                                                                 DecodeAttentionLayers* owner, int32_t index) {
   const std::string where = "decode attention: ";
   if (o.head_dim != 64 && o.head_dim != 128)
     return unimplemented(where + "head_dim " + std::to_string(o.head_dim) + " (supported: 64, 128)");
@@ -86,12 +107,16 @@ Expected<std::unique_ptr<DecodeAttention>> DecodeAttention::create(const DecodeA
   self->max_warps_ = std::max<int64_t>(self->device_warp_slots_, int64_t{kDecodeWarpsPerBlock} * o.max_rows);
   self->max_items_ = int64_t{self->device_warp_slots_} + int64_t{kDecodeWarpsPerBlock} * o.max_rows;
 
-  const PlanLayout layout = plan_layout(self->max_warps_, o.max_rows, self->max_items_);
+  const PlanLayout layout = plan_layout(self->max_warps_, o.max_rows, self->max_items_, o.block_items);
   self->plan_bytes_ = layout.end;
-  ADAKV_CUDA_RETURN_IF_ERROR(cudaMalloc(&self->d_plan_, self->plan_bytes_));
-  ADAKV_CUDA_RETURN_IF_ERROR(cudaMallocHost(&self->h_plan_, self->plan_bytes_));
-  std::memset(self->h_plan_, 0, self->plan_bytes_);
-  ADAKV_CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&self->upload_done_, cudaEventDisableTiming));
+  self->owner_ = owner;
+  self->owner_index_ = index;
+  if (owner == nullptr) {
+    ADAKV_CUDA_RETURN_IF_ERROR(cudaMalloc(&self->d_plan_, self->plan_bytes_));
+    ADAKV_CUDA_RETURN_IF_ERROR(cudaMallocHost(&self->h_plan_, self->plan_bytes_));
+    std::memset(self->h_plan_, 0, self->plan_bytes_);
+    ADAKV_CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&self->upload_done_, cudaEventDisableTiming));
+  }
   const size_t partial_floats = static_cast<size_t>(self->max_items_) * g;
   ADAKV_CUDA_RETURN_IF_ERROR(cudaMalloc(&self->d_partial_o_, partial_floats * o.head_dim * sizeof(float)));
   ADAKV_CUDA_RETURN_IF_ERROR(cudaMalloc(&self->d_partial_lse_, partial_floats * sizeof(float)));
@@ -107,8 +132,10 @@ DecodeAttention::~DecodeAttention() {
     cudaEventSynchronize(upload_done_);
     cudaEventDestroy(upload_done_);
   }
-  cudaFree(d_plan_);
-  cudaFreeHost(h_plan_);
+  if (owner_ == nullptr) {
+    cudaFree(d_plan_);
+    cudaFreeHost(h_plan_);
+  }
   cudaFree(d_partial_o_);
   cudaFree(d_partial_lse_);
   cudaFree(d_row_counters_);
@@ -153,8 +180,13 @@ Status DecodeAttention::plan(std::span<const int32_t> row_lengths, std::span<con
   }
 
   // The previous upload must have left the staging buffer before it is rewritten.
-  ADAKV_CUDA_RETURN_IF_ERROR(cudaEventSynchronize(upload_done_));
-  const PlanLayout layout = plan_layout(max_warps_, options_.max_rows, max_items_);
+  if (owner_ != nullptr) {
+    ADAKV_RETURN_IF_ERROR(owner_->staging_free());
+  } else {
+    ADAKV_CUDA_RETURN_IF_ERROR(cudaEventSynchronize(upload_done_));
+  }
+  const PlanLayout layout = plan_layout(max_warps_, options_.max_rows, max_items_, options_.block_items);
+  size_t used_end = 0;  // the plan uses [layout.begin, used_end)
   auto* h = static_cast<char*>(h_plan_);
   std::memcpy(h + layout.merge, plan_.row_merge.data(), plan_.row_merge.size() * sizeof(DecodeRowMerge));
   if (options_.block_items) {
@@ -182,20 +214,19 @@ Status DecodeAttention::plan(std::span<const int32_t> row_lengths, std::span<con
         at = next;
       }
     }
-    auto* d = static_cast<char*>(d_plan_);
-    ADAKV_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(d + layout.merge, h + layout.merge,
-                                               plan_.row_merge.size() * sizeof(DecodeRowMerge),
-                                               cudaMemcpyHostToDevice, stream));
-    ADAKV_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(d + layout.blocks, h + layout.blocks,
-                                               2 * sizeof(int4) * static_cast<size_t>(extra), cudaMemcpyHostToDevice,
-                                               stream));
+    used_end = layout.blocks + 2 * sizeof(int4) * static_cast<size_t>(extra);
   } else {
     std::memcpy(h + layout.offsets, plan_.warp_item_offsets.data(), plan_.warp_item_offsets.size() * sizeof(int32_t));
     std::memcpy(h + layout.items, plan_.items.data(), plan_.items.size() * sizeof(DecodeWorkItem));
-    const size_t bytes = layout.items + plan_.items.size() * sizeof(DecodeWorkItem);
-    ADAKV_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(d_plan_, h_plan_, bytes, cudaMemcpyHostToDevice, stream));
+    used_end = layout.items + plan_.items.size() * sizeof(DecodeWorkItem);
   }
-  ADAKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(upload_done_, stream));
+  if (owner_ != nullptr) {
+    owner_->staged(owner_index_, used_end);  // the owner's upload() sends it
+  } else {
+    ADAKV_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(static_cast<char*>(d_plan_) + layout.begin, h + layout.begin,
+                                               used_end - layout.begin, cudaMemcpyHostToDevice, stream));
+    ADAKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(upload_done_, stream));
+  }
   plan_pages_.resize(row_lengths.size());
   for (size_t r = 0; r < row_lengths.size(); ++r) plan_pages_[r] = (row_lengths[r] + kPageSize - 1) / kPageSize;
   plan_offsets_.assign(row_page_offsets.begin(), row_page_offsets.end());
@@ -233,7 +264,7 @@ Status DecodeAttention::run(const PagedKvView& kv, const void* q, int64_t q_seq_
   p.num_qo_heads = options_.num_qo_heads;
   p.group_size = group_size_;
   p.scale_log2 = softmax_scale * 1.4426950408889634f;
-  const PlanLayout layout = plan_layout(max_warps_, options_.max_rows, max_items_);
+  const PlanLayout layout = plan_layout(max_warps_, options_.max_rows, max_items_, options_.block_items);
   auto* d = static_cast<char*>(d_plan_);
   p.warp_item_offsets = reinterpret_cast<const int32_t*>(d + layout.offsets);
   p.row_merge = reinterpret_cast<const int2*>(d + layout.merge);
@@ -263,6 +294,71 @@ Status DecodeAttention::run(const PagedKvView& kv, const void* q, int64_t q_seq_
           ? decode_detail::decode_attention_launch<64>(p, q_f32, ppi, dependent_launch_, mode, stream, overlap)
           : decode_detail::decode_attention_launch<128>(p, q_f32, ppi, dependent_launch_, mode, stream, overlap);
   ADAKV_CUDA_RETURN_IF_ERROR(err);
+  return Status::ok();
+}
+
+Expected<std::unique_ptr<DecodeAttentionLayers>> DecodeAttentionLayers::create(const DecodeAttentionOptions& options,
+                                                                               int32_t layers) {
+  if (layers < 1) return invalid_argument("decode attention layers: need at least one layer");
+  std::unique_ptr<DecodeAttentionLayers> self(new DecodeAttentionLayers());
+  for (int32_t l = 0; l < layers; ++l) {
+    ADAKV_ASSIGN_OR_RETURN(auto layer, DecodeAttention::make(options, self.get(), l));
+    self->layers_.push_back(std::move(layer));
+  }
+  // Every layer has the same options, so the same layout: one slot each, 256-byte aligned.
+  const DecodeAttention& first = *self->layers_.front();
+  const PlanLayout layout = plan_layout(first.max_warps_, options.max_rows, first.max_items_, options.block_items);
+  self->pitch_ = (first.plan_bytes_ + 255) & ~size_t{255};
+  self->copy_begin_ = layout.begin;
+  const size_t bytes = self->pitch_ * static_cast<size_t>(layers);
+  ADAKV_CUDA_RETURN_IF_ERROR(cudaMalloc(&self->d_, bytes));
+  ADAKV_CUDA_RETURN_IF_ERROR(cudaMallocHost(&self->h_, bytes));
+  std::memset(self->h_, 0, bytes);
+  ADAKV_CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&self->uploaded_, cudaEventDisableTiming));
+  for (int32_t l = 0; l < layers; ++l) {
+    DecodeAttention& a = *self->layers_[static_cast<size_t>(l)];
+    a.d_plan_ = static_cast<char*>(self->d_) + self->pitch_ * static_cast<size_t>(l);
+    a.h_plan_ = static_cast<char*>(self->h_) + self->pitch_ * static_cast<size_t>(l);
+  }
+  return Expected<std::unique_ptr<DecodeAttentionLayers>>(std::move(self));
+}
+
+DecodeAttentionLayers::~DecodeAttentionLayers() {
+  if (uploaded_ != nullptr) {
+    cudaEventSynchronize(uploaded_);
+    cudaEventDestroy(uploaded_);
+  }
+  layers_.clear();
+  cudaFree(d_);
+  cudaFreeHost(h_);
+}
+
+Status DecodeAttentionLayers::staging_free() {
+  if (in_flight_) {
+    ADAKV_CUDA_RETURN_IF_ERROR(cudaEventSynchronize(uploaded_));
+    in_flight_ = false;
+  }
+  return Status::ok();
+}
+
+void DecodeAttentionLayers::staged(int32_t index, size_t end) {
+  dirty_first_ = dirty_first_ < 0 ? index : std::min(dirty_first_, index);
+  dirty_last_ = std::max(dirty_last_, index);
+  dirty_end_ = std::max(dirty_end_, end);
+}
+
+Status DecodeAttentionLayers::upload(cudaStream_t stream) {
+  if (dirty_first_ < 0) return Status::ok();
+  // The staged slots and any clean ones between them (their staging equals their device copy).
+  const size_t first = static_cast<size_t>(dirty_first_) * pitch_ + copy_begin_;
+  ADAKV_CUDA_RETURN_IF_ERROR(cudaMemcpy2DAsync(static_cast<char*>(d_) + first, pitch_, static_cast<char*>(h_) + first,
+                                               pitch_, dirty_end_ - copy_begin_,
+                                               static_cast<size_t>(dirty_last_ - dirty_first_ + 1),
+                                               cudaMemcpyHostToDevice, stream));
+  ADAKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(uploaded_, stream));
+  in_flight_ = true;
+  dirty_first_ = dirty_last_ = -1;
+  dirty_end_ = 0;
   return Status::ok();
 }
 

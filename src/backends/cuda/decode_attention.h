@@ -151,6 +151,8 @@ struct DecodeAttentionOptions {
   DecodePlanOptions plan;
 };
 
+class DecodeAttentionLayers;
+
 class DecodeAttention {
  public:
   // Checks the shapes (g = H / Hkv in 1..8, head_dim 64/128) and allocates the workspace on the
@@ -198,7 +200,12 @@ class DecodeAttention {
   const DecodeAttentionOptions& options() const { return options_; }
 
  private:
+  friend class DecodeAttentionLayers;
   DecodeAttention() = default;
+  // Checks the options, sizes the workspace and allocates all of it but the plan buffers, which
+  // come from `owner` (set by it) or, without one, are allocated here too.
+  static Expected<std::unique_ptr<DecodeAttention>> make(const DecodeAttentionOptions& options,
+                                                         DecodeAttentionLayers* owner, int32_t index);
 
   DecodeAttentionOptions options_;
   int32_t group_size_ = 0;
@@ -215,16 +222,56 @@ class DecodeAttention {
   std::vector<int32_t> plan_pages_;    // [rows] pages of each row
   std::vector<int32_t> plan_offsets_;  // the row_page_offsets passed (empty: none)
   cudaStream_t plan_stream_ = nullptr;
-  // Device workspace: one allocation, laid out as the staging buffer below.
-  void* d_plan_ = nullptr;         // warp offsets | row merge | items | block items
+  // Device workspace: one allocation, laid out as the staging buffer below (plan_layout in
+  // decode_attention.cu); owned here, or a slice of the owner's.
+  void* d_plan_ = nullptr;
   size_t plan_bytes_ = 0;
   void* h_plan_ = nullptr;         // pinned staging copy of the same layout
-  cudaEvent_t upload_done_ = nullptr;  // the staging buffer may be rewritten once this fired
+  cudaEvent_t upload_done_ = nullptr;  // (own buffers) the staging buffer may be rewritten once this fired
+  DecodeAttentionLayers* owner_ = nullptr;  // plan buffers shared with other layers (plan() only stages)
+  int32_t owner_index_ = 0;
   float* d_partial_o_ = nullptr;   // [max_items][g][head_dim]
   float* d_partial_lse_ = nullptr; // [max_items][g] log2 units
   int32_t* d_row_counters_ = nullptr;  // [max_rows] fused merge arrivals, zero between launches
   unsigned long long* trace_attn_ = nullptr;  // diagnostics (set_trace)
   unsigned long long* trace_merge_ = nullptr;
+};
+
+// The decode attention of a model's layers, whose plans share one device buffer and one pinned
+// staging buffer (a slot per layer): each layer's plan() only stages its plan on the host, and
+// upload() sends every plan staged since the last upload with one copy. A decode step that
+// re-plans many layers (Ada-KV rows cross pages at different steps) then pays one copy instead of
+// two driver calls per layer. Call upload() after the step's plan() calls and before the first
+// run() on the same stream.
+class DecodeAttentionLayers {
+ public:
+  static Expected<std::unique_ptr<DecodeAttentionLayers>> create(const DecodeAttentionOptions& options, int32_t layers);
+  ~DecodeAttentionLayers();
+  DecodeAttentionLayers(const DecodeAttentionLayers&) = delete;
+  DecodeAttentionLayers& operator=(const DecodeAttentionLayers&) = delete;
+
+  DecodeAttention& layer(int32_t l) { return *layers_[static_cast<size_t>(l)]; }
+  int32_t size() const { return static_cast<int32_t>(layers_.size()); }
+  // Uploads the slots staged since the last upload (one 2D copy of the bytes they use) on `stream`.
+  Status upload(cudaStream_t stream);
+
+ private:
+  friend class DecodeAttention;
+  DecodeAttentionLayers() = default;
+  // The staging buffer may be rewritten once the last upload has left it.
+  Status staging_free();
+  // Layer `index` staged bytes [copy_begin_, end) of its slot.
+  void staged(int32_t index, size_t end);
+
+  std::vector<std::unique_ptr<DecodeAttention>> layers_;
+  void* d_ = nullptr;  // [layers][pitch_]
+  void* h_ = nullptr;  // pinned, same layout
+  size_t pitch_ = 0;
+  size_t copy_begin_ = 0;  // first byte of a slot that a plan uses
+  cudaEvent_t uploaded_ = nullptr;
+  bool in_flight_ = false;  // an upload may still read the staging buffer
+  int32_t dirty_first_ = -1, dirty_last_ = -1;
+  size_t dirty_end_ = 0;
 };
 
 }  // namespace adakv::cuda

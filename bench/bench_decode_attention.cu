@@ -25,7 +25,7 @@
 //             the same with one block per SM
 // --small: steps up to 1.1 GB, no naive and no sweep; prints the v3 table only. --lean: the same
 // with only b2, bp8, b2r / bp8r / bp0r / bp2r / bp4r (the row-aligned split; bpNr: N pages per
-// warp requested before the wait), bp8w (one block per SM), and bpa8 /
+// warp requested before the wait), bfr / bfp2r (fused merge), bp8w (one block per SM), and bpa8 /
 // bpa8r / bpa8w (without the merge: timing only) at the main pages/iter, and one more table last:
 // every variant per layer in a graph, % of copy. --timeline (with
 // --lean): per layer in the graph, where the time goes (DecodeAttention::set_trace's
@@ -598,6 +598,13 @@ int main(int argc, char** argv) {
                           make_attention(d, DecodeSplit::kRowAligned, main_ppi, 0, true, DecodeMerge::kKernel, true, true, 8)});
       variants.push_back({"bpa8r" + sfx, kBlockAttnAligned,
                           make_attention(d, DecodeSplit::kRowAligned, main_ppi, 0, true, DecodeMerge::kNone, true, true, 8)});
+      // The fused merge (the block that brings a row's last partial merges it; no second kernel),
+      // plainly launched (bfr) and overlapped with 2 pages requested before the wait (bfp2r).
+      variants.push_back({"bfr" + sfx, kBlockFused,
+                          make_attention(d, DecodeSplit::kRowAligned, main_ppi, 0, true, DecodeMerge::kFused, true)});
+      variants.push_back({"bfp2r" + sfx, kBlockFused,
+                          make_attention(d, DecodeSplit::kRowAligned, main_ppi, 0, true, DecodeMerge::kFused, true, true,
+                                         2)});
       // The boundary overlapped with fewer pages requested before the wait (bp0r: none).
       for (int pf : {0, 2, 4})
         variants.push_back({"bp" + std::to_string(pf) + "r" + sfx, kBlockPrefetchAligned,

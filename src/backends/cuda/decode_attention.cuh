@@ -222,10 +222,13 @@ __device__ __forceinline__ void page_pv(float (&o)[kHeadDim / 16][4], const Page
 // thread t owns the float4 slots t, t + nthreads, ... of that block (each slot lies in one head)
 // and merges them over the partials with a running max: no data exchange between threads, every
 // thread keeps the weight sum of its own slot's head. Partials are read through L2 (ld.cg):
-// other SMs wrote them in this launch.
+// other SMs wrote them in this launch. They are loaded kBatch at a time, all before the first is
+// folded, so that a row of up to kBatch partials costs one L2 round trip (a loop that folds each
+// partial as it arrives lets every load wait for the previous fold).
 template <int kHeadDim>
 __device__ __forceinline__ void merge_row_threads(const DecodeParams& p, int seq, int head0, int2 rm, int tid,
                                                   int nthreads) {
+  constexpr int kBatch = 8;
   const int g = p.group_size;
   const int slots = g * kHeadDim / 4;
   __nv_bfloat16* out = p.out + seq * p.out_seq_stride + int64_t{head0} * kHeadDim;
@@ -233,19 +236,28 @@ __device__ __forceinline__ void merge_row_threads(const DecodeParams& p, int seq
     const int hh = (4 * s) / kHeadDim;
     float m = kNegInf, sum = 0.f;
     float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-#pragma unroll 8
-    for (int i = 0; i < rm.y; ++i) {
-      const int64_t pi = int64_t{rm.x + i} * g;
-      const float lse_i = __ldcg(p.partial_lse + pi + hh);
-      const float4 v = __ldcg(reinterpret_cast<const float4*>(p.partial_o + pi * kHeadDim) + s);
-      const float mn = fmaxf(m, lse_i);
-      const float a = fast_exp2(m - mn), w = fast_exp2(lse_i - mn);
-      sum = sum * a + w;
-      acc.x = acc.x * a + w * v.x;
-      acc.y = acc.y * a + w * v.y;
-      acc.z = acc.z * a + w * v.z;
-      acc.w = acc.w * a + w * v.w;
-      m = mn;
+    for (int i0 = 0; i0 < rm.y; i0 += kBatch) {
+      float lse_b[kBatch];
+      float4 v[kBatch];
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u) {
+        // Past the row's end: weight 0 (the batch's first partial is real, so the running max is
+        // finite before any of these is folded).
+        const int64_t pi = int64_t{rm.x + min(i0 + u, rm.y - 1)} * g;
+        lse_b[u] = i0 + u < rm.y ? __ldcg(p.partial_lse + pi + hh) : kNegInf;
+        v[u] = __ldcg(reinterpret_cast<const float4*>(p.partial_o + pi * kHeadDim) + s);
+      }
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u) {
+        const float mn = fmaxf(m, lse_b[u]);
+        const float a = fast_exp2(m - mn), w = fast_exp2(lse_b[u] - mn);
+        sum = sum * a + w;
+        acc.x = acc.x * a + w * v[u].x;
+        acc.y = acc.y * a + w * v[u].y;
+        acc.z = acc.z * a + w * v[u].z;
+        acc.w = acc.w * a + w * v[u].w;
+        m = mn;
+      }
     }
     const float inv = 1.f / sum;
     *reinterpret_cast<uint2*>(out + 4 * s) = make_uint2(pack_bf16(acc.x * inv, acc.y * inv), pack_bf16(acc.z * inv, acc.w * inv));

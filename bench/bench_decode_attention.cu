@@ -27,7 +27,8 @@
 // with only b2, bp8, b2r / bp8r / bp0r / bp2r / bp4r (the row-aligned split; bpNr: N pages per
 // warp requested before the wait), bfr / bfp2r (fused merge), bp8w (one block per SM), and bpa8 /
 // bpa8r / bpa8w (without the merge: timing only) at the main pages/iter, and one more table last:
-// every variant per layer in a graph, % of copy. --timeline (with
+// every variant per layer in a graph, % of copy; with --all-sizes every batch and context and the
+// naive baseline too (steps over 1.1 GB per call, marked c). --timeline (with
 // --lean): per layer in the graph, where the time goes (DecodeAttention::set_trace's
 // global-timer stamps) for each variant at d 128 batch 1 4K / 16K and batch 8 4K, and d 64
 // batch 1 4K; steps under 40 MB also "hot" (every layer on the first layer's pages, so K/V come
@@ -44,7 +45,7 @@
 // A tuning sweep (warps per SM, pages per iteration, dependent launch) over a few shapes is
 // printed first.
 //
-// Usage: bench_decode_attention [--quick] [--small] [--lean [--timeline]] [--only NAME,...] [--reps N]
+// Usage: bench_decode_attention [--quick] [--small] [--lean [--timeline] [--all-sizes]] [--only NAME,...] [--reps N]
 // [--no-sweep] (--only: the variants of these names, without the -pX suffix; the first one kept
 // is the reference the others' outputs are compared with); writes
 // $OUT/bench_decode_attention.csv when OUT is set. Prints one table last.
@@ -483,7 +484,7 @@ struct Result {
 }  // namespace
 
 int main(int argc, char** argv) {
-  bool quick = false, do_sweep = true, small = false, lean = false, timeline = false;
+  bool quick = false, do_sweep = true, small = false, lean = false, timeline = false, all_sizes = false;
   std::vector<std::string> only;  // --only a,b,c: just the variants of these names (without the -pX)
   Bench b;
   for (int i = 1; i < argc; ++i) {
@@ -495,6 +496,8 @@ int main(int argc, char** argv) {
     } else if (!std::strcmp(argv[i], "--lean")) {
       lean = small = true;  // --small with only the variants the top lists (and the ceilings)
       do_sweep = false;
+    } else if (!std::strcmp(argv[i], "--all-sizes")) {
+      all_sizes = true;  // with --lean: every batch and context (and the naive baseline)
     } else if (!std::strcmp(argv[i], "--timeline")) {
       timeline = true;  // with --lean: per-layer timelines of each variant (see the top)
     } else if (!std::strcmp(argv[i], "--no-sweep")) {
@@ -527,11 +530,11 @@ int main(int argc, char** argv) {
               b.copy_bw / 1e9, b.read_bw / 1e9);
 
   const std::vector<int> batches = quick   ? std::vector<int>{1, 32}
-                                   : small ? std::vector<int>{1, 8, 32}
-                                           : std::vector<int>{1, 8, 32, 64};
+                                   : small && !all_sizes ? std::vector<int>{1, 8, 32}
+                                                         : std::vector<int>{1, 8, 32, 64};
   const std::vector<int> contexts = quick ? std::vector<int>{4096, 32768} : std::vector<int>{4096, 16384, 32768, 131072};
   // --small: steps up to 1.1 GB only (batch 1 to 128K, batch 8 to 32K, batch 32 at 4K).
-  const auto wanted = [&](int batch, int ctx) { return !small || double(batch) * ctx <= 131072.0; };
+  const auto wanted = [&](int batch, int ctx) { return !small || all_sizes || double(batch) * ctx <= 131072.0; };
 
   // One pool sized for the largest d=128 shape (d=64 uses the same memory, half-size pages).
   for (int batch : batches)
@@ -605,6 +608,7 @@ int main(int argc, char** argv) {
       variants.push_back({"bfp2r" + sfx, kBlockFused,
                           make_attention(d, DecodeSplit::kRowAligned, main_ppi, 0, true, DecodeMerge::kFused, true, true,
                                          2)});
+      if (all_sizes) variants.push_back({"naive", kNaive, make_attention(d, DecodeSplit::kOneBlockPerRow, 2, 0, true)});
       // The boundary overlapped with fewer pages requested before the wait (bp0r: none).
       for (int pf : {0, 2, 4})
         variants.push_back({"bp" + std::to_string(pf) + "r" + sfx, kBlockPrefetchAligned,
@@ -723,7 +727,7 @@ int main(int argc, char** argv) {
                  v.role == kBlockPrefetch ||
                  v.role == kBlockFew || v.role == kBlockAttn || v.role == kBlockPrefetchOneBlock ||
                  v.role == kBlockAttnOneBlock || v.role == kBlockPrefetchAligned || v.role == kBlockAttnAligned ||
-                 v.role == kBlockKernelAligned ||
+                 v.role == kBlockKernelAligned || (lean && v.role == kNaive) ||
                  (v.role == kTwoKernel && v.name.back() - '0' == main_ppi)) &&
                 res.shape.bytes <= 1.1e9;
             if (graph_it) g = time_graph(b, *v.attn, res.shape, &res.layers);
@@ -896,7 +900,8 @@ int main(int argc, char** argv) {
                 paged_cfg.count(pkey) ? paged_cfg.at(pkey).c_str() : "-", diff < 0.05 ? "" : "  MISMATCH");
   }
   if (lean) {
-    // Every variant per layer in the graph (% of the 1 GiB copy).
+    // Every variant per layer in the graph (% of the 1 GiB copy); per call where a step is too
+    // large for a graph of layers (marked c).
     std::printf("\n== decode attention, lean (%s; copy %.0f GB/s): per layer in a graph of N layers, %% of copy ==\n",
                 b.prop.name, b.copy_bw / 1e9);
     const std::vector<std::string>* header = nullptr;  // a header line wherever the variants change
@@ -911,8 +916,13 @@ int main(int argc, char** argv) {
       for (double x : r.diff) diff = std::max(diff, x);
       std::printf("%3d %5d %3dK %7s %6.0f |", r.shape.d, r.shape.batch, r.shape.ctx / 1024, r.shape.dist(),
                   r.shape.bytes / 1e6);
-      for (size_t v = 0; v < r.names.size(); ++v)
-        std::printf(" %9.1f", r.graph_us[v] > 0 ? pct(b, r.shape.bytes, r.graph_us[v]) : 0.0);
+      for (size_t v = 0; v < r.names.size(); ++v) {
+        if (r.graph_us[v] > 0) {
+          std::printf(" %9.1f", pct(b, r.shape.bytes, r.graph_us[v]));
+        } else {
+          std::printf(" %8.1fc", pct(b, r.shape.bytes, r.us[v]));
+        }
+      }
       std::printf("%s\n", diff < 0.05 ? "" : "  MISMATCH");
     }
   }

@@ -223,7 +223,7 @@ bool setup_shape(Bench& b, Shape* s) {
 
 std::unique_ptr<DecodeAttention> make_attention(int d, DecodeSplit split, int ppi, int warps_per_sm, bool pdl,
                                                 DecodeMerge merge = DecodeMerge::kKernel, bool block_items = false,
-                                                bool overlap = false, int prefetch = 0) {
+                                                bool overlap = false, int prefetch = 0, int merge_warps = 0) {
   DecodeAttentionOptions o;
   o.num_qo_heads = kQoHeads;
   o.num_kv_heads = kKvHeads;
@@ -237,6 +237,7 @@ std::unique_ptr<DecodeAttention> make_attention(int d, DecodeSplit split, int pp
   o.block_items = block_items;
   o.overlap_prologue = overlap;
   o.prefetch_pages = prefetch;
+  o.merge_warps = merge_warps;
   auto a = DecodeAttention::create(o);
   if (!a) {
     std::fprintf(stderr, "create: %s\n", a.status().message().c_str());
@@ -425,7 +426,7 @@ void launch_floor(Bench& b, double* single_us, double* graph_us) {
 }
 
 // Variant roles in the table.
-enum Role { kTwoKernel, kFusedMerge, kAutoMerge, kAttnOnly, kNaive, kBlockKernel, kBlockOverlap, kBlockFused, kBlockAttn, kBlockFew, kBlockPrefetch, kBlockPrefetchOneBlock, kBlockAttnOneBlock, kBlockPrefetchAligned, kBlockAttnAligned, kBlockKernelAligned };
+enum Role { kTwoKernel, kFusedMerge, kAutoMerge, kAttnOnly, kNaive, kBlockKernel, kBlockOverlap, kBlockFused, kBlockAttn, kBlockFew, kBlockPrefetch, kBlockPrefetchOneBlock, kBlockAttnOneBlock, kBlockPrefetchAligned, kBlockAttnAligned, kBlockKernelAligned, kMergeWidthFixed };
 
 // The timeline of N back-to-back layers (as time_graph runs them) from the kernels' global-timer
 // stamps of the last replay: one line of offsets per variant and shape. hot: every layer reads
@@ -609,6 +610,16 @@ int main(int argc, char** argv) {
                           make_attention(d, DecodeSplit::kRowAligned, main_ppi, 0, true, DecodeMerge::kFused, true, true,
                                          2)});
       if (all_sizes) variants.push_back({"naive", kNaive, make_attention(d, DecodeSplit::kOneBlockPerRow, 2, 0, true)});
+      // b2r / bp2r with the merge kernel's blocks fixed at 4..32 warps (b2r: from the plan's longest
+      // row; 4: the width before, 32 partials per L2 round trip).
+      for (int mw : {4, 8, 16, 32}) {
+        variants.push_back({"b2r" + std::to_string(mw) + "w" + sfx, kMergeWidthFixed,
+                            make_attention(d, DecodeSplit::kRowAligned, main_ppi, 0, true, DecodeMerge::kKernel, true,
+                                           false, 0, mw)});
+        variants.push_back({"bp2r" + std::to_string(mw) + "w" + sfx, kMergeWidthFixed,
+                            make_attention(d, DecodeSplit::kRowAligned, main_ppi, 0, true, DecodeMerge::kKernel, true,
+                                           true, 2, mw)});
+      }
       // The boundary overlapped with fewer pages requested before the wait (bp0r: none).
       for (int pf : {0, 2, 4})
         variants.push_back({"bp" + std::to_string(pf) + "r" + sfx, kBlockPrefetchAligned,
@@ -727,7 +738,7 @@ int main(int argc, char** argv) {
                  v.role == kBlockPrefetch ||
                  v.role == kBlockFew || v.role == kBlockAttn || v.role == kBlockPrefetchOneBlock ||
                  v.role == kBlockAttnOneBlock || v.role == kBlockPrefetchAligned || v.role == kBlockAttnAligned ||
-                 v.role == kBlockKernelAligned || (lean && v.role == kNaive) ||
+                 v.role == kBlockKernelAligned || v.role == kMergeWidthFixed || (lean && v.role == kNaive) ||
                  (v.role == kTwoKernel && v.name.back() - '0' == main_ppi)) &&
                 res.shape.bytes <= 1.1e9;
             if (graph_it) g = time_graph(b, *v.attn, res.shape, &res.layers);

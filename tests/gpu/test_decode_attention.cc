@@ -27,6 +27,7 @@
 #include <sstream>
 
 #include "backends/cuda/decode_attention.h"
+#include "backends/cuda/decode_attention_kernels.h"
 #include "device_array.h"
 #include "core/dtype.h"
 
@@ -305,6 +306,7 @@ struct GpuCase {
   bool host_offsets = false;      // plan() gets the host row_page_offsets (absolute item offsets)
   bool overlap_prologue = false;  // the attention kernel as a programmatic dependent
   int prefetch_pages = 0;         // with overlap_prologue: pages per warp requested in L2 first
+  int merge_warps = 0;            // merge kernel block width (0: from the plan's longest row)
   // Each checked run() is preceded, on the same stream and without a sync, by a run() of the same
   // plan on another query into another output: the two launches' kernels may overlap.
   bool back_to_back = false;
@@ -542,6 +544,7 @@ CheckResult check_gpu(const GpuCase& cs) {
   opt.block_items = cs.block_items;
   opt.overlap_prologue = cs.overlap_prologue;
   opt.prefetch_pages = cs.prefetch_pages;
+  opt.merge_warps = cs.merge_warps;
   auto attn = DecodeAttention::create(opt);
   if (!attn) return {false, "create: " + attn.status().message(), ""};
   std::mt19937_64 rng(test_seed() ^ std::hash<std::string>{}(std::to_string(cs.head_dim) + std::to_string(cs.group)));
@@ -558,8 +561,9 @@ CheckResult check_gpu(const GpuCase& cs) {
   std::ostringstream info;
   info << "max relative error " << max_rel << ", max lse error " << max_lse << ", " << (*attn)->last_plan().items.size()
        << " work items, " << (*attn)->last_plan().num_partials << " partials (most in a row: " << most_partials(**attn)
-       << "), merge "
-       << merge_name((*attn)->last_merge()) << ", seed " << test_seed();
+       << "), merge " << merge_name((*attn)->last_merge());
+  if ((*attn)->last_merge() == adakv::cuda::DecodeMerge::kKernel) info << " (" << (*attn)->last_merge_warps() << " warps)";
+  info << ", seed " << test_seed();
   res.info = info.str();
   return res;
 }
@@ -916,6 +920,46 @@ std::vector<NamedCheck> all_checks() {
                  cs.merge = DecodeMerge::kKernel;
                  cs.lengths = skewed_lengths(79, 24, 0.9, 7, 8 * 1000 + 5, 5);
                  return check_gpu(cs);
+               }});
+  // The merge kernel's block widths: each of 4..32 warps on rows of 1 to a few hundred partials
+  // (several batches of 8 per warp at 4 warps, fewer than one at 32), at d 128 g 4 (overlapped,
+  // back to back), d 64 g 1 and d 128 g 8; and the width the plan picks.
+  v.push_back({"MergeWidthFromPartials", [] {
+                 using adakv::cuda::decode_detail::merge_warps_for;
+                 const std::pair<int, int> want[] = {{0, 4},   {2, 4},    {33, 4},   {64, 4},
+                                                     {65, 16}, {128, 16}, {256, 16}, {1000, 16}};
+                 for (const auto& [most, w] : want)
+                   if (merge_warps_for(most) != w)
+                     return CheckResult{false, std::to_string(most) + " partials: " + std::to_string(merge_warps_for(most)) +
+                                                   " warps, want " + std::to_string(w), ""};
+                 return CheckResult{};
+               }});
+  v.push_back({"GpuMergeWidthsManyPartials", [] {
+                 std::string info;
+                 for (int w : {4, 8, 16, 32}) {
+                   for (int shape = 0; shape < 3; ++shape) {
+                     GpuCase cs = shape == 0 ? make_case(8, 4, 128, 1, 60000)
+                                  : shape == 1 ? make_case(4, 1, 64, 2, 30000)
+                                               : make_case(2, 8, 128, 3, 40000);
+                     cs.lengths[1] = 70000;  // a second long row
+                     cs.split = DecodeSplit::kBalanced;
+                     cs.min_pages_per_warp = 1;
+                     cs.merge = DecodeMerge::kKernel;
+                     cs.merge_warps = w;
+                     cs.host_offsets = shape != 1;
+                     cs.overlap_prologue = shape == 0;
+                     cs.prefetch_pages = shape == 0 ? 2 : 0;
+                     cs.back_to_back = shape != 2;
+                     const CheckResult res = check_gpu(cs);
+                     if (!res.passed()) return res;
+                     if (shape == 0) info += std::to_string(w) + " warps: " + res.info + "; ";
+                   }
+                 }
+                 GpuCase cs = make_case(8, 4, 128, 1, 60000);  // the width from the plan
+                 cs.merge = DecodeMerge::kKernel;
+                 const CheckResult res = check_gpu(cs);
+                 if (!res.passed()) return res;
+                 return CheckResult{false, "", info + "auto: " + res.info};
                }});
   v.push_back({"GpuMergeAdaSkewOverlapBackToBackBalanced", [] {
                  GpuCase cs;

@@ -199,6 +199,7 @@ struct CudaModel::Impl {
   bool graphs_enabled = true;
   // CudaModelOptions::decode_overlap unless ADAKV_DECODE_OVERLAP says 0 or 1.
   bool overlap_decode_prologue = false;
+  int32_t decode_merge_warps = 0;  // ADAKV_DECODE_MERGE_WARPS (diagnostics; 0: from each plan)
   // ADAKV_PROFILE_OPS=1: device time per op of every forward (op_timer.h; no graphs then).
   OpTimer ops;
   // Launches the graph of `forward` for this shape on `stream`, capturing it first if new. A

@@ -187,6 +187,7 @@ Status CudaModel::Impl::allocate_runtime() {
     // may load those and request its first pages in L2 while kv_append finishes.
     o.overlap_prologue = overlap_decode_prologue;
     o.prefetch_pages = 2;
+    o.merge_warps = decode_merge_warps;
     ADAKV_ASSIGN_OR_RETURN(decode, DecodeAttentionLayers::create(o, L));
   }
   if (fast_prefill) {

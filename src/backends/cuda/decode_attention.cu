@@ -87,6 +87,8 @@ Expected<std::unique_ptr<DecodeAttention>> DecodeAttention::make(const DecodeAtt
   if (o.max_rows < 1) return invalid_argument(where + "max_rows must be positive");
   if (o.prefetch_pages < 0 || o.prefetch_pages > 32)
     return invalid_argument(where + "prefetch_pages " + std::to_string(o.prefetch_pages) + " (supported: 0..32)");
+  if (o.merge_warps != 0 && o.merge_warps != 4 && o.merge_warps != 8 && o.merge_warps != 16 && o.merge_warps != 32)
+    return invalid_argument(where + "merge_warps " + std::to_string(o.merge_warps) + " (supported: 0, 4, 8, 16, 32)");
 
   std::unique_ptr<DecodeAttention> self(new DecodeAttention());
   self->options_ = o;
@@ -172,12 +174,12 @@ Status DecodeAttention::plan(std::span<const int32_t> row_lengths, std::span<con
     return internal_error(where + "plan exceeds the workspace (" + std::to_string(plan.items.size()) + " items, " +
                           std::to_string(plan.num_warps) + " warps)");
   plan_ = std::move(plan);
+  int32_t most = 0;  // partials of the longest split row
+  for (const DecodeRowMerge& m : plan_.row_merge) most = std::max(most, m.partial_count);
   merge_ = options_.merge;
-  if (merge_ == DecodeMerge::kAuto) {
-    int32_t most = 0;
-    for (const DecodeRowMerge& m : plan_.row_merge) most = std::max(most, m.partial_count);
+  if (merge_ == DecodeMerge::kAuto)
     merge_ = most <= options_.fused_max_partials ? DecodeMerge::kFused : DecodeMerge::kKernel;
-  }
+  merge_warps_ = options_.merge_warps > 0 ? options_.merge_warps : decode_detail::merge_warps_for(most);
 
   // The previous upload must have left the staging buffer before it is rewritten.
   if (owner_ != nullptr) {
@@ -291,8 +293,10 @@ Status DecodeAttention::run(const PagedKvView& kv, const void* q, int64_t q_seq_
   p.prefetch_pages = overlap ? options_.prefetch_pages : 0;
   const cudaError_t err =
       options_.head_dim == 64
-          ? decode_detail::decode_attention_launch<64>(p, q_f32, ppi, dependent_launch_, mode, stream, overlap)
-          : decode_detail::decode_attention_launch<128>(p, q_f32, ppi, dependent_launch_, mode, stream, overlap);
+          ? decode_detail::decode_attention_launch<64>(p, q_f32, ppi, dependent_launch_, mode, stream, overlap,
+                                                       merge_warps_)
+          : decode_detail::decode_attention_launch<128>(p, q_f32, ppi, dependent_launch_, mode, stream, overlap,
+                                                        merge_warps_);
   ADAKV_CUDA_RETURN_IF_ERROR(err);
   return Status::ok();
 }

@@ -630,16 +630,17 @@ __global__ void __launch_bounds__(kDecodeWarpsPerBlock * 32)
 // --- the merge kernel ---------------------------------------------------------------------------
 
 // One block per (row, query head of the group): combines the row's partials through their
-// log-sum-exp, or writes zeros for an empty row. Rows written directly return at once. A row of
-// one long sequence can have a few hundred partials, so 4 warps each load 8 at once (32 per L2
-// round trip).
-constexpr int kMergeWarps = 4;
-
-template <int kHeadDim>
-// At most 64 registers (8 blocks of 128 threads per SM): a merge block then fits beside two
-// 224-register attention blocks, so under PDL it is resident and waiting before they finish. (8
-// warps of 32 registers each, the earlier shape, left no room for a batch of loads in flight.)
-__global__ void __launch_bounds__(kMergeWarps * 32, 8) decode_merge_kernel(const __grid_constant__ DecodeParams p) {
+// log-sum-exp, or writes zeros for an empty row. Rows written directly return at once. Each warp
+// loads 8 partials at once, so a block of kWarps warps folds 8 x kWarps partials per L2 round
+// trip. The launch takes kWarps from the plan's longest row (merge_warps_for): 4, or 16 where a
+// row has more than 64 partials (Ada-KV's longest row at a small batch: 100-260), so that such a
+// row costs one round trip instead of 4-9.
+template <int kHeadDim, int kWarps>
+// At most 64 registers: a 4-warp merge block then fits beside two 224-register attention blocks,
+// so under PDL it is resident and waiting before they finish (8 warps of 32 registers each, an
+// earlier shape, left no room for a batch of loads in flight). Wider blocks become resident only
+// as attention blocks leave their SM, which is why 4 warps stay the default.
+__global__ void __launch_bounds__(kWarps * 32, 32 / kWarps) decode_merge_kernel(const __grid_constant__ DecodeParams p) {
   constexpr int kPerLane = kHeadDim / 32;  // floats of o per lane
 #if __CUDA_ARCH__ >= 900
   // Launched as a programmatic dependent of the attention kernel (sm_90): the launch overlaps the
@@ -671,27 +672,27 @@ __global__ void __launch_bounds__(kMergeWarps * 32, 8) decode_merge_kernel(const
     if (tid == 0 && p.lse != nullptr) p.lse[int64_t{seq} * p.num_qo_heads + head] = kNegInf;
     return;
   }
-  __shared__ float s_max[kMergeWarps];
-  __shared__ float s_sum[kMergeWarps];
-  __shared__ float s_acc[kMergeWarps][kHeadDim];
+  __shared__ float s_max[kWarps];
+  __shared__ float s_sum[kWarps];
+  __shared__ float s_acc[kWarps][kHeadDim];
 
-  // One pass (v3): each warp merges its partials (w, w + 4, ...) with a running max, loading a
-  // partial's lse and o together, so the block needs one L2 round trip for the partials instead
-  // of two (max first, then the weighted sum); the 4 warps' states are combined at the end.
-  // A warp's partials are loaded kMergeBatch at a time, all into registers before the first is
-  // folded: with 8 warps under a 32-register cap the compiler let each load wait for the
-  // previous partial's fold, one L2 round trip per partial.
+  // One pass: each warp merges its partials (w, w + kWarps, ...) with a running max, loading a
+  // partial's lse and o together (one L2 round trip per batch, not two: max first, then the
+  // weighted sum); the warps' states are combined at the end. A warp's partials are loaded
+  // kMergeBatch at a time, all into registers before the first is folded (a loop that folds each
+  // as it arrives lets every load wait for the previous fold). A warp without partials keeps
+  // m = -inf, sum = 0: weight 0 below.
   constexpr int kMergeBatch = 8;
   float acc[kPerLane];
 #pragma unroll
   for (int e = 0; e < kPerLane; ++e) acc[e] = 0.f;
   float mx = kNegInf, sum = 0.f;
-  for (int i0 = w; i0 < rm.y; i0 += kMergeBatch * kMergeWarps) {
+  for (int i0 = w; i0 < rm.y; i0 += kMergeBatch * kWarps) {
     float lse_b[kMergeBatch];
     float v[kMergeBatch][kPerLane];
 #pragma unroll
     for (int u = 0; u < kMergeBatch; ++u) {
-      const int i = i0 + u * kMergeWarps;
+      const int i = i0 + u * kWarps;
       const int64_t pi = int64_t{rm.x + min(i, rm.y - 1)} * g + hh;
       // Past the row's end: weight 0 (lse -inf; the batch's first partial is always real, so
       // the running max is finite before any of these is folded).
@@ -727,22 +728,34 @@ __global__ void __launch_bounds__(kMergeWarps * 32, 8) decode_merge_kernel(const
     s_sum[w] = sum;
   }
   __syncthreads();
-  float big = s_max[0];
-#pragma unroll
-  for (int i = 1; i < kMergeWarps; ++i) big = fmaxf(big, s_max[i]);
+  // Warp 0 (has partial 0, so its max is finite) turns each warp's max into its weight.
+  if (tid < 32) {
+    float big = kNegInf;
+    for (int i = 0; i < kWarps; ++i) big = fmaxf(big, s_max[i]);
+    __syncwarp();
+    for (int i = tid; i < kWarps; i += 32) {
+      const float wt = fast_exp2(s_max[i] - big);  // 0 for a warp without partials
+      s_max[i] = wt;
+      s_sum[i] *= wt;
+    }
+    __syncwarp();
+    if (tid == 0 && p.lse != nullptr) {
+      float total = 0.f;
+      for (int i = 0; i < kWarps; ++i) total += s_sum[i];
+      p.lse[int64_t{seq} * p.num_qo_heads + head] = (big + __log2f(total)) * kLn2;
+    }
+  }
+  __syncthreads();
   float total = 0.f;
 #pragma unroll
-  for (int i = 0; i < kMergeWarps; ++i) total += fast_exp2(s_max[i] - big) * s_sum[i];  // 0 for an idle warp
+  for (int i = 0; i < kWarps; ++i) total += s_sum[i];
   for (int i = tid; i < kHeadDim; i += blockDim.x) {
     float v = 0.f;
 #pragma unroll
-    for (int k = 0; k < kMergeWarps; ++k) v += fast_exp2(s_max[k] - big) * s_acc[k][i];
+    for (int k = 0; k < kWarps; ++k) v += s_max[k] * s_acc[k][i];
     dst[i] = __float2bfloat16(v / total);
   }
-  if (tid == 0) {
-    if (p.lse != nullptr) p.lse[int64_t{seq} * p.num_qo_heads + head] = (big + __log2f(total)) * kLn2;
-    stamp(2);
-  }
+  if (tid == 0) stamp(2);
 }
 
 // --- launch -------------------------------------------------------------------------------------
@@ -774,7 +787,7 @@ void dispatch_q(bool q_f32, F&& f) {
 
 template <int kHeadDim>
 cudaError_t decode_attention_launch(const DecodeParams& p, bool q_f32, int pages_per_iter, bool dependent_launch,
-                                    MergeMode merge, cudaStream_t stream, bool overlap_prologue) {
+                                    MergeMode merge, cudaStream_t stream, bool overlap_prologue, int merge_warps) {
   if ((merge == MergeMode::kFused) != (p.row_counters != nullptr)) return cudaErrorInvalidValue;
   cudaError_t err = cudaErrorInvalidValue;
   dispatch_q(q_f32, [&]<typename QT>() {
@@ -804,14 +817,17 @@ cudaError_t decode_attention_launch(const DecodeParams& p, bool q_f32, int pages
       if (p.kv.num_rows > 0 && merge == MergeMode::kKernel) {
         cudaLaunchConfig_t cfg = {};
         cfg.gridDim = dim3(p.kv.num_rows, p.group_size);
-        cfg.blockDim = dim3(kMergeWarps * 32);
+        cfg.blockDim = dim3(merge_warps * 32);
         cfg.stream = stream;
         cudaLaunchAttribute attr[1];
         attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
         attr[0].val.programmaticStreamSerializationAllowed = 1;
         cfg.attrs = attr;
         cfg.numAttrs = dependent_launch ? 1 : 0;
-        err = cudaLaunchKernelEx(&cfg, decode_merge_kernel<kHeadDim>, p);
+        const bool known = dispatch_int<4, 8, 16, 32>(merge_warps, [&]<int kWarps>() {
+          err = cudaLaunchKernelEx(&cfg, decode_merge_kernel<kHeadDim, kWarps>, p);
+        });
+        if (!known) err = cudaErrorInvalidValue;
         if (err != cudaSuccess) return;
       }
       err = cudaGetLastError();

@@ -130,6 +130,11 @@ struct DecodeAttentionOptions {
   // on; the merge kernel under PDL costs about 3 us at batch 1 / 4K and under 1 % from 500 MB on.
   DecodeMerge merge = DecodeMerge::kKernel;
   int32_t fused_max_partials = 16;  // kAuto: fuse the merge while no row has more pieces
+  // Warps per block of the merge kernel (4, 8, 16 or 32); 0: from each plan's longest split row
+  // (merge_warps_for: 4, or 16 above 64 partials, so that the long rows of Ada-KV's skew at small
+  // batches are folded in one L2 round trip). A captured graph keeps the width of its capture (any
+  // width merges correctly).
+  int32_t merge_warps = 0;
   // Block items (v3, default): the plan splits the pages over thread blocks instead of warps; the
   // 4 warps of a block take every 4th page of the block's piece of a row and combine their softmax
   // states in shared memory, so a piece writes one partial (4x fewer partials and merge reads).
@@ -196,6 +201,8 @@ class DecodeAttention {
   const DecodePlan& last_plan() const { return plan_; }
   // The merge the last plan() chose (kAuto resolved to kKernel or kFused).
   DecodeMerge last_merge() const { return merge_; }
+  // The merge kernel's block width (warps) the last plan() chose.
+  int32_t last_merge_warps() const { return merge_warps_; }
   int32_t device_warp_slots() const { return device_warp_slots_; }
   const DecodeAttentionOptions& options() const { return options_; }
 
@@ -217,6 +224,7 @@ class DecodeAttention {
 
   DecodePlan plan_;
   DecodeMerge merge_ = DecodeMerge::kKernel;
+  int32_t merge_warps_ = 4;
   // What the uploaded plan was built from (plan() reuses it while these match).
   bool plan_cached_ = false;
   std::vector<int32_t> plan_pages_;    // [rows] pages of each row

@@ -61,9 +61,18 @@ enum class MergeMode : int {
   kNone = 2,    // nobody: split rows stay unmerged (timing of the attention kernel alone)
 };
 
+// The merge kernel's block width (warps) for a plan whose longest split row has `most` partials.
+// A 4-warp block (64 registers per thread) fits beside two attention blocks and is resident
+// before they finish; wider blocks wait for an SM to empty, which costs more than a second L2
+// round trip (4 warps fold 32 partials per round trip). So 4 warps up to 64 partials, 16 above
+// (128 per round trip): Ada-KV's longest row at batch 1 has about 100-260. H200, 2026-11-28: 16
+// warps gained 1-4 points of copy bandwidth on those steps, 8 or more lost up to 3 on rows of 33
+// and up to 8 at batch 32 (docs/benchmarks.md, "The merge's width").
+inline int merge_warps_for(int most) { return most <= 64 ? 4 : 16; }
+
 // Launches the attention kernel (grid: num_warps / 4 blocks of 128 threads) and the merge kernel
-// (grid: num_rows x group_size blocks of 128 threads) on `stream`. pages_per_iter is 1, 2 or 4
-// (4 at head dim 64 only).
+// (grid: num_rows x group_size blocks of merge_warps = 4, 8, 16 or 32 warps) on `stream`.
+// pages_per_iter is 1, 2 or 4 (4 at head dim 64 only).
 // dependent_launch (sm_90 only): the merge kernel is a programmatic dependent launch, so its
 // launch overlaps the attention kernel's tail.
 // merge kFused needs p.row_counters; kKernel and kNone need it null.
@@ -71,14 +80,15 @@ enum class MergeMode : int {
 // attention kernel is itself a programmatic dependent of the preceding kernel.
 template <int kHeadDim>
 cudaError_t decode_attention_launch(const DecodeParams& p, bool q_f32, int pages_per_iter, bool dependent_launch,
-                                    MergeMode merge, cudaStream_t stream, bool overlap_prologue = false);
+                                    MergeMode merge, cudaStream_t stream, bool overlap_prologue = false,
+                                    int merge_warps = 4);
 
 // Resident 128-thread blocks per SM of the attention kernel variant.
 template <int kHeadDim>
 cudaError_t decode_attention_occupancy(bool q_f32, int pages_per_iter, int* blocks_per_sm, bool block_items = false);
 
-extern template cudaError_t decode_attention_launch<64>(const DecodeParams&, bool, int, bool, MergeMode, cudaStream_t, bool);
-extern template cudaError_t decode_attention_launch<128>(const DecodeParams&, bool, int, bool, MergeMode, cudaStream_t, bool);
+extern template cudaError_t decode_attention_launch<64>(const DecodeParams&, bool, int, bool, MergeMode, cudaStream_t, bool, int);
+extern template cudaError_t decode_attention_launch<128>(const DecodeParams&, bool, int, bool, MergeMode, cudaStream_t, bool, int);
 extern template cudaError_t decode_attention_occupancy<64>(bool, int, int*, bool);
 extern template cudaError_t decode_attention_occupancy<128>(bool, int, int*, bool);
 

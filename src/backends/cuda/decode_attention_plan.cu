@@ -202,6 +202,22 @@ Expected<DecodePlan> decode_attention_plan(std::span<const int32_t> row_lengths,
         aligned_split(row_lengths, good, item_cost, &plan.items, &item_warp);
       }
     }
+    // Whole rows: where the rows about fill the slots (batch 32 of 8 kv heads: 256 rows for 264
+    // block slots), a split that cuts rows to equalise the slots makes partials and a merge
+    // kernel for a few percent of balance. Whole rows, packed up to the longest row's cost, take
+    // none; they are kept where their busiest slot costs no more than the split's plus the merge.
+    if (options.split == DecodeSplit::kRowAligned && nonempty <= workers &&
+        plan.items.size() > static_cast<size_t>(nonempty)) {
+      int32_t longest = 0;
+      for (const int32_t len : row_lengths) longest = std::max(longest, pages_of(len));
+      int64_t whole_busiest = 0;
+      if (aligned_split(row_lengths, longest + item_cost, item_cost, nullptr, nullptr, &whole_busiest) <= workers &&
+          whole_busiest <= busiest_slot(plan.items, item_warp, item_cost) + std::max<int32_t>(0, options.merge_cost_pages)) {
+        plan.items.clear();
+        item_warp.clear();
+        aligned_split(row_lengths, longest + item_cost, item_cost, &plan.items, &item_warp);
+      }
+    }
   }
   fill_offsets(&plan, item_warp);
   assign_partials(&plan);

@@ -304,6 +304,7 @@ int main(int argc, char** argv) {
     int32_t batch;
     const char* cache;
     std::string result;
+    std::string host;  // the step's host phases, mean ms (empty: not run)
   };
   std::vector<Row> rows;
   // Bytes a decode step must read: every weight but the embedding table (B rows of it), plus K/V.
@@ -313,7 +314,7 @@ int main(int argc, char** argv) {
       const bool ada = mode == 1;
       std::vector<SeqId> seqs;
       bool oom = false;
-      std::string why;
+      std::string why, host;
       int64_t kv_entries = 0;
       for (int32_t b = 0; b < B && !oom; ++b) {
         const SeqId s = mgr.add_sequence();
@@ -358,11 +359,21 @@ int main(int argc, char** argv) {
         for (int i = 0; i < 3 && s.is_ok(); ++i) s = one_step();
         model.reset_op_profile();
         std::vector<double> dev_ms, plan_ms;
+        // Host phases of the step (CudaModel::StepTiming), summed: where the wall time that the
+        // device does not see goes.
+        double prep = 0, mirror = 0, enqueue = 0, wait = 0, results = 0, finish = 0;
         const double w0 = now_s();
         for (int i = 0; i < steps && s.is_ok(); ++i) {
           s = one_step();
+          const auto& t = model.last_step_timing();
           dev_ms.push_back(model.last_step_ms());
-          plan_ms.push_back(model.last_step_timing().plan_ms);
+          plan_ms.push_back(t.plan_ms);
+          prep += t.prep_ms;
+          mirror += t.mirror_ms;
+          enqueue += t.enqueue_ms;
+          wait += t.wait_ms;
+          results += t.results_ms;
+          finish += t.compress_ms;
         }
         const double wall = (now_s() - w0) / steps;
         if (!s.is_ok()) {
@@ -376,13 +387,16 @@ int main(int argc, char** argv) {
           std::snprintf(buf, sizeof buf, "%8.1f | %7.2f | %7.2f | %6.3f | %6.1f | %5.1f", B / wall, wall * 1e3, med * 1e3,
                         plan_mean, kv_bytes / 1e9, 100.0 * (weight_bytes + kv_bytes) / med / copy_bw);
           why = buf;
+          std::snprintf(buf, sizeof buf, "%6.3f | %6.3f | %6.3f | %6.3f | %6.3f | %6.3f | %6.3f", prep / steps,
+                        mirror / steps, plan_mean, enqueue / steps, wait / steps, results / steps, finish / steps);
+          host = buf;
         }
       }
       for (SeqId s : seqs) {
         mgr.release(s);
         model.on_release(s);
       }
-      rows.push_back({B, ada ? "ada-snapkv" : "full", why});
+      rows.push_back({B, ada ? "ada-snapkv" : "full", why, host});
       // ADAKV_PROFILE_OPS=1: where the timed steps' device time went, op by op.
       if (const std::string ops = model.op_profile(); !ops.empty())
         std::printf("\n== decode ops, batch %d, %s (ADAKV_PROFILE_OPS: events between ops, no graphs)\n%s", B,
@@ -396,6 +410,12 @@ int main(int argc, char** argv) {
               "read | %% of copy bw |\n");
   std::printf("|---|---|---|---|---|---|---|---|\n");
   for (const Row& r : rows) std::printf("| %d | %s | %s |\n", r.batch, r.cache, r.result.c_str());
+  std::printf("\nhost phases of a decode step, mean ms (CudaModel::StepTiming; prepare and mirror run before the "
+              "device's start event, results and finish after its end)\n");
+  std::printf("| batch | cache | prepare | page-table mirror | plans | enqueue | wait | results | finish |\n");
+  std::printf("|---|---|---|---|---|---|---|---|---|\n");
+  for (const Row& r : rows)
+    if (!r.host.empty()) std::printf("| %d | %s | %s |\n", r.batch, r.cache, r.host.c_str());
   return 0;
 }
 

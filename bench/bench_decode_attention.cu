@@ -223,7 +223,8 @@ bool setup_shape(Bench& b, Shape* s) {
 
 std::unique_ptr<DecodeAttention> make_attention(int d, DecodeSplit split, int ppi, int warps_per_sm, bool pdl,
                                                 DecodeMerge merge = DecodeMerge::kKernel, bool block_items = false,
-                                                bool overlap = false, int prefetch = 0, int merge_warps = 0) {
+                                                bool overlap = false, int prefetch = 0, int merge_warps = 0,
+                                                int align_min_slots = 4) {
   DecodeAttentionOptions o;
   o.num_qo_heads = kQoHeads;
   o.num_kv_heads = kKvHeads;
@@ -238,6 +239,7 @@ std::unique_ptr<DecodeAttention> make_attention(int d, DecodeSplit split, int pp
   o.overlap_prologue = overlap;
   o.prefetch_pages = prefetch;
   o.merge_warps = merge_warps;
+  o.plan.align_min_slots_per_row = align_min_slots;
   auto a = DecodeAttention::create(o);
   if (!a) {
     std::fprintf(stderr, "create: %s\n", a.status().message().c_str());
@@ -620,6 +622,14 @@ int main(int argc, char** argv) {
                             make_attention(d, DecodeSplit::kRowAligned, main_ppi, 0, true, DecodeMerge::kKernel, true,
                                            true, 2, mw)});
       }
+      // b2r / bp2r with the aligned split tried only from 8 slots per row (the default before 4):
+      // batch 8 of 8 kv heads then keeps the balanced split.
+      variants.push_back({"b2r8s" + sfx, kMergeWidthFixed,
+                          make_attention(d, DecodeSplit::kRowAligned, main_ppi, 0, true, DecodeMerge::kKernel, true,
+                                         false, 0, 0, 8)});
+      variants.push_back({"bp2r8s" + sfx, kMergeWidthFixed,
+                          make_attention(d, DecodeSplit::kRowAligned, main_ppi, 0, true, DecodeMerge::kKernel, true,
+                                         true, 2, 0, 8)});
       // The boundary overlapped with fewer pages requested before the wait (bp0r: none).
       for (int pf : {0, 2, 4})
         variants.push_back({"bp" + std::to_string(pf) + "r" + sfx, kBlockPrefetchAligned,

@@ -140,7 +140,7 @@ std::string plan_problem(const DecodePlan& plan, const std::vector<int32_t>& len
       }
     }
   } else if (opt.split == DecodeSplit::kRowAligned) {
-    // Either the balanced plan itself (fewer than 8 slots per non-empty row, or the aligned one
+    // Either the balanced plan itself (fewer than 4 slots per non-empty row, or the aligned one
     // would load its busiest slot more), or no slot holds a piece of a split row beside anything
     // else and its busiest slot costs no more than the balanced plan's (pages + item cost per item
     // + item cost per item after a slot's first: they run one after the other), or more by up to

@@ -174,7 +174,8 @@ Expected<DecodePlan> decode_attention_plan(std::span<const int32_t> row_lengths,
     // Aligning pays where a few long rows are each cut into several slots (small batches: up to
     // a few hundred pages per row and slot); with many rows per slot count the balanced split
     // is kept without the search (its host time is on every decode step's path).
-    if (options.split == DecodeSplit::kRowAligned && nonempty * 8 <= workers) {
+    if (options.split == DecodeSplit::kRowAligned &&
+        nonempty * std::max<int32_t>(1, options.align_min_slots_per_row) <= workers) {
       // About the smallest share whose aligned split fits the workers: from the mean pages per
       // worker (no smaller share can fit) up in doubling steps until one fits, then bisection to
       // within 1/64 (the slots used fall as the share grows, up to rounding; only shares checked

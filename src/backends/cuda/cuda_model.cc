@@ -76,6 +76,12 @@ Expected<std::unique_ptr<CudaModel::Impl>> make_impl(const ModelConfig& cfg, con
   // Diagnostics: the decode merge kernel's block width (4, 8, 16, 32; unset or 0: from each plan).
   if (const char* e = std::getenv("ADAKV_DECODE_MERGE_WARPS"); e != nullptr)
     impl->decode_merge_warps = std::atoi(e);
+  // Diagnostics: who merges split rows (kernel, fused or auto; default auto).
+  if (const char* e = std::getenv("ADAKV_DECODE_MERGE"); e != nullptr) {
+    const std::string v = e;
+    if (v == "kernel") impl->decode_merge = DecodeMerge::kKernel;
+    if (v == "fused") impl->decode_merge = DecodeMerge::kFused;
+  }
   int64_t ctx = cfg.max_position_embeddings;
   if (cfg.sliding_window > 0) ctx = std::min(ctx, cfg.sliding_window);
   impl->max_context = options.max_context > 0 ? std::min(options.max_context, ctx) : ctx;

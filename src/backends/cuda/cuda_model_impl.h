@@ -200,6 +200,12 @@ struct CudaModel::Impl {
   // CudaModelOptions::decode_overlap unless ADAKV_DECODE_OVERLAP says 0 or 1.
   bool overlap_decode_prologue = false;
   int32_t decode_merge_warps = 0;  // ADAKV_DECODE_MERGE_WARPS (diagnostics; 0: from each plan)
+  // Who merges the pieces of split rows: the fused merge where no row has more than 16 (batch 8
+  // and up), the merge kernel for the many pieces of a small batch. H200, 2026-11-28: the fused
+  // merge gained 3-4.5 points of copy bandwidth at batch 8 / 4K and lost none from batch 8 on.
+  // ADAKV_DECODE_MERGE=kernel|fused overrides it (diagnostics). A captured graph keeps the merge
+  // of its capture; either merges any plan correctly.
+  DecodeMerge decode_merge = DecodeMerge::kAuto;
   // ADAKV_PROFILE_OPS=1: device time per op of every forward (op_timer.h; no graphs then).
   OpTimer ops;
   // Launches the graph of `forward` for this shape on `stream`, capturing it first if new. A

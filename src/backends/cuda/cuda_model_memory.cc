@@ -188,6 +188,7 @@ Status CudaModel::Impl::allocate_runtime() {
     o.overlap_prologue = overlap_decode_prologue;
     o.prefetch_pages = 2;
     o.merge_warps = decode_merge_warps;
+    o.merge = decode_merge;
     ADAKV_ASSIGN_OR_RETURN(decode, DecodeAttentionLayers::create(o, L));
   }
   if (fast_prefill) {

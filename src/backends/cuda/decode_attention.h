@@ -24,8 +24,8 @@
 // small asynchronous upload, or nothing while every row keeps its page count (the plan holds
 // pages; the kernels read exact lengths from the view); run() reads only plain device parameters (CUDA-graph friendly: the
 // grid of the attention kernel depends only on the device and the split mode, the merge grid only
-// on the number of rows; with DecodeMerge::kAuto a graph keeps the merge chosen when captured, so
-// capture with kFused or kKernel set, or re-capture when the plan changes).
+// on the number of rows; with DecodeMerge::kAuto a graph keeps the merge chosen when captured:
+// both merge any plan correctly, the other may just be faster for a later plan).
 #pragma once
 
 #include <cuda_bf16.h>

@@ -140,6 +140,8 @@ struct DecodeAttentionOptions {
   // Default kKernel: on an H100 (2026-11-27) the fused merge was never faster: 1.8-3x slower at
   // batch 1 (64-500 partials per row merged by one warp from L2), within +-2 % from batch 8 x 16K
   // on; the merge kernel under PDL costs about 3 us at batch 1 / 4K and under 1 % from 500 MB on.
+  // The engine uses kAuto: since the aligned split gives batch 8 rows about 4 pieces each, the
+  // fused merge is 3-4.5 points of copy bandwidth ahead there (H200, 2026-11-28).
   DecodeMerge merge = DecodeMerge::kKernel;
   int32_t fused_max_partials = 16;  // kAuto: fuse the merge while no row has more pieces
   // Warps per block of the merge kernel (4, 8, 16 or 32); 0: from each plan's longest split row

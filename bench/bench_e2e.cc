@@ -361,7 +361,7 @@ int main(int argc, char** argv) {
         std::vector<double> dev_ms, plan_ms;
         // Host phases of the step (CudaModel::StepTiming), summed: where the wall time that the
         // device does not see goes.
-        double prep = 0, mirror = 0, enqueue = 0, wait = 0, results = 0, finish = 0;
+        double prep = 0, mirror = 0, enqueue = 0, ahead = 0, wait = 0, results = 0, finish = 0;
         const double w0 = now_s();
         for (int i = 0; i < steps && s.is_ok(); ++i) {
           s = one_step();
@@ -371,6 +371,7 @@ int main(int argc, char** argv) {
           prep += t.prep_ms;
           mirror += t.mirror_ms;
           enqueue += t.enqueue_ms;
+          ahead += t.plan_ahead_ms;
           wait += t.wait_ms;
           results += t.results_ms;
           finish += t.compress_ms;
@@ -387,8 +388,9 @@ int main(int argc, char** argv) {
           std::snprintf(buf, sizeof buf, "%8.1f | %7.2f | %7.2f | %6.3f | %6.1f | %5.1f", B / wall, wall * 1e3, med * 1e3,
                         plan_mean, kv_bytes / 1e9, 100.0 * (weight_bytes + kv_bytes) / med / copy_bw);
           why = buf;
-          std::snprintf(buf, sizeof buf, "%6.3f | %6.3f | %6.3f | %6.3f | %6.3f | %6.3f | %6.3f", prep / steps,
-                        mirror / steps, plan_mean, enqueue / steps, wait / steps, results / steps, finish / steps);
+          std::snprintf(buf, sizeof buf, "%6.3f | %6.3f | %6.3f | %6.3f | %6.3f | %6.3f | %6.3f | %6.3f", prep / steps,
+                        mirror / steps, plan_mean, enqueue / steps, ahead / steps, wait / steps, results / steps,
+                        finish / steps);
           host = buf;
         }
       }
@@ -411,9 +413,10 @@ int main(int argc, char** argv) {
   std::printf("|---|---|---|---|---|---|---|---|\n");
   for (const Row& r : rows) std::printf("| %d | %s | %s |\n", r.batch, r.cache, r.result.c_str());
   std::printf("\nhost phases of a decode step, mean ms (CudaModel::StepTiming; prepare and mirror run before the "
-              "device's start event, results and finish after its end)\n");
-  std::printf("| batch | cache | prepare | page-table mirror | plans | enqueue | wait | results | finish |\n");
-  std::printf("|---|---|---|---|---|---|---|---|---|\n");
+              "device's start event, the next step's plans (ahead) and the wait while the device runs, results and "
+              "finish after its end)\n");
+  std::printf("| batch | cache | prepare | page-table mirror | plans | enqueue | plans ahead | wait | results | finish |\n");
+  std::printf("|---|---|---|---|---|---|---|---|---|---|\n");
   for (const Row& r : rows)
     if (!r.host.empty()) std::printf("| %d | %s | %s |\n", r.batch, r.cache, r.host.c_str());
   return 0;

@@ -59,7 +59,7 @@ struct StepTimings {
   double mirror_ms = 0;    // page-table mirror: rows compared, updates staged (host)
   double plan_ms = 0;      // decode-attention plans (host)
   double enqueue_ms = 0;   // launching the forward (host)
-  double wait_ms = 0;      // waiting for the device (stream synchronize)
+  double wait_ms = 0;      // while the device runs: the next step's plans (CUDA) and the synchronize
   double results_ms = 0;   // logits / tokens copied into the result (host)
   double compress_ms = 0;  // host side of compression (keep lists to the manager, continual)
   double device_ms = 0;    // forward + device sampling (CUDA events)

@@ -199,22 +199,25 @@ TEST(CudaModel, DecodeGraphsEqualDirectLaunches) {
   SKIP_WITHOUT_DEVICE();
   if (!fs::exists(kTiny / "config.json")) GTEST_SKIP() << "models/adakv-tiny-v1 missing";
   std::vector<std::unique_ptr<cuda::CudaModel>> models;
-  // graphs + overlapped decode prologue, direct launches + overlap, direct launches without it
-  for (const int variant : {0, 1, 2}) {
+  // graphs + overlapped decode prologue, direct launches + overlap, direct launches without it,
+  // the same without planning the next step's decode attention ahead
+  for (const int variant : {0, 1, 2, 3}) {
     cuda::CudaModelOptions o;
     o.max_seqs = 4;
     o.max_step_tokens = 512;
     o.num_pages = 2048;
     o.cuda_graphs = variant == 0;
     o.decode_overlap = variant < 2;
+    o.plan_ahead = variant < 3;
     auto m = cuda::CudaModel::load(kTiny.string(), o);
     ASSERT_TRUE(m.has_value()) << m.status().message();
     models.push_back(std::move(*m));
   }
   const int64_t V = models[0]->config().vocab_size;
-  std::vector<std::vector<float>> logits[3];
+  std::vector<std::vector<float>> logits[4];
+  std::vector<int32_t> built[4];  // per step: layers whose decode plan the step had to build
   int graph_steps = 0;
-  for (int k = 0; k < 3; ++k) {
+  for (int k = 0; k < 4; ++k) {
     cuda::CudaModel& m = *models[size_t(k)];
     KvCacheManager mgr(m.kv_layout(), m.num_pages());
     std::vector<SeqId> seqs;
@@ -237,6 +240,7 @@ TEST(CudaModel, DecodeGraphsEqualDirectLaunches) {
       cuda::StepResult out;
       ASSERT_TRUE(m.step(steps, mgr, true, &out).is_ok());
       if (k == 0) graph_steps += m.last_step_timing().graph;
+      built[k].push_back(m.last_step_timing().plans_built);
       logits[k].push_back(out.logits);
       for (size_t i = 0; i < batch; ++i)
         last[i] = argmax(std::span<const float>(out.logits.data() + int64_t(i) * V, size_t(V)));
@@ -247,13 +251,29 @@ TEST(CudaModel, DecodeGraphsEqualDirectLaunches) {
   EXPECT_EQ(models[1]->num_graphs(), 0);
   ASSERT_EQ(logits[0].size(), logits[1].size());
   ASSERT_EQ(logits[0].size(), logits[2].size());
+  ASSERT_EQ(logits[0].size(), logits[3].size());
   for (size_t i = 0; i < logits[0].size(); ++i) {
     EXPECT_EQ(logits[0][i], logits[1][i]) << "step " << i << ": graph replay differs from direct launches";
     EXPECT_EQ(logits[1][i], logits[2][i]) << "step " << i << ": the overlapped prologue changes the result";
+    EXPECT_EQ(logits[2][i], logits[3][i]) << "step " << i << ": planning ahead changes the result";
   }
+  // Planned ahead, a step builds decode plans only where the batch changed (the first decode step
+  // after the prompts, 3 -> 2 at step 8, 2 -> 3 at step 16); without, wherever a row crossed a page.
+  int32_t saved = 0;
+  for (size_t i = 0; i < built[2].size(); ++i) {
+    const bool batch_changed = i == 0 || i == 8 || i == 16;
+    if (batch_changed) {
+      EXPECT_GT(built[2][i], 0) << "step " << i << ": a new batch needs new plans";
+    } else {
+      EXPECT_EQ(built[2][i], 0) << "step " << i << ": the plans guessed at the step before should have held";
+      saved += built[3][i];
+    }
+  }
+  EXPECT_GT(saved, 0) << "no step without planning ahead built a plan: the check proves nothing";
   std::printf("  24 decode steps (batch 3, 2, 3): %d graph replays over %lld graphs, logits bit-identical to direct "
-              "launches, with and without the overlapped decode prologue\n",
-              graph_steps, static_cast<long long>(models[0]->num_graphs()));
+              "launches, with and without the overlapped decode prologue and planning ahead; plans built at the "
+              "steps themselves: %d without planning ahead, only at the 3 batch changes with it\n",
+              graph_steps, static_cast<long long>(models[0]->num_graphs()), saved);
 }
 
 // Several sequences in one step must give what each gives alone: a decode token, a chunk over

@@ -73,6 +73,9 @@ Expected<std::unique_ptr<CudaModel::Impl>> make_impl(const ModelConfig& cfg, con
   impl->overlap_decode_prologue = options.decode_overlap;
   if (const char* e = std::getenv("ADAKV_DECODE_OVERLAP"); e != nullptr && (std::string(e) == "0" || std::string(e) == "1"))
     impl->overlap_decode_prologue = std::string(e) == "1";
+  // Diagnostics: ADAKV_PLAN_AHEAD=0 or 1 overrides CudaModelOptions::plan_ahead.
+  if (const char* e = std::getenv("ADAKV_PLAN_AHEAD"); e != nullptr && (std::string(e) == "0" || std::string(e) == "1"))
+    impl->opt.plan_ahead = std::string(e) == "1";
   // Diagnostics: the decode merge kernel's block width (4, 8, 16, 32; unset or 0: from each plan).
   if (const char* e = std::getenv("ADAKV_DECODE_MERGE_WARPS"); e != nullptr)
     impl->decode_merge_warps = std::atoi(e);

@@ -70,6 +70,10 @@ struct CudaModelOptions {
   // the kernel before it here is the small K/V append, and whole decode steps measured the same
   // with and without (H200, 2026-11-28, docs/benchmarks.md).
   bool decode_overlap = false;
+  // After launching a decode step, plan the next one's decode attention while the device runs,
+  // guessing the same sequences one token further; a wrong guess is planned again at the next
+  // step. Results are identical either way; off only to compare.
+  bool plan_ahead = true;
 };
 
 // Sampling of one sequence's next token on the device (engine/sampler.h's semantics).
@@ -166,8 +170,10 @@ class CudaModel {
     double prep_ms = 0;      // checks, reserve / commit, metadata
     double mirror_ms = 0;    // page-table mirror (host side)
     double plan_ms = 0;      // decode-attention plans
+    double plan_ahead_ms = 0;  // the next decode step's plans, made while the device runs this one
+    int32_t plans_built = 0;   // layers whose decode plan this step had to build (not kept or guessed)
     double enqueue_ms = 0;   // the forward's launches (and compression bookkeeping)
-    double wait_ms = 0;      // cudaStreamSynchronize
+    double wait_ms = 0;      // cudaStreamSynchronize (after plan_ahead)
     double results_ms = 0;   // logits / sampled ids into the StepResult
     double compress_ms = 0;  // host side of compression after the forward
     double device_ms = 0;    // forward + device sampling

@@ -299,6 +299,10 @@ struct CudaModel::Impl {
   Status prepare_step(std::span<const SeqStep> steps, KvCacheManager& mgr, cuda_model_detail::StepPlan* sp);
   // Each layer's decode-attention plan (host work and upload; nothing while rows keep their pages).
   Status plan_decode_attention(const cuda_model_detail::StepPlan& sp);
+  // The next decode step's plans, guessed from this one's rows (one entry longer), planned and
+  // uploaded while the device runs this step (cuda_model_step.cc).
+  Status plan_next_decode(const cuda_model_detail::StepPlan& sp);
+  std::vector<int32_t> next_lengths;  // plan_next_decode's row lengths of one layer
   // Which sequences compress and how; zeroes the metric of their new entries (enqueued).
   Status plan_step_compression(KvCacheManager& mgr, cuda_model_detail::StepPlan* sp);
   Status upload_step_sampling(cuda_model_detail::StepPlan* sp);

@@ -127,7 +127,7 @@ class CudaModelRunner final : public ModelRunner {
     out->timings.mirror_ms = mt.mirror_ms;
     out->timings.plan_ms = mt.plan_ms;
     out->timings.enqueue_ms = mt.enqueue_ms;
-    out->timings.wait_ms = mt.wait_ms;
+    out->timings.wait_ms = mt.plan_ahead_ms + mt.wait_ms;  // the next step's plans run while the device works
     out->timings.results_ms = mt.results_ms;
     out->timings.compress_ms = mt.compress_ms;
     out->timings.device_ms = mt.device_ms;
@@ -167,7 +167,7 @@ class CudaModelRunner final : public ModelRunner {
     out->timings.compress_ms += ms(t_end - t_compress).count();
     // What step() spent outside the model's step (checks, the loop above) counts as preparation.
     out->timings.prep_ms += ms(t_end - t_begin).count() - ms(t_end - t_copy).count() -
-                            (mt.prep_ms + mt.mirror_ms + mt.plan_ms + mt.enqueue_ms + mt.wait_ms + mt.results_ms +
+                            (mt.prep_ms + mt.mirror_ms + mt.plan_ms + mt.enqueue_ms + mt.plan_ahead_ms + mt.wait_ms + mt.results_ms +
                              mt.compress_ms);
   }
 

@@ -70,6 +70,8 @@ Status CudaModel::step(std::span<const SeqStep> steps, KvCacheManager& mgr, bool
   }
   ADAKV_CUDA_RETURN_IF_ERROR(cudaEventRecord(I.ev_copied, st));
   const HostClock::time_point t_enqueued = HostClock::now();
+  ADAKV_RETURN_IF_ERROR(I.plan_next_decode(sp));
+  const HostClock::time_point t_planned_ahead = HostClock::now();
   ADAKV_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(st));
   const HostClock::time_point t_synced = HostClock::now();
   ADAKV_RETURN_IF_ERROR(I.ops.collect());
@@ -80,7 +82,8 @@ Status CudaModel::step(std::span<const SeqStep> steps, KvCacheManager& mgr, bool
   I.timing.mirror_ms = host_ms(t_meta, t_mirror);
   I.timing.plan_ms = host_ms(t_plan0, t_plan1);
   I.timing.enqueue_ms = host_ms(t_mirror, t_enqueued) - I.timing.plan_ms;
-  I.timing.wait_ms = host_ms(t_enqueued, t_synced);
+  I.timing.plan_ahead_ms = host_ms(t_enqueued, t_planned_ahead);
+  I.timing.wait_ms = host_ms(t_planned_ahead, t_synced);
   I.timing.device_ms = I.last_ms;
   I.timing.download_ms = copy_ms;
   I.timing.logit_bytes = want_logits ? int64_t{sp.R} * V * static_cast<int64_t>(sizeof(float)) : 0;
@@ -118,12 +121,38 @@ Status CudaModel::Impl::plan_decode_attention(const StepPlan& sp) {
   if (!fast_decode || sp.n_dec == 0) return Status::ok();
   const int32_t L = static_cast<int32_t>(cfg.num_layers), Hkv = static_cast<int32_t>(cfg.num_kv_heads);
   const size_t rows = static_cast<size_t>(sp.n_dec) * Hkv;
+  int64_t built = 0;
   for (int32_t l = 0; l < L; ++l) {
     const int64_t at = int64_t{l} * sp.n_dec * Hkv;
     const std::span<const int32_t> lens(meta_host + sp.meta.dlen + at, rows);
     // With the rows' page-table offsets the plan's items are absolute (one load less per item).
     const std::span<const int32_t> offs(meta_host + sp.meta.doff + at, rows);
+    const int64_t before = decode->layer(l).builds();
     ADAKV_RETURN_IF_ERROR(decode->layer(l).plan(lens, offs, stream));
+    built += decode->layer(l).builds() - before;
+  }
+  timing.plans_built = static_cast<int32_t>(built);
+  return decode->upload(stream);
+}
+
+Status CudaModel::Impl::plan_next_decode(const StepPlan& sp) {
+  // While the device runs this step, plan the next one's decode attention on the guess that it
+  // decodes the same sequences, in the same order, one token further: the usual decode step. A
+  // plan depends only on the rows' page counts and page-table positions, and plan() keeps it while
+  // those match, so at the next step a right guess leaves nothing to plan (the host no longer
+  // plans while the device waits), and a wrong one (a sequence finished or joined, a policy that
+  // evicts during decode, compression) is planned again there. The upload is ordered after this
+  // step on the stream, so it cannot change a plan this step's kernels still read.
+  if (!opt.plan_ahead || !fast_decode || sp.n_dec == 0 || sp.n_dec != sp.B || sp.n_comp > 0) return Status::ok();
+  const int32_t L = static_cast<int32_t>(cfg.num_layers), Hkv = static_cast<int32_t>(cfg.num_kv_heads);
+  const size_t rows = static_cast<size_t>(sp.n_dec) * Hkv;
+  next_lengths.resize(rows);
+  for (int32_t l = 0; l < L; ++l) {
+    const int64_t at = int64_t{l} * sp.n_dec * Hkv;
+    const int32_t* len = meta_host + sp.meta.dlen + at;
+    for (size_t i = 0; i < rows; ++i) next_lengths[i] = len[i] + 1;
+    const std::span<const int32_t> offs(meta_host + sp.meta.doff + at, rows);
+    ADAKV_RETURN_IF_ERROR(decode->layer(l).plan(next_lengths, offs, stream));
   }
   return decode->upload(stream);
 }

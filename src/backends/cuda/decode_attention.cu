@@ -161,6 +161,7 @@ Status DecodeAttention::plan(std::span<const int32_t> row_lengths, std::span<con
     same = row_lengths[r] >= 0 && (row_lengths[r] + kPageSize - 1) / kPageSize == plan_pages_[r];
   if (same) return Status::ok();
   plan_cached_ = false;
+  ++builds_;
   // Block items: the slots are blocks (4 warps each), and a block's share is at least twice a
   // warp's minimum (so at least 2 pages per warp of the block).
   DecodePlanOptions popt = options_.plan;

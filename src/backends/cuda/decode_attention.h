@@ -218,6 +218,8 @@ class DecodeAttention {
   // The merge kernel's block width (warps) the last plan() chose.
   int32_t last_merge_warps() const { return merge_warps_; }
   int32_t device_warp_slots() const { return device_warp_slots_; }
+  // Plans built (not kept) by plan() so far.
+  int64_t builds() const { return builds_; }
   const DecodeAttentionOptions& options() const { return options_; }
 
  private:
@@ -241,6 +243,7 @@ class DecodeAttention {
   int32_t merge_warps_ = 4;
   // What the uploaded plan was built from (plan() reuses it while these match).
   bool plan_cached_ = false;
+  int64_t builds_ = 0;
   std::vector<int32_t> plan_pages_;    // [rows] pages of each row
   std::vector<int32_t> plan_offsets_;  // the row_page_offsets passed (empty: none)
   cudaStream_t plan_stream_ = nullptr;

@@ -1,6 +1,7 @@
 #include "kv/kv_cache_manager.h"
 
 #include <algorithm>
+#include <atomic>
 #include <limits>
 
 #include "core/check.h"
@@ -43,19 +44,34 @@ SeqId KvCacheManager::add_sequence() {
                 "row ids are int32: too many sequences for this layout");
     seq_active_.push_back(0);
     seq_logical_length_.push_back(0);
+    seq_serial_.push_back(0);
+    seq_shrinks_.push_back(0);
     const size_t rows = seq_active_.size() * static_cast<size_t>(rows_per_seq_);
     row_length_.resize(rows, 0);
     row_table_offset_.resize(rows, 0);
     row_table_cap_.resize(rows, 0);
   }
+  static std::atomic<uint64_t> next_serial{1};
   seq_active_[static_cast<size_t>(id)] = 1;
   seq_logical_length_[static_cast<size_t>(id)] = 0;
+  seq_serial_[static_cast<size_t>(id)] = next_serial.fetch_add(1, std::memory_order_relaxed);
+  seq_shrinks_[static_cast<size_t>(id)] = 0;
   ++num_active_seqs_;
   return id;
 }
 
 bool KvCacheManager::has_sequence(SeqId seq) const {
   return seq >= 0 && static_cast<size_t>(seq) < seq_active_.size() && seq_active_[static_cast<size_t>(seq)] != 0;
+}
+
+uint64_t KvCacheManager::sequence_serial(SeqId seq) const {
+  ADAKV_CHECK(has_sequence(seq), "unknown sequence id");
+  return seq_serial_[static_cast<size_t>(seq)];
+}
+
+uint64_t KvCacheManager::sequence_shrinks(SeqId seq) const {
+  ADAKV_CHECK(has_sequence(seq), "unknown sequence id");
+  return seq_shrinks_[static_cast<size_t>(seq)];
 }
 
 void KvCacheManager::release(SeqId seq) {
@@ -229,6 +245,7 @@ void KvCacheManager::shrink_row(int64_t row, int32_t new_length) {
     page_row_[static_cast<size_t>(run[p])] = -1;
     free_stack_.push_back(run[p]);
   }
+  if (new_pages < old_pages) ++seq_shrinks_[r / static_cast<size_t>(rows_per_seq_)];
   row_length_[r] = new_length;
 }
 

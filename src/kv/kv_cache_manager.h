@@ -50,6 +50,14 @@ class KvCacheManager {
   SeqId add_sequence();
   void release(SeqId seq);  // frees all its pages; the id becomes invalid
   bool has_sequence(SeqId seq) const;
+  // A number no other add_sequence() returns with, in any manager of the process: ids are reused,
+  // serials are not. A mirror of a sequence's rows (the CUDA page table) keeps the serial it
+  // mirrored and starts over when it changes.
+  uint64_t sequence_serial(SeqId seq) const;
+  // How often the sequence's rows have given pages back (keep_entries, evict_entries) since
+  // add_sequence(). A mirror whose rows only grew since it last looked needs to read only their
+  // new pages; after a shrink a row may have regrown with other pages.
+  uint64_t sequence_shrinks(SeqId seq) const;
 
   // Pages needed to append growths; Ok / Later / Impossible. Changes nothing.
   //   Ok:         pages_needed <= free pages.
@@ -117,6 +125,8 @@ class KvCacheManager {
   // Sequences, indexed by SeqId.
   std::vector<uint8_t> seq_active_;          // [seq slots]
   std::vector<int64_t> seq_logical_length_;  // [seq slots]
+  std::vector<uint64_t> seq_serial_;         // [seq slots] see sequence_serial()
+  std::vector<uint64_t> seq_shrinks_;        // [seq slots] see sequence_shrinks()
   std::vector<int32_t> free_seq_ids_;        // released ids, reused first
   int32_t num_active_seqs_ = 0;
 

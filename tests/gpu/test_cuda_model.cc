@@ -278,6 +278,57 @@ TEST(CudaModel, DecodeGraphsEqualDirectLaunches) {
 
 // Several sequences in one step must give what each gives alone: a decode token, a chunk over
 // prior entries (the gather path), a fresh prompt; then a second step of decode tokens for all.
+// The page-table mirror and a reused sequence id: A is released in the manager without telling the
+// model, D then takes A's pages, and B gets A's id with other pages and the same page counts. The
+// mirror must notice the new sequence (KvCacheManager::sequence_serial), or B would write and read
+// D's pages. Logits of a decode step of B and D equal a run that calls on_release.
+TEST(CudaModel, MirrorFollowsAReusedSequenceId) {
+  SKIP_WITHOUT_DEVICE();
+  if (!fs::exists(kTiny / "config.json")) GTEST_SKIP() << "models/adakv-tiny-v1 missing";
+  const auto run = [&](bool tell_model, std::vector<float>* logits) {
+    cuda::CudaModelOptions o;
+    o.max_seqs = 4;
+    o.max_step_tokens = 512;
+    o.num_pages = 2048;
+    auto m = cuda::CudaModel::load(kTiny.string(), o);
+    ASSERT_TRUE(m.has_value()) << m.status().message();
+    cuda::CudaModel& model = **m;
+    const int32_t V = static_cast<int32_t>(model.config().vocab_size);
+    KvCacheManager mgr(model.kv_layout(), model.num_pages());
+    const std::vector<int32_t> all = prompt_of(fs::path("/nonexistent"), V, 300);
+    const std::span<const int32_t> tokens(all);
+    cuda::StepResult out;
+    const SeqId a = mgr.add_sequence();
+    ASSERT_TRUE(step_prompt(model, mgr, a, tokens.subspan(0, 70), 0, false, nullptr, &out).is_ok());
+    const SeqId d = mgr.add_sequence();
+    ASSERT_TRUE(step_prompt(model, mgr, d, tokens.subspan(70, 10), 0, false, nullptr, &out).is_ok());
+    mgr.release(a);
+    if (tell_model) model.on_release(a);
+    cuda::SeqStep more;  // D grows into the pages A gave back
+    more.seq = d;
+    more.tokens = tokens.subspan(80, 200);
+    ASSERT_TRUE(model.step({&more, 1}, mgr, false, &out).is_ok());
+    const SeqId b = mgr.add_sequence();
+    ASSERT_EQ(b, a);
+    ASSERT_TRUE(step_prompt(model, mgr, b, tokens.subspan(230, 70), 0, false, nullptr, &out).is_ok());
+    for (int32_t l = 0; l < model.config().num_layers; ++l)  // same page counts as A had
+      ASSERT_EQ(mgr.pages(b, l, 0).size(), 5u);
+    const int32_t next[2] = {11, 12};
+    cuda::SeqStep dec[2];
+    dec[0].seq = b;
+    dec[0].tokens = std::span<const int32_t>(&next[0], 1);
+    dec[1].seq = d;
+    dec[1].tokens = std::span<const int32_t>(&next[1], 1);
+    ASSERT_TRUE(model.step(dec, mgr, true, &out).is_ok());
+    *logits = out.logits;
+  };
+  std::vector<float> untold, told;
+  run(false, &untold);
+  run(true, &told);
+  ASSERT_FALSE(told.empty());
+  EXPECT_EQ(untold, told) << "a sequence id reused behind the model's back changed the results";
+}
+
 TEST(CudaModel, BatchedStepEqualsSingle) {
   SKIP_WITHOUT_DEVICE();
   for (const fs::path& dir : {kModels / "llama3", kModels / "qwen3", kTiny}) {

@@ -270,6 +270,79 @@ TEST(KvCacheManager, EvictEntriesFillsHolesFromTheTail) {
   EXPECT_EQ(m.check_consistency(), "");
 }
 
+// What a mirror of the page lists (the CUDA page table) relies on: a serial per add_sequence that
+// no reused id or other manager repeats, and a shrink count that stays put while rows only grow,
+// in which case every row's earlier page list is a prefix of its current one.
+TEST(KvCacheManager, SerialsAndShrinksTellAMirrorWhatChanged) {
+  const KvLayout layout = small_layout(2, 2, 4);
+  KvCacheManager m(layout, 200), other(layout, 200);
+  const SeqId a = m.add_sequence();
+  const SeqId b = other.add_sequence();
+  ASSERT_EQ(a, b);  // the same id in two managers...
+  EXPECT_NE(m.sequence_serial(a), other.sequence_serial(b));  // ...is not the same sequence
+  const uint64_t first = m.sequence_serial(a);
+  m.release(a);
+  const SeqId a2 = m.add_sequence();
+  ASSERT_EQ(a2, a);  // the id is reused...
+  EXPECT_NE(m.sequence_serial(a2), first);  // ...the serial is not
+  EXPECT_EQ(m.sequence_shrinks(a2), 0u);
+
+  ASSERT_EQ(grow(m, a2, 10), Admission::kOk);  // 3 pages per row
+  EXPECT_EQ(m.sequence_shrinks(a2), 0u);
+  std::vector<int32_t> all(10);
+  std::iota(all.begin(), all.end(), 0);
+  (void)m.keep_entries(a2, 0, 0, all);  // keeps every entry: no page given back
+  EXPECT_EQ(m.sequence_shrinks(a2), 0u);
+  (void)m.evict_entries(a2, 0, 1, std::vector<int32_t>{0});  // 10 -> 9 entries: still 3 pages
+  EXPECT_EQ(m.sequence_shrinks(a2), 0u);
+  (void)m.keep_entries(a2, 1, 0, std::vector<int32_t>{1, 5});  // 3 pages -> 1
+  EXPECT_EQ(m.sequence_shrinks(a2), 1u);
+
+  // Random grows, keeps and evicts on three sequences: between two looks at a sequence whose
+  // shrink count did not move, each row's old pages are a prefix of its new ones.
+  std::mt19937 rng(7);
+  std::vector<SeqId> seqs = {a2, m.add_sequence(), m.add_sequence()};
+  std::map<SeqId, std::vector<std::vector<int32_t>>> seen;
+  std::map<SeqId, uint64_t> seen_shrinks;
+  int prefix_checks = 0;
+  for (int it = 0; it < 400; ++it) {
+    const SeqId s = seqs[rng() % seqs.size()];
+    const int op = static_cast<int>(rng() % 4);
+    const int32_t l = static_cast<int32_t>(rng() % 2), h = static_cast<int32_t>(rng() % 2);
+    const int32_t len = m.length(s, l, h);
+    if (op <= 1) {
+      if (grow(m, s, static_cast<int32_t>(1 + rng() % 5)) != Admission::kOk) continue;
+    } else if (op == 2 && len > 0) {
+      std::vector<int32_t> keep;
+      for (int32_t i = 0; i < len; ++i)
+        if (rng() % 3 != 0) keep.push_back(i);
+      (void)m.keep_entries(s, l, h, keep);
+    } else if (op == 3 && len > 0) {
+      (void)m.evict_entries(s, l, h, std::vector<int32_t>{static_cast<int32_t>(rng() % len)});
+    }
+    // Look at one sequence, as a mirror would before a step.
+    const SeqId look = seqs[rng() % seqs.size()];
+    std::vector<std::vector<int32_t>> now;
+    for (int32_t ll = 0; ll < 2; ++ll)
+      for (int32_t hh = 0; hh < 2; ++hh) {
+        const auto p = m.pages(look, ll, hh);
+        now.emplace_back(p.begin(), p.end());
+      }
+    if (seen.count(look) && seen_shrinks[look] == m.sequence_shrinks(look)) {
+      for (size_t r = 0; r < now.size(); ++r) {
+        const auto& old = seen[look][r];
+        ASSERT_LE(old.size(), now[r].size()) << "a row lost pages without a shrink being counted";
+        EXPECT_TRUE(std::equal(old.begin(), old.end(), now[r].begin())) << "row " << r << " changed a mirrored page";
+        ++prefix_checks;
+      }
+    }
+    seen[look] = now;
+    seen_shrinks[look] = m.sequence_shrinks(look);
+  }
+  EXPECT_GT(prefix_checks, 100);
+  EXPECT_EQ(m.check_consistency(), "");
+}
+
 // Randomised sequences of add / grow / keep / evict / release, checked after every step against
 // a reference model that keeps each row as a std::vector of entry ids.
 TEST(KvCacheManager, RandomisedAgainstReferenceModel) {

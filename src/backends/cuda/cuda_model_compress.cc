@@ -58,26 +58,45 @@ void CudaModel::on_release(SeqId seq) {
   impl_->ring_end[static_cast<size_t>(seq)] = 0;
   const size_t base = static_cast<size_t>(seq) * static_cast<size_t>(impl_->rows_per_seq);
   std::fill_n(impl_->shadow_count.begin() + static_cast<std::ptrdiff_t>(base), impl_->rows_per_seq, 0);
+  impl_->mirrored_serial[static_cast<size_t>(seq)] = 0;
+  impl_->mirrored_shrinks[static_cast<size_t>(seq)] = 0;
 }
 
-// Brings the device mirror of seq's rows up to the manager's page lists. Rows only grow at the
-// end or shrink from the end (commit / keep_entries / evict_entries), so the mirrored prefix
-// stays valid; a mismatch at its last page (a reused sequence id not reported through
-// on_release) re-sends the whole row.
+// Brings the device mirror of seq's rows up to the manager's page lists. While a sequence's rows
+// only grow (commit appends pages), each row's mirrored prefix stays valid and a row without a new
+// page costs two reads of dense arrays. After the manager reports a shrink (keep_entries /
+// evict_entries free pages from a row's end) a row may have regrown with other pages, so each
+// row's mirrored prefix is compared with the manager's and re-sent from the first difference. A
+// sequence id that the manager gave to a new sequence (its serial changed: released without
+// on_release, or another manager) starts over.
 Status CudaModel::Impl::mirror_rows(SeqId seq, const KvCacheManager& m, int64_t* n_updates) {
   const int32_t Hkv = static_cast<int32_t>(cfg.num_kv_heads);
+  const int64_t base = int64_t{seq} * rows_per_seq;
+  const size_t s = static_cast<size_t>(seq);
+  const uint64_t serial = m.sequence_serial(seq), shrinks = m.sequence_shrinks(seq);
+  const bool fresh = mirrored_serial[s] != serial;
+  if (fresh) std::fill_n(shadow_count.begin() + static_cast<std::ptrdiff_t>(base), rows_per_seq, 0);
+  const bool shrunk = !fresh && mirrored_shrinks[s] != shrinks;
+  mirrored_serial[s] = serial;
+  mirrored_shrinks[s] = shrinks;
   for (int32_t l = 0; l < cfg.num_layers; ++l)
     for (int32_t kh = 0; kh < Hkv; ++kh) {
-      const int64_t row = int64_t{seq} * rows_per_seq + int64_t{l} * Hkv + kh;
+      const int64_t row = base + int64_t{l} * Hkv + kh;
       const std::span<const int32_t> pages = m.pages(seq, l, kh);
       const int32_t cnt = static_cast<int32_t>(pages.size());
+      int32_t& sc = shadow_count[static_cast<size_t>(row)];
+      int32_t* sh = shadow.data() + row * max_pages_per_row;
+      if (shrunk) {
+        int32_t same = 0;
+        const int32_t upto = std::min(sc, cnt);
+        while (same < upto && sh[same] == pages[static_cast<size_t>(same)]) ++same;
+        sc = same;
+      } else if (cnt <= sc) {
+        continue;  // only grown rows change while nothing shrank
+      }
       if (cnt > max_pages_per_row)
         return out_of_range("cuda: a row of " + std::to_string(cnt) + " pages exceeds the mirror's " +
                             std::to_string(max_pages_per_row) + " (max_context " + std::to_string(max_context) + ")");
-      int32_t& sc = shadow_count[static_cast<size_t>(row)];
-      int32_t* sh = shadow.data() + row * max_pages_per_row;
-      sc = std::min(sc, cnt);
-      if (sc > 0 && sh[sc - 1] != pages[static_cast<size_t>(sc - 1)]) sc = 0;
       for (int32_t i = sc; i < cnt; ++i) {
         if (*n_updates >= pt_cap) ADAKV_RETURN_IF_ERROR(flush_page_updates(n_updates));
         sh[i] = pages[static_cast<size_t>(i)];

@@ -123,8 +123,10 @@ struct CudaModel::Impl {
   DeviceKvPool pool;
   int32_t* page_table = nullptr;       // [max_seqs * rows_per_seq][max_pages_per_row]
   int32_t* row_offsets_all = nullptr;  // [max_seqs * rows_per_seq] = row * max_pages_per_row
-  std::vector<int32_t> shadow;         // host copy of page_table
-  std::vector<int32_t> shadow_count;   // [rows] pages mirrored
+  std::vector<int32_t> shadow;            // host copy of page_table
+  std::vector<int32_t> shadow_count;      // [rows] pages of the row mirrored
+  std::vector<uint64_t> mirrored_serial;  // [max_seqs] KvCacheManager::sequence_serial mirrored (0: none)
+  std::vector<uint64_t> mirrored_shrinks;  // [max_seqs] KvCacheManager::sequence_shrinks at that mirror
   int2* pt_dev = nullptr;
   int2* pt_host = nullptr;
   int64_t pt_cap = 0;

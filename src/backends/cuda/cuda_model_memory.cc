@@ -172,6 +172,8 @@ Status CudaModel::Impl::allocate_runtime() {
   }
   shadow.assign(static_cast<size_t>(table_entries), -1);
   shadow_count.assign(static_cast<size_t>(S * rows_per_seq), 0);
+  mirrored_serial.assign(static_cast<size_t>(S), 0);
+  mirrored_shrinks.assign(static_cast<size_t>(S), 0);
 
   ADAKV_ASSIGN_OR_RETURN(gemm, GemmLt::create());
   fast_prefill = d == 64 || d == 128;

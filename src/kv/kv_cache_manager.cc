@@ -18,6 +18,9 @@ KvCacheManager::KvCacheManager(const KvLayout& layout, int64_t num_pages)
   ADAKV_CHECK(layout.num_layers > 0 && layout.num_kv_heads > 0 && layout.head_dim > 0,
               "KvLayout needs layers, kv heads and head_dim > 0");
   ADAKV_CHECK(layout.page_size > 0, "KvLayout page_size must be > 0");
+  if ((layout.page_size & (layout.page_size - 1)) == 0)
+    for (page_shift_ = 0; (1 << page_shift_) < layout.page_size; ++page_shift_) {
+    }
   ADAKV_CHECK(num_pages >= 0 && num_pages <= std::numeric_limits<int32_t>::max(),
               "page ids are int32");
   free_stack_.resize(static_cast<size_t>(num_pages));
@@ -180,8 +183,10 @@ void KvCacheManager::commit(const KvReservation& reservation) {
 KvSlot KvCacheManager::slot(SeqId seq, int32_t layer, int32_t kv_head, int32_t index) const {
   const size_t r = static_cast<size_t>(row_id(seq, layer, kv_head));
   ADAKV_CHECK(index >= 0 && index < row_length_[r], "entry index beyond the row's length");
-  const int32_t page = table_[static_cast<size_t>(row_table_offset_[r] + index / layout_.page_size)];
-  return static_cast<KvSlot>(page) * layout_.page_size + index % layout_.page_size;
+  const int32_t ps = layout_.page_size;
+  const int32_t page_index = page_shift_ >= 0 ? index >> page_shift_ : index / ps;
+  const int32_t page = table_[static_cast<size_t>(row_table_offset_[r] + page_index)];
+  return static_cast<KvSlot>(page) * ps + (index - page_index * ps);
 }
 
 std::span<const int32_t> KvCacheManager::pages(SeqId seq, int32_t layer, int32_t kv_head) const {

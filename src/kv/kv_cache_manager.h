@@ -105,6 +105,9 @@ class KvCacheManager {
  private:
   int64_t row_id(SeqId seq, int32_t layer, int32_t kv_head) const;
   int32_t pages_for(int64_t entries) const {
+    // A shift where the page size is a power of two (every real layout): the step's host loops
+    // call this for every row, and a 64-bit division costs tens of cycles.
+    if (page_shift_ >= 0) return static_cast<int32_t>((entries + layout_.page_size - 1) >> page_shift_);
     return static_cast<int32_t>((entries + layout_.page_size - 1) / layout_.page_size);
   }
   // Makes room in `table_` for `pages` page ids of row `row`, relocating its run if needed.
@@ -116,6 +119,7 @@ class KvCacheManager {
   KvLayout layout_;
   int64_t num_pages_;
   int32_t rows_per_seq_;
+  int32_t page_shift_ = -1;  // log2(page_size) when a power of two, else -1
   uint64_t epoch_ = 0;
 
   std::vector<int32_t> free_stack_;  // [<= num_pages] free page ids; the top is back()

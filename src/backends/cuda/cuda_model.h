@@ -28,7 +28,8 @@
 // Attention: one-token steps through decode_attention over pages (all such sequences in one
 // launch); longer steps through prefill_attention on the step's contiguous K/V, or on a gather of
 // the rows when they already held entries; head dims other than 64/128 (the fixtures) through
-// attention_generic.
+// attention_generic. Decode attention's per-layer plans for the next decode step are made while
+// the device runs this one (CudaModelOptions::plan_ahead).
 #pragma once
 
 #include <cstdint>

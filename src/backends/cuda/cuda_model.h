@@ -67,10 +67,12 @@ struct CudaModelOptions {
   bool cuda_graphs = true;
   // Decode attention overlaps its prologue (plan and page-id loads, first K/V pages requested in
   // L2) with the kernel before it (programmatic dependent launch, sm_90); ADAKV_DECODE_OVERLAP=1
-  // or 0 in the environment overrides this. Results are identical either way. Off by default:
-  // the kernel before it here is the small K/V append, and whole decode steps measured the same
-  // with and without (H200, 2026-11-28, docs/benchmarks.md).
-  bool decode_overlap = false;
+  // or 0 in the environment overrides this. Results are identical either way. The kernel before
+  // it is the K/V append, itself a dependent launch that lets the attention's blocks in as soon as
+  // it has waited (dependent_launch.h); with both, whole decode steps at batch 1 and 8 gained
+  // 0.5-1 % over the plain attention launch (H200, 2026-11-28, docs/benchmarks.md). Before the
+  // model ops launched as dependents (session 9) the overlap gained nothing and was off.
+  bool decode_overlap = true;
   // After launching a decode step, plan the next one's decode attention while the device runs,
   // guessing the same sequences one token further; a wrong guess is planned again at the next
   // step. Results are identical either way; off only to compare.

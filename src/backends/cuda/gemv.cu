@@ -5,6 +5,7 @@
 #include <string>
 
 #include "backends/cuda/cuda_check.h"
+#include "backends/cuda/dependent_launch.cuh"
 #include "backends/cuda/score_common.cuh"
 #include "backends/cuda/score_mma.cuh"
 #include "backends/cuda/stream_load.cuh"
@@ -31,6 +32,10 @@ int simd_slice() {
   return s;
 }
 constexpr int kUnroll = 4;                            // 16-byte pieces per row in flight per lane
+// Launched as a programmatic dependent (dependent_launch.h), a block asks for the start of each of
+// its weight rows in L2 before it waits for the kernel before it (which wrote x): 32 KB a block,
+// enough to keep an SM's share of DRAM busy for the ~1 µs the wait and x's load take.
+constexpr uint32_t kPrefetchBytesPerRow = 2048;
 
 __device__ __forceinline__ float dot8(const uint4& w, const uint4& x) {
   float a[8], b[8];
@@ -81,6 +86,12 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(const GemvArgs a) {
   // Equal slices (a multiple of 8, at most kCap): 14336 = 4 x 3584, not 3 x 4096 + 2048.
   const int len = (((a.k + slices - 1) / slices) + 7) & ~7;
   const int k0 = slice * len, k1 = min(a.k, k0 + len), ks = k1 - k0;  // ks: a multiple of 8 (<= 0: none)
+  if (tid < kRowsPerBlock && ks > 0) {
+    const int row = min(static_cast<int>(blockIdx.x) * kRowsPerBlock + tid, a.n - 1);
+    prefetch_l2(a.w + static_cast<int64_t>(row) * a.k + k0, min(2u * ks, kPrefetchBytesPerRow));
+  }
+  await_preceding_grid();
+  release_dependent_grid();
   for (int i = tid; i < M * (ks / 8); i += blockDim.x) {
     const int m = i / (ks / 8), c = i - m * (ks / 8);
     reinterpret_cast<uint4*>(xs + m * kCap)[c] = *reinterpret_cast<const uint4*>(a.x + m * a.ldx + k0 + 8 * c);
@@ -169,6 +180,12 @@ __global__ void __launch_bounds__(kTcWarps * 32) gemv_tc_kernel(const GemvArgs a
   const int slice = blockIdx.y, slices = gridDim.y;
   const int k0 = slice * kTcSlice, k1 = min(a.k, k0 + kTcSlice);
   const int row_base = blockIdx.x * kTcRows;
+  if (tid < kTcRows) {  // as in gemv_kernel: the rows' first 512 bytes (32 KB a block) before the wait
+    const int row = min(row_base + tid, a.n - 1);
+    prefetch_l2(a.w + static_cast<int64_t>(row) * a.k + k0, min(2u * (k1 - k0), 512u));
+  }
+  await_preceding_grid();
+  release_dependent_grid();
   float acc[kTcTiles][NT][4];
 #pragma unroll
   for (int t = 0; t < kTcTiles; ++t)
@@ -235,7 +252,7 @@ __global__ void __launch_bounds__(kTcWarps * 32) gemv_tc_kernel(const GemvArgs a
 template <int kCap, int... kMs>
 cudaError_t launch_for_m(int m, dim3 grid, const GemvArgs& a, cudaStream_t stream) {
   cudaError_t err = cudaErrorInvalidValue;
-  ((m == kMs ? (err = score_detail::launch(gemv_kernel<kMs, kCap>, grid, dim3(kWarps * 32), 0, stream, a), true)
+  ((m == kMs ? (err = launch_dependent(gemv_kernel<kMs, kCap>, grid, dim3(kWarps * 32), 0, stream, a), true)
              : false) ||
    ...);
   return err;
@@ -279,10 +296,10 @@ Status gemv_bf16(const GemvArgs& a, cudaStream_t stream) {
     const int nt = (a.m + 7) / 8;
     cudaError_t err = cudaErrorInvalidValue;
     const dim3 block(kTcWarps * 32);
-    if (nt == 1) err = score_detail::launch(gemv_tc_kernel<1>, grid, block, 0, stream, a);
-    else if (nt == 2) err = score_detail::launch(gemv_tc_kernel<2>, grid, block, 0, stream, a);
-    else if (nt == 3) err = score_detail::launch(gemv_tc_kernel<3>, grid, block, 0, stream, a);
-    else err = score_detail::launch(gemv_tc_kernel<4>, grid, block, 0, stream, a);
+    if (nt == 1) err = launch_dependent(gemv_tc_kernel<1>, grid, block, 0, stream, a);
+    else if (nt == 2) err = launch_dependent(gemv_tc_kernel<2>, grid, block, 0, stream, a);
+    else if (nt == 3) err = launch_dependent(gemv_tc_kernel<3>, grid, block, 0, stream, a);
+    else err = launch_dependent(gemv_tc_kernel<4>, grid, block, 0, stream, a);
     ADAKV_CUDA_RETURN_IF_ERROR(err);
   }
   return Status::ok();

@@ -1,6 +1,7 @@
 // K/V append into per-head pages and the gather of whole rows (model_ops.h). One thread per
 // 16-byte chunk of one entry's K or V: the page table lookup is per entry, the copies coalesce
 // within an entry and pages are 16 entries long, so a warp writes whole 512-byte runs at d 128.
+#include "backends/cuda/dependent_launch.cuh"
 #include "backends/cuda/model_ops.h"
 #include "backends/cuda/model_ops_common.cuh"
 #include "backends/cuda/paged_kv_view.h"
@@ -11,6 +12,8 @@ namespace {
 __global__ void kv_append_kernel(DeviceKvPool pool, StepBatchView batch, int32_t layer,
                                  const __nv_bfloat16* __restrict__ qkv, int64_t qkv_row_stride, int32_t k_offset,
                                  int32_t v_offset, int32_t head_dim) {
+  await_preceding_grid();
+  release_dependent_grid();
   const int chunks = head_dim / 8;
   const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t per_token = static_cast<int64_t>(batch.num_kv_heads) * chunks * 2;
@@ -72,10 +75,9 @@ Status kv_append(const DeviceKvPool& pool, const StepBatchView& batch, int32_t l
     return invalid_argument("kv_append: head_dim, row stride and offsets must be multiples of 8 elements");
   if (batch.num_tokens <= 0) return Status::ok();
   const int64_t total = static_cast<int64_t>(batch.num_tokens) * batch.num_kv_heads * (head_dim / 8) * 2;
-  kv_append_kernel<<<static_cast<unsigned>((total + 255) / 256), 256, 0, stream>>>(pool, batch, layer, qkv,
-                                                                                qkv_row_stride, k_offset, v_offset,
-                                                                                head_dim);
-  return ops_detail::launch_status("kv_append");
+  return ops_detail::launch_status(
+      "kv_append", launch_dependent(kv_append_kernel, dim3((total + 255) / 256), dim3(256), 0, stream, pool, batch,
+                                    layer, qkv, qkv_row_stride, k_offset, v_offset, head_dim));
 }
 
 Status kv_gather_rows(const DeviceKvPool& pool, int32_t seq, int32_t layer, int32_t num_layers, int32_t num_kv_heads,

@@ -11,12 +11,12 @@
 
 namespace adakv::cuda::ops_detail {
 
-inline Status launch_status(const char* what) {
-  const cudaError_t err = cudaGetLastError();
+inline Status launch_status(const char* what, cudaError_t err) {
   if (err == cudaSuccess) return Status::ok();
   return internal_error(std::string(what) + ": launch failed: " + cudaGetErrorName(err) + " (" +
                         cudaGetErrorString(err) + ")");
 }
+inline Status launch_status(const char* what) { return launch_status(what, cudaGetLastError()); }
 
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll

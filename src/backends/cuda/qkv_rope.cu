@@ -1,6 +1,7 @@
 // Bias + q/k RMSNorm + RoPE on the fused projection output (model_ops.h), and the per-step RoPE
 // table. One warp per (token, head): the head's vector is staged in shared memory because RoPE
 // pairs element i with i + d/2, which lives in another lane for head dims below 64.
+#include "backends/cuda/dependent_launch.cuh"
 #include "backends/cuda/model_ops.h"
 #include "backends/cuda/model_ops_common.cuh"
 
@@ -12,6 +13,8 @@ constexpr int kMaxDim = 256;
 
 __global__ void __launch_bounds__(kWarps * 32) qkv_rope_kernel(QkvRopeArgs a) {
   __shared__ float vec[kWarps][kMaxDim];
+  await_preceding_grid();
+  release_dependent_grid();
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int heads = a.num_heads + 2 * a.num_kv_heads;
   const int64_t item = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
@@ -68,8 +71,8 @@ Status qkv_rope(const QkvRopeArgs& a, cudaStream_t stream) {
   if ((a.q_norm == nullptr) != (a.k_norm == nullptr)) return invalid_argument("qkv_rope: q_norm and k_norm go together");
   if (a.n <= 0) return Status::ok();
   const int64_t items = static_cast<int64_t>(a.n) * (a.num_heads + 2 * a.num_kv_heads);
-  qkv_rope_kernel<<<static_cast<unsigned>((items + kWarps - 1) / kWarps), kWarps * 32, 0, stream>>>(a);
-  return ops_detail::launch_status("qkv_rope");
+  return ops_detail::launch_status("qkv_rope", launch_dependent(qkv_rope_kernel, dim3((items + kWarps - 1) / kWarps),
+                                                                 dim3(kWarps * 32), 0, stream, a));
 }
 
 Status rope_cos_sin(const float* inv_freq, const int32_t* positions, int32_t n, int32_t half, float2* cos_sin,

@@ -1,5 +1,6 @@
 // SwiGLU on the fused gate/up projection output (model_ops.h): memory-bound, 8 bf16 per thread
 // per load when the intermediate size allows (it always does for real models).
+#include "backends/cuda/dependent_launch.cuh"
 #include "backends/cuda/model_ops.h"
 #include "backends/cuda/model_ops_common.cuh"
 
@@ -10,6 +11,8 @@ __device__ __forceinline__ float silu_mul(float g, float u) { return (g / (1.0f 
 
 __global__ void swiglu_vec8_kernel(const __nv_bfloat16* __restrict__ gate_up, __nv_bfloat16* __restrict__ out,
                                    int32_t rows, int32_t inter) {
+  await_preceding_grid();
+  release_dependent_grid();
   const int64_t chunks = inter / 8;
   const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (idx >= static_cast<int64_t>(rows) * chunks) return;
@@ -31,6 +34,8 @@ __global__ void swiglu_vec8_kernel(const __nv_bfloat16* __restrict__ gate_up, __
 
 __global__ void swiglu_scalar_kernel(const __nv_bfloat16* __restrict__ gate_up, __nv_bfloat16* __restrict__ out,
                                      int32_t rows, int32_t inter) {
+  await_preceding_grid();
+  release_dependent_grid();
   const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (idx >= static_cast<int64_t>(rows) * inter) return;
   const int64_t r = idx / inter, i = idx % inter;
@@ -46,12 +51,9 @@ Status swiglu(const __nv_bfloat16* gate_up, __nv_bfloat16* out, int32_t rows, in
   const bool vec = inter % 8 == 0 && ((reinterpret_cast<uintptr_t>(gate_up) | reinterpret_cast<uintptr_t>(out)) & 15) == 0;
   const int64_t work = static_cast<int64_t>(rows) * (vec ? inter / 8 : inter);
   const unsigned blocks = static_cast<unsigned>((work + 255) / 256);
-  if (vec) {
-    swiglu_vec8_kernel<<<blocks, 256, 0, stream>>>(gate_up, out, rows, inter);
-  } else {
-    swiglu_scalar_kernel<<<blocks, 256, 0, stream>>>(gate_up, out, rows, inter);
-  }
-  return ops_detail::launch_status("swiglu");
+  return ops_detail::launch_status(
+      "swiglu", launch_dependent(vec ? swiglu_vec8_kernel : swiglu_scalar_kernel, dim3(blocks), dim3(256), 0, stream,
+                                 gate_up, out, rows, inter));
 }
 
 }  // namespace adakv::cuda

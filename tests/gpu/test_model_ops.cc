@@ -248,6 +248,106 @@ TEST(CudaModelOps, QkvRope) {
   }
 }
 
+// qkv_rope with an append target (the decode forward's path) against qkv_rope then kv_append:
+// the same qkv bits and the same pool bits (K after RoPE, V after the bias, each slot's
+// position), on a pool whose untouched slots are poisoned and must stay so. Two sequences of 1
+// and 3 tokens over random row lengths and scattered pages, layer 1 of 2.
+TEST(CudaModelOps, QkvRopeAppendsLikeKvAppend) {
+  SKIP_WITHOUT_DEVICE();
+  std::mt19937_64 rng(test_seed() + 11);
+  for (const int32_t d : {16, 64, 128}) {
+    const int32_t H = 8, Hkv = 2, L = 2, B = 2, n = 4, layer = 1, maxp = 4, num_pages = 64;
+    const int32_t qd = H * d, row = qd + 2 * Hkv * d, stride = row + 8;
+    const std::vector<int32_t> seq_ids = {5, 2}, ntok = {1, 3}, tseq = {0, 1, 1, 1}, tidx = {0, 0, 1, 2};
+    std::vector<int32_t> pos = {70, 31, 32, 33};
+    std::vector<int32_t> rowlen(size_t(B) * L * Hkv);
+    for (int32_t b = 0; b < B; ++b)
+      for (int32_t i = 0; i < L * Hkv; ++i) rowlen[size_t(b * L * Hkv + i)] = ntok[size_t(b)] + int32_t(rng() % 60);
+    // Every row of seq ids 0..5 gets maxp distinct pages (a shuffled pool).
+    std::vector<int32_t> pages(num_pages);
+    for (int32_t i = 0; i < num_pages; ++i) pages[size_t(i)] = i;
+    std::shuffle(pages.begin(), pages.end(), rng);
+    std::vector<int32_t> table(size_t(6) * L * Hkv * maxp, -1);
+    for (int32_t b = 0; b < B; ++b)
+      for (int32_t i = 0; i < L * Hkv; ++i)
+        for (int32_t j = 0; j < maxp; ++j)
+          table[size_t((seq_ids[size_t(b)] * L * Hkv + i) * maxp + j)] = pages[size_t((b * L * Hkv + i) * maxp + j)];
+    const std::vector<float> inv = rope_inv_freq(d, 10000.0, RopeScaling{});
+    const std::vector<uint16_t> qkv = to_bf16(randn(rng, size_t(n) * stride));
+    const std::vector<float> bias = randn(rng, size_t(row), 0.5f);
+    Dev<float> dinv(inv.size()), db(bias.size());
+    Dev<int32_t> dpos{size_t(n)}, dtable(table.size()), dseq(2), dnt(2), drl(rowlen.size()), dts{size_t(n)}, dti{size_t(n)};
+    Dev<float2> dcs(size_t(n) * d / 2);
+    dinv.put(inv);
+    db.put(bias);
+    dpos.put(pos);
+    dtable.put(table);
+    dseq.put(seq_ids);
+    dnt.put(ntok);
+    drl.put(rowlen);
+    dts.put(tseq);
+    dti.put(tidx);
+    OK(cuda::rope_cos_sin(dinv.p, dpos.p, n, d / 2, dcs.p, nullptr));
+    const int64_t page_elems = int64_t{cuda::kPageSize} * d;
+    // [0]: qkv_rope then kv_append; [1]: qkv_rope with the append target.
+    std::vector<uint16_t> got_qkv[2], got_k[2], got_v[2];
+    std::vector<int32_t> got_pos[2];
+    for (int fused = 0; fused < 2; ++fused) {
+      Dev<uint16_t> dq(qkv.size()), dk(size_t(num_pages) * page_elems), dv(size_t(num_pages) * page_elems);
+      Dev<int32_t> dposp(size_t(num_pages) * cuda::kPageSize);
+      dq.put(qkv);
+      dk.poison();
+      dv.poison();
+      dposp.poison();
+      cuda::DeviceKvPool pool;
+      pool.k_pool = bf(dk.p);
+      pool.v_pool = bf(dv.p);
+      pool.positions = dposp.p;
+      pool.page_stride = page_elems;
+      pool.page_table = dtable.p;
+      pool.max_pages_per_row = maxp;
+      cuda::StepBatchView bv;
+      bv.seq_ids = dseq.p;
+      bv.seq_ntok = dnt.p;
+      bv.row_len = drl.p;
+      bv.token_seq = dts.p;
+      bv.token_index = dti.p;
+      bv.positions = dpos.p;
+      bv.num_tokens = n;
+      bv.num_layers = L;
+      bv.num_kv_heads = Hkv;
+      cuda::QkvRopeArgs a;
+      a.qkv = bf(dq.p);
+      a.row_stride = stride;
+      a.n = n;
+      a.num_heads = H;
+      a.num_kv_heads = Hkv;
+      a.head_dim = d;
+      a.bias = db.p;
+      a.cos_sin = dcs.p;
+      if (fused) {
+        a.pool = pool;
+        a.batch = bv;
+        a.layer = layer;
+      }
+      OK(cuda::qkv_rope(a, nullptr));
+      if (!fused) OK(cuda::kv_append(pool, bv, layer, bf(dq.p), stride, qd, qd + Hkv * d, d, nullptr));
+      got_qkv[fused] = dq.get();
+      got_k[fused] = dk.get();
+      got_v[fused] = dv.get();
+      got_pos[fused] = dposp.get();
+    }
+    EXPECT_EQ(got_qkv[0], got_qkv[1]) << "d " << d;
+    EXPECT_EQ(got_k[0], got_k[1]) << "d " << d;
+    EXPECT_EQ(got_v[0], got_v[1]) << "d " << d;
+    EXPECT_EQ(got_pos[0], got_pos[1]) << "d " << d;
+    // The reference itself wrote something: 2 * n * Hkv entries of K, the rest still poisoned.
+    int64_t written = 0;
+    for (const uint16_t x : got_k[0]) written += x != 0xffff;
+    EXPECT_EQ(written, int64_t{n} * Hkv * d) << "d " << d;
+  }
+}
+
 TEST(CudaModelOps, SwiGlu) {
   SKIP_WITHOUT_DEVICE();
   std::mt19937_64 rng(test_seed() + 4);
@@ -310,6 +410,46 @@ TEST(CudaModelOps, GemmLt) {
     }
   }
   (*gemm)->set_gemv(true);
+}
+
+// The down projection with its SwiGLU (GemmLt::linear_swiglu): fused into the CUDA-core GEMV at
+// m <= 2, swiglu() then linear() above. Against swiglu() then linear() run separately: the same
+// bits where both take the same GEMV (the fused load rounds SwiGLU to bf16 as swiglu() does), and
+// against the CPU (SwiGLU in fp32, bf16-rounded, then the fp32 product).
+TEST(CudaModelOps, SwigluFusedIntoDownProjection) {
+  SKIP_WITHOUT_DEVICE();
+  std::mt19937_64 rng(test_seed() + 11);
+  auto gemm = cuda::GemmLt::create();
+  ASSERT_TRUE(gemm.has_value()) << gemm.status().message();
+  struct Shape { int64_t m, n, k; };
+  for (const Shape s : {Shape{1, 4096, 14336}, Shape{2, 1000, 2056}, Shape{1, 37, 8}, Shape{3, 512, 4104},
+                        Shape{8, 640, 2048}}) {
+    const std::vector<float> gu = round_bf16(randn(rng, size_t(s.m * 2 * s.k), 2.f));
+    const std::vector<float> w = round_bf16(randn(rng, size_t(s.n * s.k), 0.05f));
+    std::vector<float> act(size_t(s.m * s.k));
+    for (int64_t r = 0; r < s.m; ++r)
+      for (int64_t i = 0; i < s.k; ++i) {
+        const float g = gu[size_t(r * 2 * s.k + i)], u = gu[size_t(r * 2 * s.k + s.k + i)];
+        act[size_t(r * s.k + i)] = g / (1.f + std::exp(-g)) * u;
+      }
+    const std::vector<float> act_bf = round_bf16(act);
+    std::vector<float> ref(size_t(s.m * s.n));
+    cpu::linear(act_bf.data(), w.data(), nullptr, ref.data(), s.m, s.n, s.k);
+    Dev<uint16_t> dgu(gu.size()), dw(w.size()), dact(act.size());
+    Dev<float> dfused(ref.size()), dsplit(ref.size());
+    dgu.put(to_bf16(gu));
+    dw.put(to_bf16(w));
+    dact.poison();
+    dfused.poison();
+    dsplit.poison();
+    OK((*gemm)->linear_swiglu(bf(dgu.p), bf(dact.p), bf(dw.p), dfused.p, DType::kF32, s.m, s.n, s.k, nullptr));
+    OK(cuda::swiglu(bf(dgu.p), bf(dact.p), int32_t(s.m), int32_t(s.k), nullptr));
+    OK((*gemm)->linear(bf(dact.p), bf(dw.p), dsplit.p, DType::kF32, s.m, s.n, s.k, nullptr));
+    CK(cudaDeviceSynchronize());
+    const std::vector<float> fused = dfused.get();
+    EXPECT_EQ(fused, dsplit.get()) << s.m << "x" << s.n << "x" << s.k << ": fused differs from swiglu + linear";
+    EXPECT_LE(rel_err(fused, ref), 1e-3) << s.m << "x" << s.n << "x" << s.k;
+  }
 }
 
 // K/V append into pages and the generic paged attention, for a batch holding a decode token, a

@@ -88,12 +88,12 @@ Status CudaModel::Impl::enqueue_layer(const StepPlan& sp, int32_t l) {
   qr.k_norm = W.k_norm;
   qr.eps = eps;
   qr.cos_sin = cos_sin;
+  // K and V go into the pool in the same launch (the K/V append).
+  qr.pool = pool;
+  qr.batch = batch_view(sp, meta_dev, static_cast<int32_t>(c.num_layers), static_cast<int32_t>(c.num_kv_heads));
+  qr.layer = l;
   ADAKV_RETURN_IF_ERROR(qkv_rope(qr, stream));
-  mark("bias + q/k norm + rope");
-  const StepBatchView bv = batch_view(sp, meta_dev, static_cast<int32_t>(c.num_layers), static_cast<int32_t>(c.num_kv_heads));
-  ADAKV_RETURN_IF_ERROR(kv_append(pool, bv, l, qkv, qkvd, static_cast<int32_t>(q_dim()),
-                                  static_cast<int32_t>(q_dim() + kv_dim()), static_cast<int32_t>(c.head_dim), stream));
-  mark("kv append");
+  mark("bias + q/k norm + rope + kv append");
   ADAKV_RETURN_IF_ERROR(save_window_queries(sp, l));
   ADAKV_RETURN_IF_ERROR(enqueue_attention(sp, l));
   ADAKV_RETURN_IF_ERROR(enqueue_layer_compression(sp, l));
@@ -107,10 +107,9 @@ Status CudaModel::Impl::enqueue_layer(const StepPlan& sp, int32_t l) {
   mark("residual + rmsnorm");
   ADAKV_RETURN_IF_ERROR(gemm->linear(h, W.gate_up, gu, DType::kBF16, T, 2 * inter, hidden, stream));
   mark("gate_up projection");
-  ADAKV_RETURN_IF_ERROR(swiglu(gu, act, T, static_cast<int32_t>(inter), stream));
-  mark("swiglu");
-  ADAKV_RETURN_IF_ERROR(gemm->linear(act, W.down, delta, DType::kBF16, T, hidden, inter, stream));
-  mark("down projection");
+  // SwiGLU inside the down projection where its GEMV takes it (a decode step of 1-2 tokens).
+  ADAKV_RETURN_IF_ERROR(gemm->linear_swiglu(gu, act, W.down, delta, DType::kBF16, T, hidden, inter, stream));
+  mark("swiglu + down projection");
   return Status::ok();
 }
 

@@ -8,6 +8,7 @@
 
 #include "backends/cuda/cuda_check.h"
 #include "backends/cuda/gemv.h"
+#include "backends/cuda/model_ops.h"
 
 namespace adakv::cuda {
 
@@ -103,32 +104,47 @@ Status GemmLt::linear(const __nv_bfloat16* x, const __nv_bfloat16* w, void* y, D
   if (y_dtype != DType::kBF16 && y_dtype != DType::kF32) return unimplemented("gemm: output must be BF16 or F32");
   if (ldx == 0) ldx = k;
   if (ldy == 0) ldy = n;
-  const bool gemv_shape = m <= kGemvSimdRows || n * k <= kGemvTensorMaxWeight;
-  if (gemv_ && m <= gemv_rows_ && gemv_shape && k % 8 == 0 && ldx % 8 == 0 &&
-      gemv_tiles(static_cast<int32_t>(m), static_cast<int32_t>(n)) <= kGemvCounters &&
-      gemv_partial_floats(static_cast<int32_t>(m), static_cast<int32_t>(n), static_cast<int32_t>(k)) <=
-          kGemvPartialFloats) {
-    GemvArgs a;
-    a.x = x;
-    a.ldx = ldx;
-    a.w = w;
-    a.y = y;
-    a.ldy = ldy;
-    a.y_dtype = y_dtype;
-    a.m = static_cast<int32_t>(m);
-    a.n = static_cast<int32_t>(n);
-    a.k = static_cast<int32_t>(k);
-    a.partial = gemv_partial_;
-    a.partial_capacity = kGemvPartialFloats;
-    a.counters = gemv_counters_;
-    a.counter_capacity = kGemvCounters;
-    return gemv_bf16(a, stream);
-  }
+  if (GemvArgs a; gemv_args(x, w, y, y_dtype, m, n, k, ldx, ldy, &a)) return gemv_bf16(a, stream);
   ADAKV_ASSIGN_OR_RETURN(Plan * p, plan(m, n, k, ldx, ldy, y_dtype));
   const float alpha = 1.f, beta = 0.f;
   ADAKV_LT(cublasLtMatmul(static_cast<cublasLtHandle_t>(handle_), p->desc, &alpha, w, p->a, x, p->b, &beta, y, p->d,
                           y, p->d, &p->algo, workspace_, workspace_bytes_, stream));
   return Status::ok();
+}
+
+bool GemmLt::gemv_args(const __nv_bfloat16* x, const __nv_bfloat16* w, void* y, DType y_dtype, int64_t m, int64_t n,
+                       int64_t k, int64_t ldx, int64_t ldy, GemvArgs* a) const {
+  const bool gemv_shape = m <= kGemvSimdRows || n * k <= kGemvTensorMaxWeight;
+  if (!gemv_ || m > gemv_rows_ || !gemv_shape || k % 8 != 0 || ldx % 8 != 0 ||
+      gemv_tiles(static_cast<int32_t>(m), static_cast<int32_t>(n)) > kGemvCounters ||
+      gemv_partial_floats(static_cast<int32_t>(m), static_cast<int32_t>(n), static_cast<int32_t>(k)) > kGemvPartialFloats)
+    return false;
+  a->x = x;
+  a->ldx = ldx;
+  a->w = w;
+  a->y = y;
+  a->ldy = ldy;
+  a->y_dtype = y_dtype;
+  a->m = static_cast<int32_t>(m);
+  a->n = static_cast<int32_t>(n);
+  a->k = static_cast<int32_t>(k);
+  a->partial = gemv_partial_;
+  a->partial_capacity = kGemvPartialFloats;
+  a->counters = gemv_counters_;
+  a->counter_capacity = kGemvCounters;
+  return true;
+}
+
+Status GemmLt::linear_swiglu(const __nv_bfloat16* gate_up, __nv_bfloat16* act, const __nv_bfloat16* w, void* y,
+                             DType y_dtype, int64_t m, int64_t n, int64_t k, cudaStream_t stream) {
+  if (m == 0) return Status::ok();
+  if (m < 0 || n <= 0 || k <= 0) return invalid_argument("gemm: bad sizes");
+  if (GemvArgs a; m <= kGemvSimdRows && gemv_args(gate_up, w, y, y_dtype, m, n, k, 2 * k, n, &a)) {
+    a.x_swiglu = true;
+    return gemv_bf16(a, stream);
+  }
+  ADAKV_RETURN_IF_ERROR(swiglu(gate_up, act, static_cast<int32_t>(m), static_cast<int32_t>(k), stream));
+  return linear(act, w, y, y_dtype, m, n, k, stream);
 }
 
 }  // namespace adakv::cuda

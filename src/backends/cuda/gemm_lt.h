@@ -39,6 +39,12 @@ class GemmLt {
   // rows ldy apart, 0 = n). Pointers 16-byte aligned.
   Status linear(const __nv_bfloat16* x, const __nv_bfloat16* w, void* y, DType y_dtype, int64_t m, int64_t n,
                 int64_t k, cudaStream_t stream, int64_t ldx = 0, int64_t ldy = 0);
+  // The down projection of SwiGLU(gate_up): y = swiglu(gate_up) . w^T, gate_up [m][2k] bf16 (gates
+  // then ups), w [n][k]. Where the CUDA-core GEMV takes it (m <= kGemvSimdRows, GEMV on) the SwiGLU
+  // is computed as the GEMV loads its input, bit for bit as swiglu() would write it: one launch
+  // instead of two. Otherwise swiglu() into `act` ([m][k] bf16 scratch), then linear().
+  Status linear_swiglu(const __nv_bfloat16* gate_up, __nv_bfloat16* act, const __nv_bfloat16* w, void* y,
+                       DType y_dtype, int64_t m, int64_t n, int64_t k, cudaStream_t stream);
   // Whether linear() sends m <= gemv_rows() to the GEMV kernel (default: yes, unless ADAKV_GEMV=0),
   // and up to how many rows (1 .. kGemvMaxRows; default kGemvDefaultRows: the measured crossover).
   void set_gemv(bool on) { gemv_ = on; }
@@ -50,6 +56,9 @@ class GemmLt {
   GemmLt() = default;
   struct Plan;
   Expected<Plan*> plan(int64_t m, int64_t n, int64_t k, int64_t ldx, int64_t ldy, DType y_dtype);
+  // Where linear() would use the GEMV for this call: fills *a and returns true (else false).
+  bool gemv_args(const __nv_bfloat16* x, const __nv_bfloat16* w, void* y, DType y_dtype, int64_t m, int64_t n,
+                 int64_t k, int64_t ldx, int64_t ldy, GemvArgs* a) const;
 
   void* handle_ = nullptr;  // cublasLtHandle_t
   void* workspace_ = nullptr;

@@ -6,6 +6,7 @@
 
 #include "backends/cuda/cuda_check.h"
 #include "backends/cuda/dependent_launch.cuh"
+#include "backends/cuda/model_ops_common.cuh"
 #include "backends/cuda/score_common.cuh"
 #include "backends/cuda/score_mma.cuh"
 #include "backends/cuda/stream_load.cuh"
@@ -94,7 +95,22 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(const GemvArgs a) {
   release_dependent_grid();
   for (int i = tid; i < M * (ks / 8); i += blockDim.x) {
     const int m = i / (ks / 8), c = i - m * (ks / 8);
-    reinterpret_cast<uint4*>(xs + m * kCap)[c] = *reinterpret_cast<const uint4*>(a.x + m * a.ldx + k0 + 8 * c);
+    const __nv_bfloat16* src = a.x + m * a.ldx + k0 + 8 * c;
+    uint4 v = *reinterpret_cast<const uint4*>(src);
+    if (a.x_swiglu) {  // v holds 8 gates; their ups are k further on
+      const uint4 up = *reinterpret_cast<const uint4*>(src + a.k);
+      const __nv_bfloat162* g2 = reinterpret_cast<const __nv_bfloat162*>(&v);
+      const __nv_bfloat162* u2 = reinterpret_cast<const __nv_bfloat162*>(&up);
+      uint4 act;
+      __nv_bfloat162* a2 = reinterpret_cast<__nv_bfloat162*>(&act);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const float2 gf = __bfloat1622float2(g2[j]), uf = __bfloat1622float2(u2[j]);
+        a2[j] = __floats2bfloat162_rn(ops_detail::silu_mul(gf.x, uf.x), ops_detail::silu_mul(gf.y, uf.y));
+      }
+      v = act;
+    }
+    reinterpret_cast<uint4*>(xs + m * kCap)[c] = v;
   }
   __syncthreads();
   const int row0 = blockIdx.x * kRowsPerBlock + warp * kRowsPerWarp;
@@ -282,6 +298,9 @@ Status gemv_bf16(const GemvArgs& a, cudaStream_t stream) {
   if (a.y_dtype != DType::kBF16 && a.y_dtype != DType::kF32) return invalid_argument("gemv: output must be bf16 or fp32");
   if (a.ldx % 8 != 0 || reinterpret_cast<uintptr_t>(a.x) % 16 != 0 || reinterpret_cast<uintptr_t>(a.w) % 16 != 0)
     return invalid_argument("gemv: x and w need 16-byte alignment and ldx a multiple of 8");
+  if (a.x_swiglu && (a.m > kGemvSimdRows || a.ldx < 2 * int64_t{a.k}))
+    return invalid_argument("gemv: a fused SwiGLU input needs m <= " + std::to_string(kGemvSimdRows) +
+                            " and ldx >= 2k (got m " + std::to_string(a.m) + ", ldx " + std::to_string(a.ldx) + ")");
   const int32_t slices = gemv_slices(a.m, a.k);
   const int64_t tiles = gemv_tiles(a.m, a.n);
   if (slices > 1 && (gemv_partial_floats(a.m, a.n, a.k) > a.partial_capacity || tiles > a.counter_capacity))

@@ -42,6 +42,10 @@ struct GemvArgs {
   int64_t ldy = 0;
   DType y_dtype = DType::kBF16;      // kBF16 or kF32
   int32_t m = 0, n = 0, k = 0;       // m in 1..8, k a multiple of 8
+  // x is a fused gate / up projection, [m][ldx] with ldx >= 2k: the kernel takes
+  // silu(x[:, 0:k]) * x[:, k:2k] rounded to bf16 (what swiglu() writes) as its input, so that the
+  // down projection needs no separate SwiGLU launch. m <= kGemvSimdRows only.
+  bool x_swiglu = false;
   // Workspace for K split into slices: partial sums [slices][m][n] fp32 and one arrival counter per
   // 16 rows (zero between calls; the last block resets its own).
   float* partial = nullptr;

@@ -23,17 +23,11 @@ __global__ void kv_append_kernel(DeviceKvPool pool, StepBatchView batch, int32_t
   const bool is_v = rem >= batch.num_kv_heads * chunks;
   if (is_v) rem -= batch.num_kv_heads * chunks;
   const int h = rem / chunks, c = rem % chunks;
-  const int b = batch.token_seq[t];
-  const int64_t row = (static_cast<int64_t>(batch.seq_ids[b]) * batch.num_layers + layer) * batch.num_kv_heads + h;
-  const int len = batch.row_len[(static_cast<int64_t>(b) * batch.num_layers + layer) * batch.num_kv_heads + h];
-  const int entry = len - batch.seq_ntok[b] + batch.token_index[t];
-  const int page = pool.page_table[row * pool.max_pages_per_row + entry / kPageSize];
-  const int off = entry % kPageSize;
-  const int64_t dst = static_cast<int64_t>(page) * pool.page_stride + static_cast<int64_t>(off) * head_dim + c * 8;
+  const int64_t slot = ops_detail::committed_slot(pool, batch, layer, t, h);
+  const int64_t dst = slot / kPageSize * pool.page_stride + slot % kPageSize * head_dim + c * 8;
   const __nv_bfloat16* src = qkv + t * qkv_row_stride + (is_v ? v_offset : k_offset) + h * head_dim + c * 8;
   *reinterpret_cast<uint4*>((is_v ? pool.v_pool : pool.k_pool) + dst) = *reinterpret_cast<const uint4*>(src);
-  if (!is_v && c == 0 && pool.positions != nullptr)
-    pool.positions[static_cast<int64_t>(page) * kPageSize + off] = batch.positions[t];
+  if (!is_v && c == 0 && pool.positions != nullptr) pool.positions[slot] = batch.positions[t];
 }
 
 __global__ void kv_gather_kernel(DeviceKvPool pool, int32_t seq, int32_t layer, int32_t num_layers,

@@ -43,32 +43,6 @@ struct RmsNormArgs {
 };
 Status rms_norm_residual(const RmsNormArgs& args, cudaStream_t stream);
 
-// The attention input prologue on the fused projection output, in place, per token and head, in
-// the CPU forward's order: + bias (q/k/v), per-head RMSNorm of q and k (Qwen3), RoPE of q and k
-// (HF rotate_half, angle = float(inv_freq[i] * position)). V heads get the bias only.
-struct QkvRopeArgs {
-  __nv_bfloat16* qkv = nullptr;  // [n][row_stride]: q [H][d] | k [Hkv][d] | v [Hkv][d]
-  int64_t row_stride = 0;        // elements, >= (H + 2 Hkv) * d
-  int32_t n = 0;
-  int32_t num_heads = 0;
-  int32_t num_kv_heads = 0;
-  int32_t head_dim = 0;          // even, <= 256
-  const float* bias = nullptr;   // [(H + 2 Hkv) d] or null
-  const float* q_norm = nullptr; // [d] or null
-  const float* k_norm = nullptr; // [d] or null (set together with q_norm)
-  float eps = 1e-6f;
-  const float2* cos_sin = nullptr;  // [n][d / 2] from rope_cos_sin
-};
-Status qkv_rope(const QkvRopeArgs& args, cudaStream_t stream);
-
-// cos_sin[t][i] = (cos, sin) of float(inv_freq[i] * positions[t]), evaluated in double and rounded
-// (the CPU oracle's cos/sin); once per step, shared by every layer and head.
-Status rope_cos_sin(const float* inv_freq, const int32_t* positions, int32_t n, int32_t half, float2* cos_sin,
-                    cudaStream_t stream);
-
-// out[r][i] = silu(gate_up[r][i]) * gate_up[r][inter + i]. gate_up [rows][2 inter], out [rows][inter].
-Status swiglu(const __nv_bfloat16* gate_up, __nv_bfloat16* out, int32_t rows, int32_t inter, cudaStream_t stream);
-
 // --- the device KV pool as the model's kernels see it ---------------------------------------------
 // Page tables are mirrored densely: row g (the manager's row id, seq * layers * Hkv + layer * Hkv +
 // kv head) owns page_table[g * max_pages_per_row ...]; only the first ceil(length / 16) are valid.
@@ -93,6 +67,38 @@ struct StepBatchView {
   int32_t num_layers = 0;
   int32_t num_kv_heads = 0;
 };
+
+// The attention input prologue on the fused projection output, in place, per token and head, in
+// the CPU forward's order: + bias (q/k/v), per-head RMSNorm of q and k (Qwen3), RoPE of q and k
+// (HF rotate_half, angle = float(inv_freq[i] * position)). V heads get the bias only.
+struct QkvRopeArgs {
+  __nv_bfloat16* qkv = nullptr;  // [n][row_stride]: q [H][d] | k [Hkv][d] | v [Hkv][d]
+  int64_t row_stride = 0;        // elements, >= (H + 2 Hkv) * d
+  int32_t n = 0;
+  int32_t num_heads = 0;
+  int32_t num_kv_heads = 0;
+  int32_t head_dim = 0;          // even, <= 256
+  const float* bias = nullptr;   // [(H + 2 Hkv) d] or null
+  const float* q_norm = nullptr; // [d] or null
+  const float* k_norm = nullptr; // [d] or null (set together with q_norm)
+  float eps = 1e-6f;
+  const float2* cos_sin = nullptr;  // [n][d / 2] from rope_cos_sin
+  // Optional, with pool.k_pool set: each token's K (after RoPE) and V also go into the entries
+  // the step committed, as kv_append() writes them (and the slot's position), in the same launch:
+  // a decode step's layer has one small kernel less in its chain. head_dim a multiple of 8.
+  DeviceKvPool pool;
+  StepBatchView batch;  // batch.num_tokens == n
+  int32_t layer = 0;
+};
+Status qkv_rope(const QkvRopeArgs& args, cudaStream_t stream);
+
+// cos_sin[t][i] = (cos, sin) of float(inv_freq[i] * positions[t]), evaluated in double and rounded
+// (the CPU oracle's cos/sin); once per step, shared by every layer and head.
+Status rope_cos_sin(const float* inv_freq, const int32_t* positions, int32_t n, int32_t half, float2* cos_sin,
+                    cudaStream_t stream);
+
+// out[r][i] = silu(gate_up[r][i]) * gate_up[r][inter + i]. gate_up [rows][2 inter], out [rows][inter].
+Status swiglu(const __nv_bfloat16* gate_up, __nv_bfloat16* out, int32_t rows, int32_t inter, cudaStream_t stream);
 
 // Page-table mirror updates: table[updates[i].x] = updates[i].y for i < n (flat index, page id).
 Status page_table_scatter(const int2* updates, int32_t n, int32_t* table, cudaStream_t stream);

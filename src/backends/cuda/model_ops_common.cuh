@@ -7,6 +7,8 @@
 
 #include <string>
 
+#include "backends/cuda/model_ops.h"
+#include "backends/cuda/paged_kv_view.h"
 #include "core/status.h"
 
 namespace adakv::cuda::ops_detail {
@@ -17,6 +19,21 @@ inline Status launch_status(const char* what, cudaError_t err) {
                         cudaGetErrorString(err) + ")");
 }
 inline Status launch_status(const char* what) { return launch_status(what, cudaGetLastError()); }
+
+// SwiGLU of one gate / up pair: silu(g) * u (swiglu(), and the down projection that fuses it).
+__device__ __forceinline__ float silu_mul(float g, float u) { return (g / (1.0f + expf(-g))) * u; }
+
+// The pool slot (page * kPageSize + offset) of token t's entry in kv head h of `layer`: entry
+// row_len - seq_ntok + token_index of its row, the entry the step committed for it.
+__device__ __forceinline__ int64_t committed_slot(const DeviceKvPool& pool, const StepBatchView& batch, int32_t layer,
+                                                  int64_t t, int h) {
+  const int b = batch.token_seq[t];
+  const int64_t row = (static_cast<int64_t>(batch.seq_ids[b]) * batch.num_layers + layer) * batch.num_kv_heads + h;
+  const int len = batch.row_len[(static_cast<int64_t>(b) * batch.num_layers + layer) * batch.num_kv_heads + h];
+  const int entry = len - batch.seq_ntok[b] + batch.token_index[t];
+  const int page = pool.page_table[row * pool.max_pages_per_row + entry / kPageSize];
+  return static_cast<int64_t>(page) * kPageSize + entry % kPageSize;
+}
 
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll

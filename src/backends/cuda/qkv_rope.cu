@@ -27,9 +27,20 @@ __global__ void __launch_bounds__(kWarps * 32) qkv_rope_kernel(QkvRopeArgs a) {
   const float* bias = a.bias != nullptr ? a.bias + static_cast<int64_t>(head) * d : nullptr;
   for (int i = lane; i < d; i += 32) s[i] = __bfloat162float(row[i]) + (bias != nullptr ? bias[i] : 0.f);
   const bool is_v = head >= a.num_heads + a.num_kv_heads;
+  // With an append target, a K or V head's vector also goes into its committed pool entry.
+  __nv_bfloat16* entry = nullptr;
+  if (a.pool.k_pool != nullptr && head >= a.num_heads) {
+    const int h = head - a.num_heads - (is_v ? a.num_kv_heads : 0);
+    const int64_t slot = ops_detail::committed_slot(a.pool, a.batch, a.layer, t, h);
+    entry = (is_v ? a.pool.v_pool : a.pool.k_pool) + slot / kPageSize * a.pool.page_stride + slot % kPageSize * d;
+    if (!is_v && lane == 0 && a.pool.positions != nullptr) a.pool.positions[slot] = a.batch.positions[t];
+  }
   if (is_v) {
-    if (bias != nullptr)
-      for (int i = lane; i < d; i += 32) row[i] = __float2bfloat16(s[i]);
+    for (int i = lane; i < d; i += 32) {
+      const __nv_bfloat16 v = __float2bfloat16(s[i]);
+      if (bias != nullptr) row[i] = v;
+      if (entry != nullptr) entry[i] = v;
+    }
     return;
   }
   const float* norm = head < a.num_heads ? a.q_norm : a.k_norm;
@@ -45,8 +56,13 @@ __global__ void __launch_bounds__(kWarps * 32) qkv_rope_kernel(QkvRopeArgs a) {
   for (int i = lane; i < half; i += 32) {
     const float x1 = s[i], x2 = s[i + half];
     const float2 c = cs[i];
-    row[i] = __float2bfloat16(x1 * c.x - x2 * c.y);
-    row[i + half] = __float2bfloat16(x2 * c.x + x1 * c.y);
+    const __nv_bfloat16 y1 = __float2bfloat16(x1 * c.x - x2 * c.y), y2 = __float2bfloat16(x2 * c.x + x1 * c.y);
+    row[i] = y1;
+    row[i + half] = y2;
+    if (entry != nullptr) {
+      entry[i] = y1;
+      entry[i + half] = y2;
+    }
   }
 }
 
@@ -69,6 +85,8 @@ Status qkv_rope(const QkvRopeArgs& a, cudaStream_t stream) {
     return unimplemented("qkv_rope: head_dim " + std::to_string(a.head_dim) + " (supported: even, <= 256)");
   if (a.qkv == nullptr || a.cos_sin == nullptr) return invalid_argument("qkv_rope: null qkv or cos_sin");
   if ((a.q_norm == nullptr) != (a.k_norm == nullptr)) return invalid_argument("qkv_rope: q_norm and k_norm go together");
+  if (a.pool.k_pool != nullptr && (a.batch.num_tokens != a.n || a.head_dim % 8 != 0))
+    return invalid_argument("qkv_rope: an append target needs batch.num_tokens == n and head_dim a multiple of 8");
   if (a.n <= 0) return Status::ok();
   const int64_t items = static_cast<int64_t>(a.n) * (a.num_heads + 2 * a.num_kv_heads);
   return ops_detail::launch_status("qkv_rope", launch_dependent(qkv_rope_kernel, dim3((items + kWarps - 1) / kWarps),

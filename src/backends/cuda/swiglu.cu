@@ -7,7 +7,7 @@
 namespace adakv::cuda {
 namespace {
 
-__device__ __forceinline__ float silu_mul(float g, float u) { return (g / (1.0f + expf(-g))) * u; }
+using ops_detail::silu_mul;
 
 __global__ void swiglu_vec8_kernel(const __nv_bfloat16* __restrict__ gate_up, __nv_bfloat16* __restrict__ out,
                                    int32_t rows, int32_t inter) {

@@ -27,7 +27,8 @@
 // with only b2, bp8, b2r / bp8r / bp0r / bp2r / bp4r (the row-aligned split; bpNr: N pages per
 // warp requested before the wait), bfr / bfp2r (fused merge), bp8w (one block per SM), and bpa8 /
 // bpa8r / bpa8w (without the merge: timing only), a2r / ap2r (DecodeMerge::kAuto, the engine's
-// merge; a2r is the engine's configuration) and bpa2r at the main pages/iter, and one more table last:
+// merge; ap2r, overlapped, is the engine's configuration since its decode attention launches as a
+// dependent of the K/V append, a2r the plain launch it had before) and bpa2r at the main pages/iter, and one more table last:
 // every variant per layer in a graph, % of copy; with --all-sizes every batch and context and the
 // naive baseline too (steps over 1.1 GB per call, marked c). --timeline (with
 // --lean): per layer in the graph, where the time goes (DecodeAttention::set_trace's
@@ -632,7 +633,7 @@ int main(int argc, char** argv) {
                           make_attention(d, DecodeSplit::kRowAligned, main_ppi, 0, true, DecodeMerge::kKernel, true,
                                          true, 2, 0, 8)});
       // DecodeMerge::kAuto, the engine's merge (fused while no row has more than 16 pieces, else the
-      // merge kernel), plainly launched (a2r: the engine's configuration) and overlapped (ap2r);
+      // merge kernel), plainly launched (a2r) and overlapped (ap2r: the engine's configuration);
       // bpa2r: bp2r without the merge (timing only).
       variants.push_back({"a2r" + sfx, kMergeWidthFixed,
                           make_attention(d, DecodeSplit::kRowAligned, main_ppi, 0, true, DecodeMerge::kAuto, true)});

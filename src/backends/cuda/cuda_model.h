@@ -70,7 +70,7 @@ struct CudaModelOptions {
   // or 0 in the environment overrides this. Results are identical either way. The kernel before
   // it is the K/V append, itself a dependent launch that lets the attention's blocks in as soon as
   // it has waited (dependent_launch.h); with both, whole decode steps at batch 1 and 8 gained
-  // 0.5-1 % over the plain attention launch (H200, 2026-11-28, docs/benchmarks.md). Before the
+  // 0.4-1 % over the plain attention launch (H200, 2026-11-28, docs/benchmarks.md). Before the
   // model ops launched as dependents (session 9) the overlap gained nothing and was off.
   bool decode_overlap = true;
   // After launching a decode step, plan the next one's decode attention while the device runs,

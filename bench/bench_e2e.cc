@@ -11,8 +11,9 @@
 // cache does not fit the pool is reported as OOM (the pool is --gpu-memory-fraction of what the
 // weights and workspace leave).
 // Peer: tools/bench/e2e_transformers.py, same shapes, in the same device call.
-// ADAKV_PROFILE_OPS=1: also a table per decode configuration of the device time per op (the steps
-// then run without CUDA graphs, so their tokens/s are not the product's).
+// ADAKV_PROFILE_OPS=1: also a table of the device time per op for the second full prefill and per
+// decode configuration (the decode steps then run without CUDA graphs, so their tokens/s are not
+// the product's).
 #if ADAKV_HAVE_CUDA
 #include <cuda_runtime.h>
 
@@ -284,7 +285,9 @@ int main(int argc, char** argv) {
   prefill(std::min(ctx, 2048), true, nullptr);
   std::vector<int32_t> ada_lengths;
   const auto pf_full = prefill(ctx, false, nullptr);
+  model.reset_op_profile();  // ADAKV_PROFILE_OPS=1: the second full prefill, op by op (printed below)
   const auto pf_full2 = prefill(ctx, false, nullptr);
+  const std::string prefill_ops = model.op_profile();
   const auto pf_ada = prefill(ctx, true, &ada_lengths);
   const double flops = 2.0 * 7.5e9 * ctx + 4.0 * 128 * 32 * 32 * (double(ctx) * (ctx + 1) / 2);
   std::printf("prefill %d tokens, full cache: %.3f s wall, %.3f s device (%.0f tokens/s; %.0f TFLOP/s on "
@@ -293,6 +296,9 @@ int main(int argc, char** argv) {
   std::printf("prefill %d tokens, ada-snapkv %d (scores + selection + compaction on the device): %.3f s device "
               "(%.0f tokens/s, +%.1f %% over full)\n",
               ctx, budget, pf_ada.second, ctx / pf_ada.second, 100.0 * (pf_ada.second / std::min(pf_full.second, pf_full2.second) - 1.0));
+  if (!prefill_ops.empty())
+    std::printf("\n== prefill ops, %d tokens, full cache (ADAKV_PROFILE_OPS: events between ops)\n%s\n", ctx,
+                prefill_ops.c_str());
   const int64_t ada_entries = std::accumulate(ada_lengths.begin(), ada_lengths.end(), int64_t{0});
   const int32_t ada_max = *std::max_element(ada_lengths.begin(), ada_lengths.end());
   std::printf("ada-snapkv rows after prefill: mean %.1f entries, longest %d (max/mean %.2f)\n",

@@ -15,7 +15,11 @@
 // warm-ups. All variants of a shape are compared with the first (max abs difference of the bf16
 // outputs; MISMATCH above 0.02), so a broken variant cannot post a fast time unnoticed.
 //
-// Usage: bench_prefill_attention [--quick] [--reps N]; writes $OUT/bench_prefill_attention.csv
+// --layouts: also the default key tile at d 128 with q/k/v as the model lays them out (one fused
+// QKV buffer; head-major K/V, one launch per kv head), against the dense layout, in a table
+// before the main one.
+//
+// Usage: bench_prefill_attention [--quick] [--reps N] [--layouts]; writes $OUT/bench_prefill_attention.csv
 // when OUT is set. Prints one table last, then one "BEST ..." line per shape (for
 // scripts/gpu_prefill_check.sh).
 #include <cuda_bf16.h>
@@ -118,13 +122,16 @@ struct Row {
 int main(int argc, char** argv) {
   bool quick = false;
   int fixed_reps = 0;
+  bool layouts = false;
   for (int i = 1; i < argc; ++i) {
     if (!std::strcmp(argv[i], "--quick")) {
       quick = true;
+    } else if (!std::strcmp(argv[i], "--layouts")) {
+      layouts = true;
     } else if (!std::strcmp(argv[i], "--reps") && i + 1 < argc) {
       fixed_reps = std::max(3, std::atoi(argv[++i]));
     } else {
-      std::fprintf(stderr, "usage: %s [--quick] [--reps N]\n", argv[0]);
+      std::fprintf(stderr, "usage: %s [--quick] [--reps N] [--layouts]\n", argv[0]);
       return 2;
     }
   }
@@ -263,7 +270,88 @@ int main(int argc, char** argv) {
     }
   }
 
+  // --layouts: the default key tile at head dim 128 with q/k/v laid out as the model has them.
+  // fused: one [L][(H + 2 Hkv) d] buffer (the QKV projection's output, a fresh prompt's path);
+  // heads: k and v head-major [Hkv][L][d], one launch per kv head over its g query heads (the
+  // path of a prompt appended to a cache, after kv_gather_rows); dense: the table above's layout.
+  struct LayoutRow {
+    int len;
+    const char* layout;
+    double ms, tflops;
+  };
+  std::vector<LayoutRow> layout_rows;
+  if (layouts) {
+    constexpr int d = 128, H = kQoHeads, Hkv = kKvHeads, g = H / Hkv;
+    for (const Shape& s : shapes) {
+      if (s.d != d) continue;
+      const int64_t L = s.len, row = int64_t{H + 2 * Hkv} * d;
+      __nv_bfloat16* fused = nullptr;
+      ADAKV_CUDA_CHECK(cudaMalloc(&fused, L * row * 2));
+      fill_normal_bf16<<<prop.multiProcessorCount * 8, 256, 0, stream>>>(fused, L * row, seed ^ 4);
+      fill_normal_bf16<<<prop.multiProcessorCount * 8, 256, 0, stream>>>(q, L * H * d, seed ^ 1);
+      fill_normal_bf16<<<prop.multiProcessorCount * 8, 256, 0, stream>>>(k, L * Hkv * d, seed ^ 2);
+      fill_normal_bf16<<<prop.multiProcessorCount * 8, 256, 0, stream>>>(v, L * Hkv * d, seed ^ 3);
+      ADAKV_CUDA_CHECK(cudaGetLastError());
+      const double flops = adakv::cuda::prefill_attention_flops(s.len, s.len, H, d, true);
+      for (const char* layout : {"dense", "fused", "heads"}) {
+        std::vector<PrefillAttentionArgs> calls;
+        PrefillAttentionArgs a;
+        a.num_q = a.num_k = s.len;
+        a.head_dim = d;
+        a.softmax_scale = 1.f / std::sqrt(float(d));
+        a.causal = true;
+        a.out = out;
+        a.out_row_stride = int64_t{H} * d;
+        if (!std::strcmp(layout, "dense")) {
+          a.q = q, a.k = k, a.v = v;
+          a.num_qo_heads = H, a.num_kv_heads = Hkv;
+          calls.push_back(a);
+        } else if (!std::strcmp(layout, "fused")) {
+          a.q = fused, a.k = fused + int64_t{H} * d, a.v = fused + int64_t{H + Hkv} * d;
+          a.q_row_stride = a.k_row_stride = a.v_row_stride = row;
+          a.num_qo_heads = H, a.num_kv_heads = Hkv;
+          calls.push_back(a);
+        } else {
+          for (int kh = 0; kh < Hkv; ++kh) {
+            a.q = q + int64_t{kh} * g * d, a.q_row_stride = int64_t{H} * d;
+            a.k = k + int64_t{kh} * L * d, a.v = v + int64_t{kh} * L * d;
+            a.k_row_stride = a.v_row_stride = d;
+            a.out = out + int64_t{kh} * g * d;
+            a.num_qo_heads = g, a.num_kv_heads = 1;
+            calls.push_back(a);
+          }
+        }
+        auto run = [&]() {
+          for (const PrefillAttentionArgs& c : calls) {
+            const adakv::Status st = adakv::cuda::prefill_attention(c, stream);
+            if (!st.is_ok()) {
+              std::fprintf(stderr, "run (%s): %s\n", layout, st.message().c_str());
+              std::exit(1);
+            }
+          }
+        };
+        std::vector<double> t;
+        for (int rep = 0; rep < 2 + (fixed_reps ? fixed_reps : 7); ++rep) {
+          ADAKV_CUDA_CHECK(cudaEventRecord(ev0, stream));
+          run();
+          ADAKV_CUDA_CHECK(cudaEventRecord(ev1, stream));
+          const double ms = elapsed_ms();
+          if (rep >= 2) t.push_back(ms);
+        }
+        const double ms = median(t);
+        layout_rows.push_back({s.len, layout, ms, flops / (ms * 1e-3) / 1e12});
+        std::printf("layout %s L %d: %.3f ms, %.1f TFLOP/s\n", layout, s.len, ms, layout_rows.back().tflops);
+        std::fflush(stdout);
+      }
+      ADAKV_CUDA_CHECK(cudaFree(fused));
+    }
+  }
+
   bool mismatch = false;
+  if (!layout_rows.empty()) {
+    std::printf("\n== prefill attention by layout (d 128, default key tile; TFLOP/s)\n| L | layout | ms | TFLOP/s |\n|---|---|---|---|\n");
+    for (const LayoutRow& r : layout_rows) std::printf("| %d | %s | %.3f | %.1f |\n", r.len, r.layout, r.ms, r.tflops);
+  }
   std::printf("\n== prefill attention (causal, bf16, batch 1, %d/%d heads; FLOPs = 4 d H L(L+1)/2)\n", kQoHeads,
               kKvHeads);
   std::printf("| d | L | bn | ms | TFLOP/s | max diff |\n|---|---|---|---|---|---|\n");

@@ -20,6 +20,8 @@ def main():
     ap.add_argument("--ctx", type=int, default=32768)
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--batches", default="1,8,32")
+    ap.add_argument("--profile", action="store_true",
+                    help="also one prefill under torch.profiler: the kernels by total device time")
     args = ap.parse_args()
     import transformers
     from transformers import LlamaConfig, LlamaForCausalLM, DynamicCache
@@ -64,6 +66,13 @@ def main():
             ms = timed(lambda: model(ids, use_cache=False, logits_to_keep=1), 2, 0)
             print(f"prefill {args.ctx}: {ms:.1f} ms, {args.ctx / ms * 1e3:.0f} tokens/s", flush=True)
             results.append(("prefill", args.ctx, f"{args.ctx / ms * 1e3:.0f} tokens/s ({ms / 1e3:.3f} s)"))
+            if args.profile:
+                from torch.profiler import profile, ProfilerActivity
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    model(ids, use_cache=False, logits_to_keep=1)
+                    torch.cuda.synchronize()
+                print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=70),
+                      flush=True)
         except torch.OutOfMemoryError as e:
             results.append(("prefill", args.ctx, "OOM"))
             print("prefill OOM:", str(e).splitlines()[0], flush=True)

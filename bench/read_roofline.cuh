@@ -28,6 +28,7 @@
 #include <vector>
 
 #include "backends/cuda/cuda_check.h"
+#include "backends/cuda/dependent_launch.cuh"
 #include "backends/cuda/stream_load.cuh"
 
 namespace read_roofline {
@@ -35,18 +36,10 @@ namespace read_roofline {
 constexpr int kThreads = 256;
 constexpr int64_t kPageWords = 256;  // 4 KB in 16-byte words
 
-// Programmatic dependent launch from the device (sm_90; nothing before it, where the launches
-// are plain).
-__device__ __forceinline__ void launch_dependents() {
-#if __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void wait_for_previous() {
-#if __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;\n" ::: "memory");
-#endif
-}
+// Programmatic dependent launch from the device (dependent_launch.cuh; no-ops before sm_90 and
+// where the launches are plain).
+using adakv::cuda::await_preceding_grid;
+using adakv::cuda::release_dependent_grid;
 
 // One layer: reads words [0, 2 * half) of the step, k[0, half) then v[0, half); each block a
 // contiguous chunk of chunk_words, kThreads x U words per iteration (coalesced).
@@ -56,13 +49,13 @@ __global__ void __launch_bounds__(kThreads) read_step(const uint4* k, const uint
   const int64_t begin = blockIdx.x * chunk_words, end = min(begin + chunk_words, 2 * half);
   const auto at = [&](int64_t w) { return w < half ? k + w : v + (w - half); };
   if (pdl) {
-    launch_dependents();
+    release_dependent_grid();
     const int64_t w = begin + threadIdx.x * kPageWords;
     if (int(threadIdx.x) < prefetch_pages && w < end) {
       const int64_t stop = min(end, w < half ? half : 2 * half);  // a prefetch stays inside k or v
       adakv::cuda::prefetch_l2(at(w), uint32_t((stop - w < kPageWords ? stop - w : kPageWords) * 16));
     }
-    wait_for_previous();
+    await_preceding_grid();
   }
   unsigned acc = 0;
   for (int64_t base = begin; base < end; base += int64_t(U) * kThreads) {
@@ -90,7 +83,7 @@ __global__ void __launch_bounds__(kThreads) read_pages(const uint4* k, const uin
   extern __shared__ int32_t s_ids[];
   const int64_t first = blockIdx.x * block_pages, last = min(first + block_pages, pages);
   const int n = int(last - first);
-  if (pdl) launch_dependents();
+  if (pdl) release_dependent_grid();
   for (int i = threadIdx.x; i < n; i += kThreads) {
     s_ids[i] = ids[first + i];
     if (pdl && i < prefetch_pages) {
@@ -98,7 +91,7 @@ __global__ void __launch_bounds__(kThreads) read_pages(const uint4* k, const uin
       adakv::cuda::prefetch_l2(v + int64_t(s_ids[i]) * page_words, uint32_t(page_words * 16));
     }
   }
-  if (pdl) wait_for_previous();
+  if (pdl) await_preceding_grid();
   __syncthreads();
   const int64_t words = int64_t(n) * 2 * page_words;
   unsigned acc = 0;

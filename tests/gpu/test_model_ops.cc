@@ -106,6 +106,34 @@ double rel_err(const std::vector<float>& a, const std::vector<float>& b) {
 
 __nv_bfloat16* bf(uint16_t* p) { return reinterpret_cast<__nv_bfloat16*>(p); }
 
+// The device KV pool and a step's batch view as the model's kernels take them, over test buffers.
+cuda::DeviceKvPool pool_of(Dev<uint16_t>& k, Dev<uint16_t>& v, Dev<int32_t>& positions, int64_t page_elems,
+                           const Dev<int32_t>& table, int32_t max_pages_per_row) {
+  cuda::DeviceKvPool pool;
+  pool.k_pool = bf(k.p);
+  pool.v_pool = bf(v.p);
+  pool.positions = positions.p;
+  pool.page_stride = page_elems;
+  pool.page_table = table.p;
+  pool.max_pages_per_row = max_pages_per_row;
+  return pool;
+}
+cuda::StepBatchView batch_of(const Dev<int32_t>& seq_ids, const Dev<int32_t>& seq_ntok, const Dev<int32_t>& row_len,
+                             const Dev<int32_t>& token_seq, const Dev<int32_t>& token_index,
+                             const Dev<int32_t>& positions, int32_t n, int32_t layers, int32_t kv_heads) {
+  cuda::StepBatchView bv;
+  bv.seq_ids = seq_ids.p;
+  bv.seq_ntok = seq_ntok.p;
+  bv.row_len = row_len.p;
+  bv.token_seq = token_seq.p;
+  bv.token_index = token_index.p;
+  bv.positions = positions.p;
+  bv.num_tokens = n;
+  bv.num_layers = layers;
+  bv.num_kv_heads = kv_heads;
+  return bv;
+}
+
 TEST(CudaModelOps, EmbedGather) {
   SKIP_WITHOUT_DEVICE();
   std::mt19937_64 rng(test_seed() + 1);
@@ -299,23 +327,8 @@ TEST(CudaModelOps, QkvRopeAppendsLikeKvAppend) {
       dk.poison();
       dv.poison();
       dposp.poison();
-      cuda::DeviceKvPool pool;
-      pool.k_pool = bf(dk.p);
-      pool.v_pool = bf(dv.p);
-      pool.positions = dposp.p;
-      pool.page_stride = page_elems;
-      pool.page_table = dtable.p;
-      pool.max_pages_per_row = maxp;
-      cuda::StepBatchView bv;
-      bv.seq_ids = dseq.p;
-      bv.seq_ntok = dnt.p;
-      bv.row_len = drl.p;
-      bv.token_seq = dts.p;
-      bv.token_index = dti.p;
-      bv.positions = dpos.p;
-      bv.num_tokens = n;
-      bv.num_layers = L;
-      bv.num_kv_heads = Hkv;
+      const cuda::DeviceKvPool pool = pool_of(dk, dv, dposp, page_elems, dtable, maxp);
+      const cuda::StepBatchView bv = batch_of(dseq, dnt, drl, dts, dti, dpos, n, L, Hkv);
       cuda::QkvRopeArgs a;
       a.qkv = bf(dq.p);
       a.row_stride = stride;
@@ -563,23 +576,8 @@ TEST(CudaModelOps, KvAppendAndGenericAttention) {
     dti.put(tidx);
     dpos.put(pos);
     dout.poison();
-    cuda::DeviceKvPool pool;
-    pool.k_pool = bf(dk.p);
-    pool.v_pool = bf(dv.p);
-    pool.positions = dposp.p;
-    pool.page_stride = page_elems;
-    pool.page_table = dtable.p;
-    pool.max_pages_per_row = maxp;
-    cuda::StepBatchView bv;
-    bv.seq_ids = dseq.p;
-    bv.seq_ntok = dnt.p;
-    bv.row_len = drl.p;
-    bv.token_seq = dts.p;
-    bv.token_index = dti.p;
-    bv.positions = dpos.p;
-    bv.num_tokens = n;
-    bv.num_layers = L;
-    bv.num_kv_heads = Hkv;
+    const cuda::DeviceKvPool pool = pool_of(dk, dv, dposp, page_elems, dtable, maxp);
+    const cuda::StepBatchView bv = batch_of(dseq, dnt, drl, dts, dti, dpos, n, L, Hkv);
     OK(cuda::kv_append(pool, bv, layer, bf(dqkv.p), stride, qd, qd + kd, d, nullptr));
     OK(cuda::attention_generic(pool, bv, layer, H, d, bf(dqkv.p), stride, bf(dout.p), qd, 1.f / std::sqrt(float(d)), nullptr));
     // The pool now equals the CPU storage at every slot the step wrote.

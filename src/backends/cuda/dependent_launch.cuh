@@ -28,11 +28,12 @@ __device__ __forceinline__ void release_dependent_grid() {
 #endif
 }
 
-// Launches `kernel`, as a programmatic dependent of the preceding kernel when
-// dependent_launches(); returns the launch error. A grid with no blocks launches nothing.
+// Launches `kernel` (as a programmatic dependent of the preceding kernel when `as_dependent`)
+// and returns the launch error: a bad configuration is reported here rather than at the next
+// synchronising call. A grid with no blocks launches nothing.
 template <typename... Expected, typename... Actual>
-cudaError_t launch_dependent(void (*kernel)(Expected...), dim3 grid, dim3 block, size_t smem_bytes,
-                             cudaStream_t stream, Actual&&... args) {
+cudaError_t launch_kernel(bool as_dependent, void (*kernel)(Expected...), dim3 grid, dim3 block, size_t smem_bytes,
+                          cudaStream_t stream, Actual&&... args) {
   if (grid.x == 0 || grid.y == 0 || grid.z == 0) return cudaSuccess;
   cudaLaunchAttribute attr[1];
   attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
@@ -43,10 +44,17 @@ cudaError_t launch_dependent(void (*kernel)(Expected...), dim3 grid, dim3 block,
   cfg.dynamicSmemBytes = smem_bytes;
   cfg.stream = stream;
   cfg.attrs = attr;
-  cfg.numAttrs = dependent_launches() ? 1 : 0;
+  cfg.numAttrs = as_dependent ? 1 : 0;
   const cudaError_t err = cudaLaunchKernelEx(&cfg, kernel, std::forward<Actual>(args)...);
   if (err != cudaSuccess) return err;
   return cudaGetLastError();
+}
+
+// launch_kernel as a dependent when dependent_launches().
+template <typename... Expected, typename... Actual>
+cudaError_t launch_dependent(void (*kernel)(Expected...), dim3 grid, dim3 block, size_t smem_bytes,
+                             cudaStream_t stream, Actual&&... args) {
+  return launch_kernel(dependent_launches(), kernel, grid, block, smem_bytes, stream, std::forward<Actual>(args)...);
 }
 
 }  // namespace adakv::cuda

@@ -97,19 +97,8 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(const GemvArgs a) {
     const int m = i / (ks / 8), c = i - m * (ks / 8);
     const __nv_bfloat16* src = a.x + m * a.ldx + k0 + 8 * c;
     uint4 v = *reinterpret_cast<const uint4*>(src);
-    if (a.x_swiglu) {  // v holds 8 gates; their ups are k further on
-      const uint4 up = *reinterpret_cast<const uint4*>(src + a.k);
-      const __nv_bfloat162* g2 = reinterpret_cast<const __nv_bfloat162*>(&v);
-      const __nv_bfloat162* u2 = reinterpret_cast<const __nv_bfloat162*>(&up);
-      uint4 act;
-      __nv_bfloat162* a2 = reinterpret_cast<__nv_bfloat162*>(&act);
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const float2 gf = __bfloat1622float2(g2[j]), uf = __bfloat1622float2(u2[j]);
-        a2[j] = __floats2bfloat162_rn(ops_detail::silu_mul(gf.x, uf.x), ops_detail::silu_mul(gf.y, uf.y));
-      }
-      v = act;
-    }
+    // x_swiglu: v holds 8 gates; their ups are k further on.
+    if (a.x_swiglu) v = ops_detail::swiglu8(v, *reinterpret_cast<const uint4*>(src + a.k));
     reinterpret_cast<uint4*>(xs + m * kCap)[c] = v;
   }
   __syncthreads();

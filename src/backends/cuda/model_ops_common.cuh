@@ -23,6 +23,20 @@ inline Status launch_status(const char* what) { return launch_status(what, cudaG
 // SwiGLU of one gate / up pair: silu(g) * u (swiglu(), and the down projection that fuses it).
 __device__ __forceinline__ float silu_mul(float g, float u) { return (g / (1.0f + expf(-g))) * u; }
 
+// SwiGLU of 8 consecutive gate / up pairs (16-byte pieces of bf16), rounded to bf16.
+__device__ __forceinline__ uint4 swiglu8(const uint4& gates, const uint4& ups) {
+  const __nv_bfloat162* g2 = reinterpret_cast<const __nv_bfloat162*>(&gates);
+  const __nv_bfloat162* u2 = reinterpret_cast<const __nv_bfloat162*>(&ups);
+  uint4 out;
+  __nv_bfloat162* o2 = reinterpret_cast<__nv_bfloat162*>(&out);
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const float2 gf = __bfloat1622float2(g2[j]), uf = __bfloat1622float2(u2[j]);
+    o2[j] = __floats2bfloat162_rn(silu_mul(gf.x, uf.x), silu_mul(gf.y, uf.y));
+  }
+  return out;
+}
+
 // The pool slot (page * kPageSize + offset) of token t's entry in kv head h of `layer`: entry
 // row_len - seq_ntok + token_index of its row, the entry the step committed for it.
 __device__ __forceinline__ int64_t committed_slot(const DeviceKvPool& pool, const StepBatchView& batch, int32_t layer,

@@ -10,6 +10,8 @@
 #include <cstdint>
 #include <utility>
 
+#include "backends/cuda/dependent_launch.cuh"
+
 // Dynamic shared memory of a kernel as an array of bytes (16-byte aligned). A macro so that a host
 // emulation of the kernels (a development tool, not part of the build) can supply its own buffer.
 #ifndef ADAKV_DYNAMIC_SMEM
@@ -18,22 +20,11 @@
 
 namespace adakv::cuda::score_detail {
 
-// Launches `kernel` and returns the launch error (a bad configuration is reported here rather
-// than at the next synchronising call). A grid with no blocks launches nothing.
+// Launches `kernel` plainly and returns the launch error (launch_kernel in dependent_launch.cuh).
 template <typename... Expected, typename... Actual>
 inline cudaError_t launch(void (*kernel)(Expected...), dim3 grid, dim3 block, size_t smem_bytes, cudaStream_t stream,
                           Actual&&... args) {
-  if (grid.x == 0 || grid.y == 0 || grid.z == 0) return cudaSuccess;
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = grid;
-  cfg.blockDim = block;
-  cfg.dynamicSmemBytes = smem_bytes;
-  cfg.stream = stream;
-  cfg.attrs = nullptr;
-  cfg.numAttrs = 0;
-  const cudaError_t err = cudaLaunchKernelEx(&cfg, kernel, std::forward<Actual>(args)...);
-  if (err != cudaSuccess) return err;
-  return cudaGetLastError();
+  return launch_kernel(false, kernel, grid, block, smem_bytes, stream, std::forward<Actual>(args)...);
 }
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }

@@ -18,18 +18,8 @@ __global__ void swiglu_vec8_kernel(const __nv_bfloat16* __restrict__ gate_up, __
   if (idx >= static_cast<int64_t>(rows) * chunks) return;
   const int64_t r = idx / chunks, c = idx % chunks;
   const __nv_bfloat16* g = gate_up + r * 2 * inter + c * 8;
-  const uint4 graw = *reinterpret_cast<const uint4*>(g);
-  const uint4 uraw = *reinterpret_cast<const uint4*>(g + inter);
-  const __nv_bfloat162* gh = reinterpret_cast<const __nv_bfloat162*>(&graw);
-  const __nv_bfloat162* uh = reinterpret_cast<const __nv_bfloat162*>(&uraw);
-  uint4 oraw;
-  __nv_bfloat162* oh = reinterpret_cast<__nv_bfloat162*>(&oraw);
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    const float2 gf = __bfloat1622float2(gh[j]), uf = __bfloat1622float2(uh[j]);
-    oh[j] = __floats2bfloat162_rn(silu_mul(gf.x, uf.x), silu_mul(gf.y, uf.y));
-  }
-  *reinterpret_cast<uint4*>(out + r * inter + c * 8) = oraw;
+  *reinterpret_cast<uint4*>(out + r * inter + c * 8) =
+      ops_detail::swiglu8(*reinterpret_cast<const uint4*>(g), *reinterpret_cast<const uint4*>(g + inter));
 }
 
 __global__ void swiglu_scalar_kernel(const __nv_bfloat16* __restrict__ gate_up, __nv_bfloat16* __restrict__ out,

@@ -19,6 +19,9 @@
 // QKV buffer; head-major K/V, one launch per kv head), against the dense layout, in a table
 // before the main one.
 //
+// A negative bn in the tables: the wgmma kernel with -bn keys per tile (d 128, compute
+// capability 9.0 devices only).
+//
 // Usage: bench_prefill_attention [--quick] [--reps N] [--layouts]; writes $OUT/bench_prefill_attention.csv
 // when OUT is set. Prints one table last, then one "BEST ..." line per shape (for
 // scripts/gpu_prefill_check.sh).
@@ -217,10 +220,14 @@ int main(int argc, char** argv) {
     a.softmax_scale = 1.f / std::sqrt(float(s.d));
     a.causal = true;
     const double flops = adakv::cuda::prefill_attention_flops(s.len, s.len, kQoHeads, s.d, true);
-    const std::vector<int> variants = s.d == 128 ? std::vector<int>{64, 32} : std::vector<int>{64, 128};
+    // Key-tile sizes of the mma.sync kernel; negative: the wgmma kernel with that many keys per
+    // tile (d 128 on a compute capability 9.0 device).
+    std::vector<int> variants = s.d == 128 ? std::vector<int>{64, 32} : std::vector<int>{64, 128};
+    if (s.d == 128 && prop.major == 9 && prop.minor == 0) variants.insert(variants.end(), {-64, -128});
     for (size_t vi = 0; vi < variants.size(); ++vi) {
       PrefillAttentionOptions opt;
-      opt.block_n = variants[vi];
+      opt.block_n = std::abs(variants[vi]);
+      if (variants[vi] < 0) opt.kernel = adakv::cuda::PrefillKernel::kWgmma;
       ADAKV_CUDA_CHECK(cudaMemsetAsync(out, 0xff, nq * 2, stream));  // poison: NaN
       auto run = [&]() {
         const adakv::Status st = adakv::cuda::prefill_attention(a, stream, opt);

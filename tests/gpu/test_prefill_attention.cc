@@ -92,13 +92,14 @@ struct PrefillCase {
   bool fused_qkv = false;  // q, k, v interleaved per position as in a QKV projection's output
   float q_sigma = 1.f;     // larger: peakier softmax
   bool rerun = false;      // run twice, outputs must be bitwise equal
+  bool wgmma = false;      // the wgmma kernel (head dim 128, compute capability 9.0 only)
 };
 
 std::string case_name(const PrefillCase& c) {
   std::ostringstream s;
   s << "d" << c.d << "_bn" << (c.block_n ? c.block_n : 64) << "_h" << c.hq << "x" << c.hkv << "_q" << c.num_q << "_k"
     << (c.num_k ? c.num_k : c.num_q) << (c.causal ? "" : "_nocausal") << (c.fused_qkv ? "_fused" : "")
-    << (c.q_sigma != 1.f ? "_peaky" : "");
+    << (c.q_sigma != 1.f ? "_peaky" : "") << (c.wgmma ? "_wgmma" : "");
   return s.str();
 }
 
@@ -137,6 +138,13 @@ std::vector<float> to_float(const uint16_t* base, int rows, int64_t stride, int 
 
 CheckResult check_gpu(const PrefillCase& cs) {
   if (const std::string why = gpu_unavailable(); !why.empty()) return {true, why, ""};
+  if (cs.wgmma) {
+    int dev = 0, major = 0, minor = 0;
+    cudaGetDevice(&dev);
+    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+    cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev);
+    if (major != 9 || minor != 0) return {true, "the wgmma kernel needs a compute capability 9.0 device", ""};
+  }
   const int lq = cs.num_q, lk = cs.num_k ? cs.num_k : cs.num_q;
   const int hq = cs.hq, hkv = cs.hkv, d = cs.d, g = hq / hkv;
   const std::string seed_note = " (seed " + std::to_string(test_seed()) + ", case " + case_name(cs) + ")";
@@ -199,6 +207,7 @@ CheckResult check_gpu(const PrefillCase& cs) {
   a.causal = cs.causal;
   PrefillAttentionOptions opt;
   opt.block_n = cs.block_n;
+  if (cs.wgmma) opt.kernel = adakv::cuda::PrefillKernel::kWgmma;
 
   std::vector<uint16_t> out, out2;
   std::vector<float> lse, lse2;
@@ -324,6 +333,7 @@ CheckResult check_arguments() {
       {"zero scale", [](auto& a, auto&) { a.softmax_scale = 0.f; }},
       {"block_n 128 at d 128", [](auto&, auto& o) { o.block_n = 128; }},
       {"block_n 32 at d 64", [](auto& a, auto& o) { a.head_dim = 64; o.block_n = 32; }},
+      {"wgmma at d 64", [](auto& a, auto& o) { a.head_dim = 64; o.kernel = adakv::cuda::PrefillKernel::kWgmma; }},
   };
   for (const Bad& b : bad) {
     PrefillAttentionArgs a = good;
@@ -349,8 +359,10 @@ std::vector<NamedCheck> all_checks() {
   v.push_back({"Arguments", [] { return check_arguments(); }});
   auto add = [&v](PrefillCase c) { v.push_back({case_name(c), [c] { return check_gpu(c); }}); };
   for (int d : {128, 64}) {
-    const int variants[2] = {d == 128 ? 64 : 64, d == 128 ? 32 : 128};
+    // Negative at d 128: the wgmma kernel with -bn keys per tile.
+    const int variants[4] = {64, d == 128 ? 32 : 128, -64, -128};
     for (int bn : variants) {
+      if (bn < 0 && d != 128) continue;
       auto mk = [&](int lq, int lk, int hq, int hkv) {
         PrefillCase c;
         c.num_q = lq;
@@ -358,7 +370,8 @@ std::vector<NamedCheck> all_checks() {
         c.hq = hq;
         c.hkv = hkv;
         c.d = d;
-        c.block_n = bn;
+        c.block_n = bn < 0 ? -bn : bn;
+        c.wgmma = bn < 0;
         return c;
       };
       add(mk(1, 0, 32, 8));
@@ -394,6 +407,13 @@ std::vector<NamedCheck> all_checks() {
     peaky.d = d;
     peaky.q_sigma = 4.f;
     add(peaky);
+    if (d == 128)  // the same three through the wgmma kernel, both key-tile sizes
+      for (PrefillCase c : {nc, fused, peaky})
+        for (int bn : {64, 128}) {
+          c.wgmma = true;
+          c.block_n = bn;
+          add(c);
+        }
   }
   return v;
 }

@@ -48,10 +48,17 @@ struct PrefillAttentionArgs {
   bool causal = true;
 };
 
+enum class PrefillKernel {
+  kAuto,     // kWgmma with 128-key tiles where it runs and block_n is 0, else kMmaSync
+  kMmaSync,  // mma.sync, sm_80 and up, head dims 64 and 128 (prefill_attention.cuh)
+  kWgmma,    // warpgroup MMA, sm_90a devices, head dim 128 (prefill_attention_wgmma.cu)
+};
+
 struct PrefillAttentionOptions {
-  // Keys per tile: 0 = the default for the head dim (64); else 32 or 64 at head dim 128, 64 or
-  // 128 at head dim 64 (the bench times all of them).
+  // Keys per tile: 0 = the default (64); else for the mma.sync kernel 32 or 64 at head dim 128,
+  // 64 or 128 at head dim 64, for the wgmma kernel 64 or 128 (the bench times all of them).
   int32_t block_n = 0;
+  PrefillKernel kernel = PrefillKernel::kAuto;
 };
 
 // Checks the arguments (a message naming the problem otherwise) and launches on `stream`
@@ -102,6 +109,13 @@ constexpr size_t smem_bytes(int head_dim, int block_n) {
 // Grid: num_q_tiles * H CTAs of kThreads. block_n: 32/64 at D 128, 64/128 at D 64.
 template <int kHeadDim>
 cudaError_t prefill_attention_launch(const PrefillParams& p, int block_n, cudaStream_t stream);
+
+// The wgmma kernel (head dim 128, sm_90a; block_n 64 or 128): grid num_q_tiles * H CTAs of two
+// warpgroups.
+cudaError_t prefill_attention_wgmma_launch(const PrefillParams& p, int block_n, cudaStream_t stream);
+// Whether this binary holds the wgmma kernel's sm_90a code (a build without that architecture has
+// only a stub that traps).
+bool prefill_attention_wgmma_built();
 
 extern template cudaError_t prefill_attention_launch<64>(const PrefillParams&, int, cudaStream_t);
 extern template cudaError_t prefill_attention_launch<128>(const PrefillParams&, int, cudaStream_t);

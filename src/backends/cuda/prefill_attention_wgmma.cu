@@ -33,6 +33,8 @@ constexpr int kWgThreads = 256;                // 2 warpgroups
 constexpr uint32_t kQBytes = kBlockM * kD * 2;  // 32 KB
 // Q + two stages of K and V tiles of kBN keys, + alignment to 1024 bytes.
 constexpr size_t wgmma_smem(int kBN) { return kQBytes + 4 * size_t(kBN) * kD * 2 + 1024; }
+
+#ifdef ADAKV_WGMMA  // the device helpers exist in the sm_90a pass only (elsewhere the kernel is a stub)
 constexpr float kNegInf = -__builtin_huge_valf();
 constexpr float kLn2 = 0.693147180559945309f;
 
@@ -67,7 +69,6 @@ __device__ __forceinline__ uint64_t smem_desc(uint32_t addr, uint32_t lbo, uint3
          (uint64_t((sbo & 0x3FFFF) >> 4) << 32) | (uint64_t{1} << 62);
 }
 
-#ifdef ADAKV_WGMMA
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
@@ -100,7 +101,6 @@ __device__ __forceinline__ void wgmma_m64n128k16_rs(float (&d)[64], const uint32
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1));
 }
 
-#endif
 
 __device__ __forceinline__ float fast_exp2(float x) {
   float y;
@@ -112,6 +112,7 @@ __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
   const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
   return *reinterpret_cast<const uint32_t*>(&v);
 }
+#endif  // ADAKV_WGMMA
 
 template <int kBN>
 __global__ void __launch_bounds__(kWgThreads, 1) prefill_attention_wgmma_kernel(const __grid_constant__ PrefillParams p) {

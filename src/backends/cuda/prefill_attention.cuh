@@ -1,8 +1,8 @@
 // Prefill attention kernel (see prefill_attention.h for the computation and the FLOP model).
 // Include only from the per-head-dim instance files.
 //
-// FlashAttention-2's structure on mma.sync (sm_80 tensor-core instructions; sm_90a runs the same
-// code, wgmma would be the next step):
+// FlashAttention-2's structure on mma.sync (sm_80 tensor-core instructions; on sm_90a at head
+// dim 128 prefill_attention() takes the wgmma kernel instead, prefill_attention_wgmma.cu):
 //   CTA = 4 warps = 128 queries of ONE query head; warp w owns query rows [32w, 32w + 32) of the
 //   tile as two m16 tiles, so each K/V fragment read from shared memory feeds two mma (half the
 //   shared-memory traffic per FLOP of a 16-row warp, which on an H100 would be bound by the

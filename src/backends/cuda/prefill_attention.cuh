@@ -1,5 +1,6 @@
 // Prefill attention kernel (see prefill_attention.h for the computation and the FLOP model).
-// Include only from the per-head-dim instance files.
+// Include only from the per-head-dim instance files and prefill_attention_wgmma.cu (which shares
+// the device helpers below).
 //
 // FlashAttention-2's structure on mma.sync (sm_80 tensor-core instructions; on sm_90a at head
 // dim 128 prefill_attention() takes the wgmma kernel instead, prefill_attention_wgmma.cu):

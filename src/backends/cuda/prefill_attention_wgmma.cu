@@ -19,7 +19,7 @@
 #include <atomic>
 #include <cstdint>
 
-#include "backends/cuda/prefill_attention.h"
+#include "backends/cuda/prefill_attention.cuh"
 
 namespace adakv::cuda::prefill_detail {
 namespace {
@@ -34,15 +34,8 @@ constexpr uint32_t kQBytes = kBlockM * kD * 2;  // 32 KB
 // Q + two stages of K and V tiles of kBN keys, + alignment to 1024 bytes.
 constexpr size_t wgmma_smem(int kBN) { return kQBytes + 4 * size_t(kBN) * kD * 2 + 1024; }
 
-#ifdef ADAKV_WGMMA  // the device helpers exist in the sm_90a pass only (elsewhere the kernel is a stub)
-constexpr float kNegInf = -__builtin_huge_valf();
-constexpr float kLn2 = 0.693147180559945309f;
-
-__device__ __forceinline__ uint32_t smem_u32(const void* p) { return static_cast<uint32_t>(__cvta_generic_to_shared(p)); }
-
-__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, int src_bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
-}
+#ifdef ADAKV_WGMMA  // the device helpers exist in the sm_90a pass only (elsewhere the kernel is a stub);
+// smem_u32, cp_async_16, fast_exp2, pack_bf16, kNegInf and kLn2 come from prefill_attention.cuh.
 
 // Byte offset of 16-byte chunk `ch` (0..15) of row `row` in a tile of `rows` rows: column block
 // ch / 8 of [rows][128 B], the chunk swizzled by row & 7.
@@ -102,16 +95,6 @@ __device__ __forceinline__ void wgmma_m64n128k16_rs(float (&d)[64], const uint32
 }
 
 
-__device__ __forceinline__ float fast_exp2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-  return y;
-}
-
-__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
-  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<const uint32_t*>(&v);
-}
 #endif  // ADAKV_WGMMA
 
 template <int kBN>

@@ -48,8 +48,9 @@
 // printed first.
 //
 // Usage: bench_decode_attention [--quick] [--small] [--lean [--timeline] [--all-sizes]] [--only NAME,...] [--reps N]
-// [--no-sweep] (--only: the variants of these names, without the -pX suffix; the first one kept
-// is the reference the others' outputs are compared with); writes
+// [--no-sweep] [--no-ceiling] (--only: the variants of these names, without the -pX suffix; the
+// first one kept is the reference the others' outputs are compared with; --no-ceiling: the
+// ceilings at each step's size are not measured, for quick A/B runs of builds); writes
 // $OUT/bench_decode_attention.csv when OUT is set. Prints one table last.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -490,6 +491,7 @@ struct Result {
 
 int main(int argc, char** argv) {
   bool quick = false, do_sweep = true, small = false, lean = false, timeline = false, all_sizes = false;
+  bool ceiling = true;
   std::vector<std::string> only;  // --only a,b,c: just the variants of these names (without the -pX)
   Bench b;
   for (int i = 1; i < argc; ++i) {
@@ -505,6 +507,8 @@ int main(int argc, char** argv) {
       all_sizes = true;  // with --lean: every batch and context (and the naive baseline)
     } else if (!std::strcmp(argv[i], "--timeline")) {
       timeline = true;  // with --lean: per-layer timelines of each variant (see the top)
+    } else if (!std::strcmp(argv[i], "--no-ceiling")) {
+      ceiling = false;  // skip the read / copy ceilings at each step's size (A/B runs of builds)
     } else if (!std::strcmp(argv[i], "--no-sweep")) {
       do_sweep = false;
     } else if (!std::strcmp(argv[i], "--only") && i + 1 < argc) {
@@ -784,7 +788,7 @@ int main(int argc, char** argv) {
   std::map<int64_t, read_roofline::Result> roof;
   std::map<std::pair<int, int64_t>, double> paged;  // (d, pages) -> the best paged read per layer, us
   std::map<std::pair<int, int64_t>, std::string> paged_cfg;
-  {
+  if (ceiling) {
     const read_roofline::Timer timer = b.timer();
     const size_t pool_bytes = size_t(b.max_pages) * size_t(kPageSize) * 128 * 2;
     for (const Result& r : results) {

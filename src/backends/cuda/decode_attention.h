@@ -206,7 +206,7 @@ class DecodeAttention {
   // Diagnostics: the next run() calls stamp the global timer (ns) into these device buffers
   // (nullptr: off): per attention block (the plan's num_warps blocks) 3 stamps {start, past the
   // wait, done}, per merge block (row, query head of the group) {past its wait, partials folded,
-  // done}.
+  // done}; merge blocks of rows written directly leave no stamps.
   void set_trace(unsigned long long* attn, unsigned long long* merge) {
     trace_attn_ = attn;
     trace_merge_ = merge;

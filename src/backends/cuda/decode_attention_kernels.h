@@ -49,7 +49,7 @@ struct DecodeParams {
   // Diagnostics (nullptr: off): %globaltimer stamps in ns, written by thread 0 of each block.
   // Attention block b: trace_attn[3b + {0: start, 1: past the wait, 2: done}]; merge block
   // (row, h): trace_merge[3 (row * group_size + h) + {0: past its wait, 1: partials folded,
-  // 2: done}].
+  // 2: done}] (none for a row written directly: its block returns before the wait).
   unsigned long long* trace_attn = nullptr;
   unsigned long long* trace_merge = nullptr;
 };

@@ -247,17 +247,28 @@ __device__ __forceinline__ void merge_row_threads(const DecodeParams& p, int seq
         lse_b[u] = i0 + u < rm.y ? __ldcg(p.partial_lse + pi + hh) : kNegInf;
         v[u] = __ldcg(reinterpret_cast<const float4*>(p.partial_o + pi * kHeadDim) + s);
       }
+      // The batch's max first, then every weight at once (as in decode_merge_kernel).
+      float mn = m;
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u) mn = fmaxf(mn, lse_b[u]);
+      const float a = fast_exp2(m - mn);
+      float4 bacc = make_float4(0.f, 0.f, 0.f, 0.f);
+      float bsum = 0.f;
 #pragma unroll
       for (int u = 0; u < kBatch; ++u) {
-        const float mn = fmaxf(m, lse_b[u]);
-        const float a = fast_exp2(m - mn), w = fast_exp2(lse_b[u] - mn);
-        sum = sum * a + w;
-        acc.x = acc.x * a + w * v[u].x;
-        acc.y = acc.y * a + w * v[u].y;
-        acc.z = acc.z * a + w * v[u].z;
-        acc.w = acc.w * a + w * v[u].w;
-        m = mn;
+        const float w = fast_exp2(lse_b[u] - mn);
+        bsum += w;
+        bacc.x += w * v[u].x;
+        bacc.y += w * v[u].y;
+        bacc.z += w * v[u].z;
+        bacc.w += w * v[u].w;
       }
+      sum = sum * a + bsum;
+      acc.x = acc.x * a + bacc.x;
+      acc.y = acc.y * a + bacc.y;
+      acc.z = acc.z * a + bacc.z;
+      acc.w = acc.w * a + bacc.w;
+      m = mn;
     }
     const float inv = 1.f / sum;
     *reinterpret_cast<uint2*>(out + 4 * s) = make_uint2(pack_bf16(acc.x * inv, acc.y * inv), pack_bf16(acc.z * inv, acc.w * inv));
@@ -718,15 +729,26 @@ __global__ void __launch_bounds__(kWarps * 32, 32 / kWarps) decode_merge_kernel(
         v[u][1] = x.y;
       }
     }
+    // The batch's max first, then all its weights at once: a running max per partial would
+    // chain two exp2 and the FMAs of every partial behind the previous one's.
+    float mn = mx;
+#pragma unroll
+    for (int u = 0; u < kMergeBatch; ++u) mn = fmaxf(mn, lse_b[u]);
+    const float a = fast_exp2(mx - mn);
+    float bacc[kPerLane], bsum = 0.f;
+#pragma unroll
+    for (int e = 0; e < kPerLane; ++e) bacc[e] = 0.f;
 #pragma unroll
     for (int u = 0; u < kMergeBatch; ++u) {
-      const float mn = fmaxf(mx, lse_b[u]);
-      const float a = fast_exp2(mx - mn), wgt = fast_exp2(lse_b[u] - mn);
+      const float wgt = fast_exp2(lse_b[u] - mn);
+      bsum += wgt;
 #pragma unroll
-      for (int e = 0; e < kPerLane; ++e) acc[e] = acc[e] * a + wgt * v[u][e];
-      sum = sum * a + wgt;
-      mx = mn;
+      for (int e = 0; e < kPerLane; ++e) bacc[e] += wgt * v[u][e];
     }
+#pragma unroll
+    for (int e = 0; e < kPerLane; ++e) acc[e] = acc[e] * a + bacc[e];
+    sum = sum * a + bsum;
+    mx = mn;
   }
   if (tid == 0) stamp(1);
 #pragma unroll
@@ -736,32 +758,24 @@ __global__ void __launch_bounds__(kWarps * 32, 32 / kWarps) decode_merge_kernel(
     s_sum[w] = sum;
   }
   __syncthreads();
-  // Warp 0 (has partial 0, so its max is finite) turns each warp's max into its weight.
-  if (tid < 32) {
-    float big = kNegInf;
-    for (int i = 0; i < kWarps; ++i) big = fmaxf(big, s_max[i]);
-    __syncwarp();
-    for (int i = tid; i < kWarps; i += 32) {
-      const float wt = fast_exp2(s_max[i] - big);  // 0 for a warp without partials
-      s_max[i] = wt;
-      s_sum[i] *= wt;
-    }
-    __syncwarp();
-    if (tid == 0 && p.lse != nullptr) {
-      float total = 0.f;
-      for (int i = 0; i < kWarps; ++i) total += s_sum[i];
-      p.lse[int64_t{seq} * p.num_qo_heads + head] = (big + __log2f(total)) * kLn2;
-    }
-  }
-  __syncthreads();
-  float total = 0.f;
+  // Every thread turns the warps' maxima into weights itself (warp 0 has partial 0, so the
+  // largest is finite; a warp without partials gets weight 0): one barrier, not two.
+  float big = kNegInf;
 #pragma unroll
-  for (int i = 0; i < kWarps; ++i) total += s_sum[i];
+  for (int k = 0; k < kWarps; ++k) big = fmaxf(big, s_max[k]);
+  float wt[kWarps], total = 0.f;
+#pragma unroll
+  for (int k = 0; k < kWarps; ++k) {
+    wt[k] = fast_exp2(s_max[k] - big);
+    total += wt[k] * s_sum[k];
+  }
+  if (tid == 0 && p.lse != nullptr) p.lse[int64_t{seq} * p.num_qo_heads + head] = (big + __log2f(total)) * kLn2;
+  const float inv = 1.f / total;
   for (int i = tid; i < kHeadDim; i += blockDim.x) {
     float v = 0.f;
 #pragma unroll
-    for (int k = 0; k < kWarps; ++k) v += s_max[k] * s_acc[k][i];
-    dst[i] = __float2bfloat16(v / total);
+    for (int k = 0; k < kWarps; ++k) v += wt[k] * s_acc[k][i];
+    dst[i] = __float2bfloat16(v * inv);
   }
   if (tid == 0) stamp(2);
 }

@@ -43,6 +43,7 @@
 #include "backends/cuda/score_critical.h"
 #include "backends/cuda/score_window.h"
 #include "backends/cuda/select_keep.h"
+#include "median.h"
 
 namespace {
 
@@ -72,10 +73,7 @@ __global__ void fill_random_bf16(__nv_bfloat16* p, size_t n, uint64_t seed, floa
   }
 }
 
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v.empty() ? 0 : v[v.size() / 2];
-}
+using bench::median;
 
 // --- cuBLAS through dlopen ----------------------------------------------------------------------
 struct Cublas {

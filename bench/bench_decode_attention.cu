@@ -70,7 +70,9 @@
 
 #include "backends/cuda/cuda_check.h"
 #include "backends/cuda/decode_attention.h"
+#include "core/dtype.h"
 #include "decode_timeline.h"
+#include "median.h"
 #include "read_roofline.cuh"
 
 namespace {
@@ -109,17 +111,7 @@ __global__ void read_all(const uint4* p, size_t n, unsigned* sink) {
   if (acc == 0x12345678u) *sink = acc;
 }
 
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v.empty() ? 0 : v[v.size() / 2];
-}
-
-float bf16_bits_to_float(uint16_t h) {
-  const uint32_t bits = uint32_t(h) << 16;
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
-}
+using bench::median;
 
 // Lengths with mean `ctx` over `rows` and max/mean about min(8, rows / 2): one heavy row, the
 // others lognormal; the total is exactly rows * ctx.
@@ -287,7 +279,7 @@ double time_run(Bench& b, DecodeAttention& attn, const Shape& s, std::vector<uin
 double max_diff(const std::vector<uint16_t>& a, const std::vector<uint16_t>& b) {
   double diff = 0;
   for (size_t i = 0; i < a.size(); ++i) {
-    const float x = bf16_bits_to_float(a[i]), y = bf16_bits_to_float(b[i]);
+    const float x = adakv::bf16_to_f32(a[i]), y = adakv::bf16_to_f32(b[i]);
     if (!std::isfinite(x) || !std::isfinite(y)) return INFINITY;
     diff = std::max(diff, double(std::abs(x - y)));
   }

@@ -39,6 +39,8 @@
 
 #include "backends/cuda/cuda_check.h"
 #include "backends/cuda/prefill_attention.h"
+#include "core/dtype.h"
+#include "median.h"
 
 namespace {
 
@@ -97,17 +99,7 @@ __global__ void __launch_bounds__(256) mma_peak(float* sink, uint32_t seed) {
   if (acc == 1.2345f) *sink = acc;
 }
 
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v.empty() ? 0 : v[v.size() / 2];
-}
-
-float bf16_bits_to_float(uint16_t h) {
-  const uint32_t bits = uint32_t(h) << 16;
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
-}
+using bench::median;
 
 struct Shape {
   int d;
@@ -259,12 +251,12 @@ int main(int argc, char** argv) {
       double max_diff = 0;
       bool finite = true;
       for (int64_t i = 0; i < nq; ++i) {
-        const float x = bf16_bits_to_float(this_out[i]);
+        const float x = adakv::bf16_to_f32(this_out[i]);
         if (!std::isfinite(x)) {
           finite = false;
           break;
         }
-        if (vi > 0) max_diff = std::max(max_diff, double(std::fabs(x - bf16_bits_to_float(first_out[i]))));
+        if (vi > 0) max_diff = std::max(max_diff, double(std::fabs(x - adakv::bf16_to_f32(first_out[i]))));
       }
       if (!finite) max_diff = INFINITY;
       if (vi == 0) first_out.swap(this_out);

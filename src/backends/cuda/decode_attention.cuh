@@ -665,7 +665,7 @@ __global__ void __launch_bounds__(kWarps * 32, 32 / kWarps) decode_merge_kernel(
   // It lets its own dependents launch at once: the only kernel launched as one is the next
   // layer's attention kernel with overlap_prologue, which reads nothing this kernel writes before
   // its own griddepcontrol.wait (any other kernel is an ordinary launch and waits for the end).
-  // (Releasing them only once this block's partial loads are issued, or folded, lost 1-4 points:
+  // (Releasing them only once this block's partial loads are issued, or folded, lost 2.5-4.6 points:
   // their prologue no longer overlaps the merge.)
   asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
 #endif

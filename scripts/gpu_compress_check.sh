@@ -14,37 +14,17 @@
 #   ADAKV_TEST_SEED          reproduce a test run
 # Exit status: 0 when the test passed and the benchmark ran without a mismatch.
 set -uo pipefail
-cd "$(dirname "$0")/.."
-export PATH=/usr/local/cuda/bin:$PATH
-build=${ADAKV_GPU_BUILD_DIR:-build-gpu}
-archs=${ADAKV_CUDA_ARCHITECTURES:-90a-real}
-logs=${OUT:-$build/logs}
-mkdir -p "$logs"
-start=$(date +%s)
-jobs=$(nproc)
-
-echo "== machine"
-nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.memory,driver_version --format=csv,noheader || true
-nvcc --version | tail -1
-
-echo "== build ($build, $archs)"
-gen=()
-command -v ninja >/dev/null 2>&1 && gen=(-G Ninja)
-if ! cmake -S . -B "$build" "${gen[@]}" -DCMAKE_BUILD_TYPE=Release -DADAKV_GPU_ONLY=ON \
-    -DADAKV_CUDA_ARCHITECTURES="$archs" -DADAKV_CUDA_PTXAS_VERBOSE=ON >"$logs/compress_configure.log" 2>&1; then
-  tail -30 "$logs/compress_configure.log"
-  echo "FAIL: configure"
-  exit 1
-fi
-if ! cmake --build "$build" -j "$jobs" --target bench_compress_gpu >"$logs/compress_build.log" 2>&1; then
-  grep -E "error|FAILED" "$logs/compress_build.log" | head -30
-  echo "FAIL: build"
-  exit 1
-fi
+cd "$(dirname "$0")/.." || exit 1
+source scripts/gpu_common.sh
+gpu_build_setup build-gpu
+gpu_machine
+gpu_configure "$logs/compress_configure.log"
+: >"$logs/compress_build.log"
+gpu_build "$logs/compress_build.log" bench_compress_gpu
 # The test: a CMake target when gpu_only.cmake defines one, else compiled here against the kernel
 # library (the test needs the host compress code, which the kernel library does not contain).
 test_bin="$build/adakv_gpu_compress_tests"
-if ! cmake --build "$build" -j "$jobs" --target adakv_gpu_compress_tests >>"$logs/compress_build.log" 2>&1; then
+if ! cmake --build "$build" -j "$(nproc)" --target adakv_gpu_compress_tests >>"$logs/compress_build.log" 2>&1; then
   cuda_root=$(dirname "$(dirname "$(command -v nvcc)")")
   if ! g++ -std=c++20 -O2 -DADAKV_HAVE_CUDA=1 -DADAKV_PLAIN_TEST_MAIN=1 -Isrc -I"$cuda_root/include" \
       tests/gpu/test_score_select.cc src/core/parallel.cc src/kv/kv_cache_manager.cc src/compress/allocators.cc \

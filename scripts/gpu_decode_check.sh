@@ -14,18 +14,10 @@
 #                            carried, e.g. unpacked from .carry/decode3.tar.xz)
 # Exit status: 0 when the test passed and the benchmark ran without a mismatch.
 set -uo pipefail
-cd "$(dirname "$0")/.."
-export PATH=/usr/local/cuda/bin:$PATH
-build=${ADAKV_GPU_BUILD_DIR:-build-gpu}
-archs=${ADAKV_CUDA_ARCHITECTURES:-90a-real}
-logs=${OUT:-$build/logs}
-mkdir -p "$logs"
-start=$(date +%s)
-
-echo "== machine"
-nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.memory,driver_version --format=csv,noheader || true
-nvcc --version | tail -1
-cmake --version | head -1
+cd "$(dirname "$0")/.." || exit 1
+source scripts/gpu_common.sh
+gpu_build_setup build-gpu
+gpu_machine
 
 if [ -n "${ADAKV_GPU_PREBUILT:-}" ]; then
   echo "== prebuilt binaries from $ADAKV_GPU_PREBUILT (no build here)"
@@ -34,20 +26,9 @@ if [ -n "${ADAKV_GPU_PREBUILT:-}" ]; then
 else
 test_bin="$build/adakv_gpu_kernel_tests"
 bench_bin="$build/bench/bench_decode_attention"
-echo "== build ($build, $archs)"
-gen=()
-command -v ninja >/dev/null 2>&1 && gen=(-G Ninja)
-if ! cmake -S . -B "$build" "${gen[@]}" -DCMAKE_BUILD_TYPE=Release -DADAKV_GPU_ONLY=ON \
-    -DADAKV_CUDA_ARCHITECTURES="$archs" -DADAKV_CUDA_PTXAS_VERBOSE=ON >"$logs/configure.log" 2>&1; then
-  tail -30 "$logs/configure.log"
-  echo "FAIL: configure"
-  exit 1
-fi
-if ! cmake --build "$build" -j "$(nproc)" --target adakv_gpu_kernel_tests bench_decode_attention >"$logs/build.log" 2>&1; then
-  grep -E "error|FAILED" "$logs/build.log" | head -30
-  echo "FAIL: build"
-  exit 1
-fi
+gpu_configure "$logs/configure.log"
+: >"$logs/build.log"
+gpu_build "$logs/build.log" adakv_gpu_kernel_tests bench_decode_attention
 # Registers, spills and shared memory of the decode kernels as built here.
 awk '
   /Compiling entry function .*decode_(attention|merge)_kernel/ {

@@ -9,15 +9,11 @@
 #   strip /tmp/pack_mp/adakv /tmp/pack_mp/tests/adakv_gpu_tests && tar -C /tmp/pack_mp -cJf .carry/metricpol.tar.xz adakv tests
 # Environment: ADAKV_TEST_FILTER (first run), ADAKV_REST_FILTER (second), ADAKV_SKIP_REST=1, ADAKV_SKIP_GEN=1.
 set -uo pipefail
-cd "$(dirname "$0")/.."
-logs=${OUT:-/tmp/adakv-logs}
-mkdir -p "$logs"
-export LD_LIBRARY_PATH=/usr/local/cuda/lib64:/usr/local/cuda/lib:${LD_LIBRARY_PATH:-}
-[ -e /work/main ] || { mkdir -p /work && ln -s "$PWD" /work/main; }
+cd "$(dirname "$0")/.." || exit 1
+source scripts/gpu_common.sh
 bin=/tmp/metricpol
-mkdir -p $bin && tar -C $bin -xJf .carry/metricpol.tar.xz || { echo "FAIL: unpack"; exit 1; }
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-start=$(date +%s)
+gpu_carried .carry/metricpol.tar.xz $bin
+gpu_machine name,memory.total,driver_version
 summ() { grep -E "^\[ +(OK|FAILED|SKIPPED) |^  [a-z%(]|Failure|Expected|Which is|differ" "$1" | cut -c1-260 | head -${2:-60}; }
 first=${ADAKV_TEST_FILTER:-CudaModel.MetricAndCritical*:CudaModel.ContinualMetric*:CudaRunner.MetricPolicies*:CudaModel.CompressedGenerate*}
 echo "== new tests"

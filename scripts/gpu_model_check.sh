@@ -10,16 +10,11 @@
 #   mkdir -p .carry && tar -C build-cudafwd -cJf .carry/cudafwd.tar.xz adakv tests/adakv_gpu_tests bench/bench_e2e
 # Environment: ADAKV_SKIP_BENCH=1 (tests only), ADAKV_BENCH_ARGS (e.g. "--ctx 8192").
 set -uo pipefail
-cd "$(dirname "$0")/.."
-logs=${OUT:-/tmp/adakv-logs}
-mkdir -p "$logs"
-export LD_LIBRARY_PATH=/usr/local/cuda/lib64:/usr/local/cuda/lib:${LD_LIBRARY_PATH:-}
-# The tests find fixtures through the absolute path they were built with.
-[ -e /work/main ] || { mkdir -p /work && ln -s "$PWD" /work/main; }
+cd "$(dirname "$0")/.." || exit 1
+source scripts/gpu_common.sh
 bin=/tmp/cudafwd
-mkdir -p $bin && tar -C $bin -xJf .carry/cudafwd.tar.xz || { echo "FAIL: unpack"; exit 1; }
-nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv,noheader
-start=$(date +%s)
+gpu_carried .carry/cudafwd.tar.xz $bin
+gpu_machine name,memory.total,clocks.max.sm,driver_version
 
 echo "== tests"
 timeout ${ADAKV_TEST_TIMEOUT:-200} $bin/tests/adakv_gpu_tests --gtest_filter='CudaModel*' >"$logs/model_tests.log" 2>&1

@@ -12,28 +12,11 @@
 #   ADAKV_SKIP_BENCH=1       build and test only
 # Exit status: 0 when the test passed and both benchmarks ran without a mismatch.
 set -uo pipefail
-cd "$(dirname "$0")/.."
-export PATH=/usr/local/cuda/bin:$PATH
-build=${ADAKV_GPU_BUILD_DIR:-build-gpu-prefill}
-archs=${ADAKV_CUDA_ARCHITECTURES:-90a-real}
-logs=${OUT:-$build/logs}
-mkdir -p "$logs"
-start=$(date +%s)
-
-echo "== machine"
-nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,power.draw,power.limit,temperature.gpu,driver_version \
-  --format=csv,noheader || true
-nvcc --version | tail -1
-
-echo "== build ($build, $archs)"
-gen=()
-command -v ninja >/dev/null 2>&1 && gen=(-G Ninja)
-if ! cmake -S . -B "$build" "${gen[@]}" -DCMAKE_BUILD_TYPE=Release -DADAKV_GPU_ONLY=ON \
-    -DADAKV_CUDA_ARCHITECTURES="$archs" -DADAKV_CUDA_PTXAS_VERBOSE=ON >"$logs/configure.log" 2>&1; then
-  tail -30 "$logs/configure.log"
-  echo "FAIL: configure"
-  exit 1
-fi
+cd "$(dirname "$0")/.." || exit 1
+source scripts/gpu_common.sh
+gpu_build_setup build-gpu-prefill
+gpu_machine name,memory.total,clocks.sm,clocks.max.sm,power.draw,power.limit,temperature.gpu,driver_version
+gpu_configure "$logs/configure.log"
 # adakv_gpu_prefill_tests exists once gpu_only.cmake lists the prefill test; until then the test
 # is compiled here against the kernel library (its own main(), no GoogleTest needed).
 targets=(adakv_cuda_kernels bench_prefill_attention)
@@ -42,11 +25,8 @@ if cmake --build "$build" --target help 2>/dev/null | grep -q "adakv_gpu_prefill
   targets+=(adakv_gpu_prefill_tests)
   have_test_target=1
 fi
-if ! cmake --build "$build" -j "$(nproc)" --target "${targets[@]}" >"$logs/build.log" 2>&1; then
-  grep -E "error|FAILED" "$logs/build.log" | head -30
-  echo "FAIL: build"
-  exit 1
-fi
+: >"$logs/build.log"
+gpu_build "$logs/build.log" "${targets[@]}"
 test_bin="$build/adakv_gpu_prefill_tests"
 if [ "$have_test_target" = 0 ]; then
   cxx=$(sed -n 's/^CMAKE_CXX_COMPILER:[A-Z]*=//p' "$build/CMakeCache.txt")

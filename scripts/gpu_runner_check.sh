@@ -11,15 +11,11 @@
 #   strip /tmp/pack/adakv /tmp/pack/tests/adakv_gpu_tests && tar -C /tmp/pack -cJf .carry/runner.tar.xz adakv tests
 # Environment: ADAKV_SKIP_TESTS=1, ADAKV_SKIP_BENCH=1, ADAKV_SERVE_{REQUESTS,PROMPT,OUTPUT,CHUNK,FULL_SEQS,POLICIES}.
 set -uo pipefail
-cd "$(dirname "$0")/.."
-logs=${OUT:-/tmp/adakv-logs}
-mkdir -p "$logs"
-export LD_LIBRARY_PATH=/usr/local/cuda/lib64:/usr/local/cuda/lib:${LD_LIBRARY_PATH:-}
-[ -e /work/main ] || { mkdir -p /work && ln -s "$PWD" /work/main; }
+cd "$(dirname "$0")/.." || exit 1
+source scripts/gpu_common.sh
 bin=/tmp/runner
-mkdir -p $bin && tar -C $bin -xJf .carry/runner.tar.xz || { echo "FAIL: unpack"; exit 1; }
-nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv,noheader
-start=$(date +%s)
+gpu_carried .carry/runner.tar.xz $bin
+gpu_machine name,memory.total,clocks.max.sm,driver_version
 test_rc=0
 if [ "${ADAKV_SKIP_TESTS:-0}" != 1 ]; then
   echo "== tests"

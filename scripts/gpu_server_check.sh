@@ -8,19 +8,17 @@
 #     --platform manylinux_2_17_x86_64 -d .carry/wheels/py3.12 openai pytest
 # and carry .carry/runner.tar.xz and .carry/wheels. Logs in $OUT; exit status: pytest's.
 set -uo pipefail
-cd "$(dirname "$0")/.."
-logs=${OUT:-/tmp/adakv-logs}
-mkdir -p "$logs"
-export LD_LIBRARY_PATH=/usr/local/cuda/lib64:/usr/local/cuda/lib:${LD_LIBRARY_PATH:-}
+cd "$(dirname "$0")/.." || exit 1
+source scripts/gpu_common.sh
 bin=/tmp/runner
-mkdir -p $bin && tar -C $bin -xJf .carry/runner.tar.xz || { echo "FAIL: unpack"; exit 1; }
+gpu_carried .carry/runner.tar.xz $bin
 py=$(python3 -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
 wheels=.carry/wheels/py$py
 [ -d "$wheels" ] || { echo "FAIL: no wheels for python $py in .carry/wheels"; exit 1; }
 python3 -m venv --system-site-packages /tmp/server-venv >"$logs/venv.log" 2>&1 &&
   /tmp/server-venv/bin/pip install -q --no-index --find-links "$wheels" openai pytest >>"$logs/venv.log" 2>&1 ||
   { tail -20 "$logs/venv.log"; echo "FAIL: venv"; exit 1; }
-nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+gpu_machine name,driver_version
 start=$(date +%s)
 ADAKV_BINARY=$bin/adakv ADAKV_SERVER_ARGS="--device cuda" timeout ${ADAKV_TEST_TIMEOUT:-400} \
   /tmp/server-venv/bin/python -m pytest tests/server -q -p no:cacheprovider >"$logs/server_tests.log" 2>&1

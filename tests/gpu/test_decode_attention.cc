@@ -208,7 +208,7 @@ CheckResult check_plan_random(DecodeSplit split) {
   for (int kind = 0; kind < 3; ++kind) {
     for (int rows : {1, 3, 8, 64, 512}) {
       for (int32_t slots : {1, 7, 528, 2112}) {
-        for (int32_t item_cost : {0, 2}) {
+        for (int32_t item_cost : {0, 2, 6}) {
           DecodePlanOptions opt;
           opt.split = split;
           opt.item_cost_pages = item_cost;
@@ -234,6 +234,7 @@ CheckResult check_plan_random(DecodeSplit split) {
 CheckResult check_plan_edges() {
   DecodePlanOptions opt;
   opt.split = DecodeSplit::kBalanced;
+  opt.item_cost_pages = 2;
   // Hand-checked: 3 rows of 1, 0 and 40 pages over 2 warps with item cost 2: total cost
   // 41 + 2 * (2 + 1) = 47, targets 23 and 47. Warp 0 takes row 0 (1 page, cum 3) and 18 pages of
   // row 2 (cum 23); warp 1 the remaining 22.
@@ -262,6 +263,7 @@ CheckResult check_plan_edges() {
   DecodePlanOptions al;
   al.split = DecodeSplit::kRowAligned;
   al.min_pages_per_warp = 8;
+  al.item_cost_pages = 2;
   std::vector<int32_t> al_len(8, 256 * 16);
   al_len.insert(al_len.begin() + 3, 16);
   al_len.push_back(3 * 16 - 5);
@@ -293,6 +295,7 @@ CheckResult check_plan_edges() {
   // whole, no partials. With merge_cost_pages 0 the split stays; with one row of 2048 pages
   // (Ada-like skew) whole rows would cost 2050 and the split stays too.
   DecodePlanOptions wh;
+  wh.item_cost_pages = 2;
   std::vector<int32_t> wh_len(256, 256 * 16);
   auto whole = adakv::cuda::decode_attention_plan(wh_len, 264, wh);
   if (!whole) return {false, "whole-row plan failed: " + whole.status().message(), ""};
@@ -301,10 +304,16 @@ CheckResult check_plan_edges() {
                        std::to_string(whole->num_partials) + " partials (want 256, 0)", ""};
   if (const std::string problem = plan_problem(*whole, wh_len, wh, 264); !problem.empty())
     return {false, "whole rows: " + problem, ""};
-  DecodePlanOptions no_merge_cost;
+  DecodePlanOptions no_merge_cost = wh;
   no_merge_cost.merge_cost_pages = 0;
   auto split = adakv::cuda::decode_attention_plan(wh_len, 264, no_merge_cost);
   if (!split || split->num_partials == 0) return {false, "merge_cost_pages 0: rows kept whole", ""};
+  // With the default item cost (6) the split's busiest slot (249 pages in 2 items) costs 249 + 3 x 6
+  // = 267 against 256 + 6 = 262 for a row of its own: whole rows win even without the merge's cost.
+  DecodePlanOptions default_cost;
+  default_cost.merge_cost_pages = 0;
+  auto whole6 = adakv::cuda::decode_attention_plan(wh_len, 264, default_cost);
+  if (!whole6 || whole6->num_partials != 0) return {false, "item cost 6, merge cost 0: rows not kept whole", ""};
   wh_len[100] = 2048 * 16;
   auto skew = adakv::cuda::decode_attention_plan(wh_len, 264, wh);
   if (!skew || skew->num_partials == 0) return {false, "skewed rows kept whole", ""};

@@ -81,7 +81,11 @@ struct DecodePlanOptions {
   int32_t min_pages_per_warp = 4;
   // Fixed cost of starting a work item (loads of the item, the row's page-table offset, q; the
   // epilogue's stores), in page-equivalents; keeps warps given many short rows from finishing last.
-  int32_t item_cost_pages = 2;
+  // A slot's second item starts its loads only when the first is done, which costs more than the
+  // 1 us that 2 pages model: with 6 the balanced split gives two-item slots fewer pages (H200,
+  // 2026-11-28: batch 8 / 4K Ada 82.0-82.5 -> 83.8-84.6 % of copy, d 64 Ada and batch 32-64 steps
+  // +0.6-1.6, none lower; 8 tips batch 8 Ada into the aligned split and loses).
+  int32_t item_cost_pages = 6;
   // The merge of split rows (its kernel, the partials' writes and reads), in page-equivalents of
   // a slot's work: kRowAligned keeps every row whole, with no merge, where that makes its busiest
   // slot at most this much busier than the split's. About 2.5 us on an H200, where a slot reads a

@@ -308,11 +308,12 @@ CheckResult check_plan_edges() {
   no_merge_cost.merge_cost_pages = 0;
   auto split = adakv::cuda::decode_attention_plan(wh_len, 264, no_merge_cost);
   if (!split || split->num_partials == 0) return {false, "merge_cost_pages 0: rows kept whole", ""};
-  // With the default item cost (6) the split's busiest slot (249 pages in 2 items) costs 249 + 3 x 6
+  // With item cost 6 (the default) the split's busiest slot (249 pages in 2 items) costs 249 + 3 x 6
   // = 267 against 256 + 6 = 262 for a row of its own: whole rows win even without the merge's cost.
-  DecodePlanOptions default_cost;
-  default_cost.merge_cost_pages = 0;
-  auto whole6 = adakv::cuda::decode_attention_plan(wh_len, 264, default_cost);
+  DecodePlanOptions cost6;
+  cost6.item_cost_pages = 6;
+  cost6.merge_cost_pages = 0;
+  auto whole6 = adakv::cuda::decode_attention_plan(wh_len, 264, cost6);
   if (!whole6 || whole6->num_partials != 0) return {false, "item cost 6, merge cost 0: rows not kept whole", ""};
   wh_len[100] = 2048 * 16;
   auto skew = adakv::cuda::decode_attention_plan(wh_len, 264, wh);

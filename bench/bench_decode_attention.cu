@@ -47,7 +47,7 @@
 // A tuning sweep (warps per SM, pages per iteration, dependent launch) over a few shapes is
 // printed first.
 //
-// Usage: bench_decode_attention [--quick] [--small] [--lean [--timeline] [--all-sizes]] [--only NAME,...] [--reps N]
+// Usage: bench_decode_attention [--quick] [--small] [--lean [--timeline] [--all-sizes]] [--only NAME,...] [--reps N] [--plan-costs I,M,P,A]
 // [--no-sweep] [--no-ceiling] (--only: the variants of these names, without the -pX suffix; the
 // first one kept is the reference the others' outputs are compared with; --no-ceiling: the
 // ceilings at each step's size are not measured, for quick A/B runs of builds); writes
@@ -216,6 +216,13 @@ bool setup_shape(Bench& b, Shape* s) {
   return true;
 }
 
+// --plan-costs ITEM,MERGE,MINPAGES,ALIGN: the plan's costs for every variant (sweeps of
+// DecodePlanOptions without a rebuild); a negative field keeps the variant's own value.
+struct PlanCosts {
+  int item = -1, merge = -1, min_pages = -1, align = -1;
+};
+PlanCosts g_plan_costs;
+
 std::unique_ptr<DecodeAttention> make_attention(int d, DecodeSplit split, int ppi, int warps_per_sm, bool pdl,
                                                 DecodeMerge merge = DecodeMerge::kKernel, bool block_items = false,
                                                 bool overlap = false, int prefetch = 0, int merge_warps = 0,
@@ -235,6 +242,10 @@ std::unique_ptr<DecodeAttention> make_attention(int d, DecodeSplit split, int pp
   o.prefetch_pages = prefetch;
   o.merge_warps = merge_warps;
   o.plan.align_min_slots_per_row = align_min_slots;
+  if (g_plan_costs.item >= 0) o.plan.item_cost_pages = g_plan_costs.item;
+  if (g_plan_costs.merge >= 0) o.plan.merge_cost_pages = g_plan_costs.merge;
+  if (g_plan_costs.min_pages >= 0) o.plan.min_pages_per_warp = g_plan_costs.min_pages;
+  if (g_plan_costs.align >= 0) o.plan.align_min_slots_per_row = g_plan_costs.align;
   auto a = DecodeAttention::create(o);
   if (!a) {
     std::fprintf(stderr, "create: %s\n", a.status().message().c_str());
@@ -508,6 +519,12 @@ int main(int argc, char** argv) {
         const size_t comma = list.find(',');
         only.push_back(list.substr(0, comma));
         list = comma == std::string::npos ? "" : list.substr(comma + 1);
+      }
+    } else if (!std::strcmp(argv[i], "--plan-costs") && i + 1 < argc) {
+      PlanCosts& c = g_plan_costs;
+      if (std::sscanf(argv[++i], "%d,%d,%d,%d", &c.item, &c.merge, &c.min_pages, &c.align) != 4) {
+        std::fprintf(stderr, "--plan-costs: expected ITEM,MERGE,MINPAGES,ALIGN (integers, -1 keeps), got %s\n", argv[i]);
+        return 2;
       }
     } else if (!std::strcmp(argv[i], "--reps") && i + 1 < argc) {
       b.reps = std::max(3, std::atoi(argv[++i]));

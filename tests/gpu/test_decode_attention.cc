@@ -323,6 +323,35 @@ CheckResult check_plan_edges() {
   return {};
 }
 
+// The options the runner plans with: costs are times counted in 16 x 128 pages, so at head_dim 64
+// the item and merge costs double; block items double a warp's minimum share.
+CheckResult check_plan_costs_by_head_dim() {
+  adakv::cuda::DecodeAttentionOptions o;
+  o.plan.item_cost_pages = 6;
+  o.plan.merge_cost_pages = 8;
+  o.plan.min_pages_per_warp = 4;
+  struct Want {
+    int head_dim;
+    bool block_items;
+    int item, merge, min_pages;
+  };
+  for (const Want w : {Want{128, true, 6, 8, 8}, Want{64, true, 12, 16, 8}, Want{128, false, 6, 8, 4},
+                       Want{64, false, 12, 16, 4}}) {
+    o.head_dim = w.head_dim;
+    o.block_items = w.block_items;
+    const DecodePlanOptions p = adakv::cuda::effective_plan_options(o);
+    if (p.item_cost_pages != w.item || p.merge_cost_pages != w.merge || p.min_pages_per_warp != w.min_pages ||
+        p.align_min_slots_per_row != o.plan.align_min_slots_per_row || p.split != o.plan.split)
+      return {false,
+              "head_dim " + std::to_string(w.head_dim) + (w.block_items ? " block items" : " warp items") +
+                  ": item / merge / min pages " + std::to_string(p.item_cost_pages) + " / " +
+                  std::to_string(p.merge_cost_pages) + " / " + std::to_string(p.min_pages_per_warp) + ", want " +
+                  std::to_string(w.item) + " / " + std::to_string(w.merge) + " / " + std::to_string(w.min_pages),
+              ""};
+  }
+  return {};
+}
+
 // --- GPU checks ----------------------------------------------------------------------------------
 
 struct GpuCase {
@@ -695,6 +724,7 @@ std::vector<NamedCheck> all_checks() {
   v.push_back({"PlanOneBlockPerRowRandom", [] { return check_plan_random(DecodeSplit::kOneBlockPerRow); }});
   v.push_back({"PlanRowAlignedRandom", [] { return check_plan_random(DecodeSplit::kRowAligned); }});
   v.push_back({"PlanEdges", [] { return check_plan_edges(); }});
+  v.push_back({"PlanCostsByHeadDim", [] { return check_plan_costs_by_head_dim(); }});
   // Plans of several layers in one buffer, uploaded together (the engine's decode attention): the
   // legacy stream keeps every plan() on one stream, so unchanged plans are reused across turns.
   v.push_back({"GpuLayersSharedPlansHostOffsets", [] {

@@ -164,12 +164,9 @@ Status DecodeAttention::plan(std::span<const int32_t> row_lengths, std::span<con
   ++builds_;
   // Block items: the slots are blocks (4 warps each), and a block's share is at least twice a
   // warp's minimum (so at least 2 pages per warp of the block).
-  DecodePlanOptions popt = options_.plan;
-  int32_t slots = device_warp_slots_;
-  if (options_.block_items) {
-    slots = std::max<int32_t>(1, device_warp_slots_ / kDecodeWarpsPerBlock);
-    popt.min_pages_per_warp = 2 * std::max<int32_t>(1, popt.min_pages_per_warp);
-  }
+  const DecodePlanOptions popt = effective_plan_options(options_);
+  const int32_t slots =
+      options_.block_items ? std::max<int32_t>(1, device_warp_slots_ / kDecodeWarpsPerBlock) : device_warp_slots_;
   ADAKV_ASSIGN_OR_RETURN(DecodePlan plan, decode_attention_plan(row_lengths, slots, popt));
   if (plan.num_warps > max_warps_ || static_cast<int64_t>(plan.items.size()) > max_items_)
     return internal_error(where + "plan exceeds the workspace (" + std::to_string(plan.items.size()) + " items, " +

@@ -79,6 +79,10 @@ struct DecodePlanOptions {
   DecodeSplit split = DecodeSplit::kRowAligned;
   // A warp's share is at least this many pages, so small steps use fewer warps and fewer partials.
   int32_t min_pages_per_warp = 4;
+  // The two costs below are times, counted in pages of 16 x 128 K and V entries (8 KB of bf16, about
+  // 0.5 us of a slot's reading on an H200); at head_dim 64 a page holds half that, and
+  // effective_plan_options() doubles them.
+  //
   // Fixed cost of starting a work item (loads of the item, the row's page-table offset, q; the
   // epilogue's stores), in page-equivalents; keeps warps given many short rows from finishing last.
   // A slot's second item starts its loads only when the first is done, which costs more than the
@@ -173,6 +177,13 @@ struct DecodeAttentionOptions {
   int32_t prefetch_pages = 0;
   DecodePlanOptions plan;
 };
+
+// The plan options run() plans with, from the runner's: block items make the slots blocks, whose
+// share is at least twice a warp's minimum; at head_dim 64 the item and merge costs double (they
+// are counted in 16 x 128 pages: H200, 2026-11-28, an item cost of 12 against 6 at d 64 gave
+// batch 8 / 4K Ada 66.3 -> 67.6 % of copy and batch 8-32 / 16-32K uniform +0.5-0.8, while at d 128
+// it cost batch 8 / 4K Ada 1.5 points).
+DecodePlanOptions effective_plan_options(const DecodeAttentionOptions& options);
 
 class DecodeAttentionLayers;
 

@@ -225,4 +225,15 @@ Expected<DecodePlan> decode_attention_plan(std::span<const int32_t> row_lengths,
   return plan;
 }
 
+DecodePlanOptions effective_plan_options(const DecodeAttentionOptions& options) {
+  DecodePlanOptions p = options.plan;
+  if (options.block_items) p.min_pages_per_warp = 2 * std::max<int32_t>(1, p.min_pages_per_warp);
+  if (options.head_dim > 0 && options.head_dim < 128) {
+    const int32_t scale = 128 / options.head_dim;
+    p.item_cost_pages *= scale;
+    p.merge_cost_pages *= scale;
+  }
+  return p;
+}
+
 }  // namespace adakv::cuda

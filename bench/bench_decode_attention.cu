@@ -28,7 +28,9 @@
 // warp requested before the wait), bfr / bfp2r (fused merge), bp8w (one block per SM), and bpa8 /
 // bpa8r / bpa8w (without the merge: timing only), a2r / ap2r (DecodeMerge::kAuto, the engine's
 // merge; ap2r, overlapped, is the engine's configuration since its decode attention launches as a
-// dependent of the K/V append, a2r the plain launch it had before) and bpa2r at the main pages/iter, and one more table last:
+// dependent of the K/V append, a2r the plain launch it had before; ap2r and bpa2r request the
+// engine's decode_prefetch_pages: 2 pages at d 128, 3 at d 64) and bpa2r at the main pages/iter,
+// and one more table last:
 // every variant per layer in a graph, % of copy; with --all-sizes every batch and context and the
 // naive baseline too (steps over 1.1 GB per call, marked c). --timeline (with
 // --lean): per layer in the graph, where the time goes (DecodeAttention::set_trace's
@@ -47,7 +49,7 @@
 // A tuning sweep (warps per SM, pages per iteration, dependent launch) over a few shapes is
 // printed first.
 //
-// Usage: bench_decode_attention [--quick] [--small] [--lean [--timeline] [--all-sizes]] [--only NAME,...] [--reps N] [--plan-costs I,M,P,A]
+// Usage: bench_decode_attention [--quick] [--small] [--lean [--timeline] [--all-sizes]] [--only NAME,...] [--reps N] [--plan-costs I,M,P,A] [--prefetch-pages N]
 // [--no-sweep] [--no-ceiling] (--only: the variants of these names, without the -pX suffix; the
 // first one kept is the reference the others' outputs are compared with; --no-ceiling: the
 // ceilings at each step's size are not measured, for quick A/B runs of builds); writes
@@ -222,6 +224,8 @@ struct PlanCosts {
   int item = -1, merge = -1, min_pages = -1, align = -1;
 };
 PlanCosts g_plan_costs;
+// --prefetch-pages N: pages per warp requested in L2 before the wait, for every overlapped variant.
+int g_prefetch_pages = -1;
 
 std::unique_ptr<DecodeAttention> make_attention(int d, DecodeSplit split, int ppi, int warps_per_sm, bool pdl,
                                                 DecodeMerge merge = DecodeMerge::kKernel, bool block_items = false,
@@ -239,7 +243,7 @@ std::unique_ptr<DecodeAttention> make_attention(int d, DecodeSplit split, int pp
   o.merge = merge;
   o.block_items = block_items;
   o.overlap_prologue = overlap;
-  o.prefetch_pages = prefetch;
+  o.prefetch_pages = overlap && g_prefetch_pages >= 0 ? g_prefetch_pages : prefetch;
   o.merge_warps = merge_warps;
   o.plan.align_min_slots_per_row = align_min_slots;
   if (g_plan_costs.item >= 0) o.plan.item_cost_pages = g_plan_costs.item;
@@ -526,6 +530,12 @@ int main(int argc, char** argv) {
         std::fprintf(stderr, "--plan-costs: expected ITEM,MERGE,MINPAGES,ALIGN (integers, -1 keeps), got %s\n", argv[i]);
         return 2;
       }
+    } else if (!std::strcmp(argv[i], "--prefetch-pages") && i + 1 < argc) {
+      g_prefetch_pages = std::atoi(argv[++i]);
+      if (g_prefetch_pages < 0 || g_prefetch_pages > 32) {
+        std::fprintf(stderr, "--prefetch-pages: 0..32, got %s\n", argv[i]);
+        return 2;
+      }
     } else if (!std::strcmp(argv[i], "--reps") && i + 1 < argc) {
       b.reps = std::max(3, std::atoi(argv[++i]));
     }
@@ -650,11 +660,13 @@ int main(int argc, char** argv) {
       // bpa2r: bp2r without the merge (timing only).
       variants.push_back({"a2r" + sfx, kMergeWidthFixed,
                           make_attention(d, DecodeSplit::kRowAligned, main_ppi, 0, true, DecodeMerge::kAuto, true)});
+      // Both with the engine's prefetch (decode_prefetch_pages: 2 pages at d 128, 3 at d 64).
       variants.push_back({"ap2r" + sfx, kMergeWidthFixed,
                           make_attention(d, DecodeSplit::kRowAligned, main_ppi, 0, true, DecodeMerge::kAuto, true, true,
-                                         2)});
+                                         adakv::cuda::decode_prefetch_pages(d))});
       variants.push_back({"bpa2r" + sfx, kBlockAttnAligned,
-                          make_attention(d, DecodeSplit::kRowAligned, main_ppi, 0, true, DecodeMerge::kNone, true, true, 2)});
+                          make_attention(d, DecodeSplit::kRowAligned, main_ppi, 0, true, DecodeMerge::kNone, true, true,
+                                         adakv::cuda::decode_prefetch_pages(d))});
       // The boundary overlapped with fewer pages requested before the wait (bp0r: none).
       for (int pf : {0, 2, 4})
         variants.push_back({"bp" + std::to_string(pf) + "r" + sfx, kBlockPrefetchAligned,

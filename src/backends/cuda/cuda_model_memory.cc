@@ -188,7 +188,7 @@ Status CudaModel::Impl::allocate_runtime() {
     // dependency): it writes K/V only, never the plan or the page table, so the attention kernel
     // may load those and request its first pages in L2 while kv_append finishes.
     o.overlap_prologue = overlap_decode_prologue;
-    o.prefetch_pages = 2;
+    o.prefetch_pages = decode_prefetch_pages(o.head_dim);
     o.merge_warps = decode_merge_warps;
     o.merge = decode_merge;
     ADAKV_ASSIGN_OR_RETURN(decode, DecodeAttentionLayers::create(o, L));

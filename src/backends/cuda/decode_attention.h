@@ -185,6 +185,13 @@ struct DecodeAttentionOptions {
 // it cost batch 8 / 4K Ada 1.5 points).
 DecodePlanOptions effective_plan_options(const DecodeAttentionOptions& options);
 
+// The engine's DecodeAttentionOptions::prefetch_pages (the boundary overlapped): 2 pages at head
+// dim 128, 3 at 64. H200, 2026-11-28, two calls of 3-5 rounds: at d 128, 3 was level with 2 and 4
+// or more lost up to 2.3 points at 67 MB; at d 64, 3 gained 0.1-1.1 points on every step up to
+// 268 MB (batch 8 / 4K 75.1-75.6 -> 76.0-76.4 % uniform, 68.2-68.5 -> 69.1-69.4 % Ada) and 4, the
+// same bytes as d 128's 2, lost up to 0.6 on the batch 1 steps of 34-67 MB.
+constexpr int32_t decode_prefetch_pages(int32_t head_dim) { return head_dim == 64 ? 3 : 2; }
+
 class DecodeAttentionLayers;
 
 class DecodeAttention {

@@ -28,9 +28,9 @@
 // warp requested before the wait), bfr / bfp2r (fused merge), bp8w (one block per SM), and bpa8 /
 // bpa8r / bpa8w (without the merge: timing only), a2r / ap2r (DecodeMerge::kAuto, the engine's
 // merge; ap2r, overlapped, is the engine's configuration since its decode attention launches as a
-// dependent of the K/V append, a2r the plain launch it had before; ap2r and bpa2r request the
-// engine's decode_prefetch_pages: 2 pages at d 128, 3 at d 64) and bpa2r at the main pages/iter,
-// and one more table last:
+// dependent of the K/V append, a2r the plain launch it had before) and bpa2r; ap2r and bpa2r
+// at the engine's pages/iter (the options' default, 2, at both head dims: d 64's fastest variant,
+// 4, is not what the engine runs), the others at the main pages/iter; and one more table last:
 // every variant per layer in a graph, % of copy; with --all-sizes every batch and context and the
 // naive baseline too (steps over 1.1 GB per call, marked c). --timeline (with
 // --lean): per layer in the graph, where the time goes (DecodeAttention::set_trace's
@@ -226,6 +226,8 @@ struct PlanCosts {
 PlanCosts g_plan_costs;
 // --prefetch-pages N: pages per warp requested in L2 before the wait, for every overlapped variant.
 int g_prefetch_pages = -1;
+// --ppi64 N: pages per iteration of the lean variants at head dim 64 (default: the engine's).
+int g_ppi64 = 0;
 
 std::unique_ptr<DecodeAttention> make_attention(int d, DecodeSplit split, int ppi, int warps_per_sm, bool pdl,
                                                 DecodeMerge merge = DecodeMerge::kKernel, bool block_items = false,
@@ -536,6 +538,12 @@ int main(int argc, char** argv) {
         std::fprintf(stderr, "--prefetch-pages: 0..32, got %s\n", argv[i]);
         return 2;
       }
+    } else if (!std::strcmp(argv[i], "--ppi64") && i + 1 < argc) {
+      g_ppi64 = std::atoi(argv[++i]);
+      if (g_ppi64 != 1 && g_ppi64 != 2 && g_ppi64 != 4) {
+        std::fprintf(stderr, "--ppi64: 1, 2 or 4, got %s\n", argv[i]);
+        return 2;
+      }
     } else if (!std::strcmp(argv[i], "--reps") && i + 1 < argc) {
       b.reps = std::max(3, std::atoi(argv[++i]));
     }
@@ -614,7 +622,7 @@ int main(int argc, char** argv) {
     };
     std::vector<Variant> variants;
     const std::vector<int> ppis = d == 128 ? std::vector<int>{1, 2} : std::vector<int>{2, 4};
-    const int main_ppi = ppis.back();
+    const int main_ppi = d == 64 && g_ppi64 > 0 ? g_ppi64 : ppis.back();
     if (lean) {
       const std::string sfx = "-p" + std::to_string(main_ppi);
       variants.push_back({"b2" + sfx, kBlockKernel,
@@ -660,13 +668,15 @@ int main(int argc, char** argv) {
       // bpa2r: bp2r without the merge (timing only).
       variants.push_back({"a2r" + sfx, kMergeWidthFixed,
                           make_attention(d, DecodeSplit::kRowAligned, main_ppi, 0, true, DecodeMerge::kAuto, true)});
-      // Both with the engine's prefetch (decode_prefetch_pages: 2 pages at d 128, 3 at d 64).
-      variants.push_back({"ap2r" + sfx, kMergeWidthFixed,
-                          make_attention(d, DecodeSplit::kRowAligned, main_ppi, 0, true, DecodeMerge::kAuto, true, true,
-                                         adakv::cuda::decode_prefetch_pages(d))});
-      variants.push_back({"bpa2r" + sfx, kBlockAttnAligned,
-                          make_attention(d, DecodeSplit::kRowAligned, main_ppi, 0, true, DecodeMerge::kNone, true, true,
-                                         adakv::cuda::decode_prefetch_pages(d))});
+      // Both as the engine runs them: its pages per iteration (the options' default) and prefetch.
+      const int engine_ppi = DecodeAttentionOptions{}.pages_per_iter;
+      const std::string esfx = "-p" + std::to_string(engine_ppi);
+      variants.push_back({"ap2r" + esfx, kMergeWidthFixed,
+                          make_attention(d, DecodeSplit::kRowAligned, engine_ppi, 0, true, DecodeMerge::kAuto, true, true,
+                                         2)});
+      variants.push_back({"bpa2r" + esfx, kBlockAttnAligned,
+                          make_attention(d, DecodeSplit::kRowAligned, engine_ppi, 0, true, DecodeMerge::kNone, true, true,
+                                         2)});
       // The boundary overlapped with fewer pages requested before the wait (bp0r: none).
       for (int pf : {0, 2, 4})
         variants.push_back({"bp" + std::to_string(pf) + "r" + sfx, kBlockPrefetchAligned,

@@ -323,30 +323,33 @@ CheckResult check_plan_edges() {
   return {};
 }
 
-// The options the runner plans with: costs are times counted in 16 x 128 pages, so at head_dim 64
-// the item and merge costs double; block items double a warp's minimum share.
+// The options the runner plans with: the item and merge costs are times counted in pages of a
+// d 128 step at 8 warps per SM, so they double where a slot reads its pages twice as fast (d 64 at
+// 8 warps per SM) and stay where the slots double too (d 64 at 16); block items double a warp's
+// minimum share.
 CheckResult check_plan_costs_by_head_dim() {
   adakv::cuda::DecodeAttentionOptions o;
   o.plan.item_cost_pages = 6;
   o.plan.merge_cost_pages = 8;
   o.plan.min_pages_per_warp = 4;
   struct Want {
-    int head_dim;
+    int head_dim, warps_per_sm;
     bool block_items;
     int item, merge, min_pages;
   };
-  for (const Want w : {Want{128, true, 6, 8, 8}, Want{64, true, 12, 16, 8}, Want{128, false, 6, 8, 4},
-                       Want{64, false, 12, 16, 4}}) {
+  for (const Want w : {Want{128, 8, true, 6, 8, 8}, Want{64, 8, true, 12, 16, 8}, Want{64, 16, true, 6, 8, 8},
+                       Want{128, 12, true, 6, 8, 8}, Want{64, 8, false, 12, 16, 4}, Want{128, 4, false, 12, 16, 4}}) {
     o.head_dim = w.head_dim;
     o.block_items = w.block_items;
-    const DecodePlanOptions p = adakv::cuda::effective_plan_options(o);
+    const DecodePlanOptions p = adakv::cuda::effective_plan_options(o, w.warps_per_sm);
     if (p.item_cost_pages != w.item || p.merge_cost_pages != w.merge || p.min_pages_per_warp != w.min_pages ||
         p.align_min_slots_per_row != o.plan.align_min_slots_per_row || p.split != o.plan.split)
       return {false,
-              "head_dim " + std::to_string(w.head_dim) + (w.block_items ? " block items" : " warp items") +
-                  ": item / merge / min pages " + std::to_string(p.item_cost_pages) + " / " +
-                  std::to_string(p.merge_cost_pages) + " / " + std::to_string(p.min_pages_per_warp) + ", want " +
-                  std::to_string(w.item) + " / " + std::to_string(w.merge) + " / " + std::to_string(w.min_pages),
+              "head_dim " + std::to_string(w.head_dim) + ", " + std::to_string(w.warps_per_sm) + " warps per SM" +
+                  (w.block_items ? ", block items" : ", warp items") + ": item / merge / min pages " +
+                  std::to_string(p.item_cost_pages) + " / " + std::to_string(p.merge_cost_pages) + " / " +
+                  std::to_string(p.min_pages_per_warp) + ", want " + std::to_string(w.item) + " / " +
+                  std::to_string(w.merge) + " / " + std::to_string(w.min_pages),
               ""};
   }
   return {};

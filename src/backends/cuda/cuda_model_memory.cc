@@ -188,7 +188,9 @@ Status CudaModel::Impl::allocate_runtime() {
     // dependency): it writes K/V only, never the plan or the page table, so the attention kernel
     // may load those and request its first pages in L2 while kv_append finishes.
     o.overlap_prologue = overlap_decode_prologue;
-    o.prefetch_pages = decode_prefetch_pages(o.head_dim);
+    // 2 pages per warp at both head dims: at d 64 (2 pages per iteration, 16 warps per SM) 3 was
+    // level with 2 (H200, 2026-11-28: +0.5-0.8 at batch 1 / 32K, -0.4-0.8 from 268 MB).
+    o.prefetch_pages = 2;
     o.merge_warps = decode_merge_warps;
     o.merge = decode_merge;
     ADAKV_ASSIGN_OR_RETURN(decode, DecodeAttentionLayers::create(o, L));

@@ -104,6 +104,7 @@ Expected<std::unique_ptr<DecodeAttention>> DecodeAttention::make(const DecodeAtt
   int32_t warps_per_sm = blocks * kDecodeWarpsPerBlock;
   if (o.max_warps_per_sm > 0) warps_per_sm = std::min(warps_per_sm, o.max_warps_per_sm);
   self->device_warp_slots_ = sms * warps_per_sm;
+  self->sms_ = sms;
   // Balanced plans use the device's warp slots; one-block-per-row plans 4 warps per row. Items:
   // at most one per non-empty row plus one per warp (balanced), or 4 per row.
   self->max_warps_ = std::max<int64_t>(self->device_warp_slots_, int64_t{kDecodeWarpsPerBlock} * o.max_rows);
@@ -164,7 +165,7 @@ Status DecodeAttention::plan(std::span<const int32_t> row_lengths, std::span<con
   ++builds_;
   // Block items: the slots are blocks (4 warps each), and a block's share is at least twice a
   // warp's minimum (so at least 2 pages per warp of the block).
-  const DecodePlanOptions popt = effective_plan_options(options_);
+  const DecodePlanOptions popt = effective_plan_options(options_, device_warp_slots_ / std::max<int32_t>(1, sms_));
   const int32_t slots =
       options_.block_items ? std::max<int32_t>(1, device_warp_slots_ / kDecodeWarpsPerBlock) : device_warp_slots_;
   ADAKV_ASSIGN_OR_RETURN(DecodePlan plan, decode_attention_plan(row_lengths, slots, popt));

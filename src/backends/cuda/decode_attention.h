@@ -178,19 +178,15 @@ struct DecodeAttentionOptions {
   DecodePlanOptions plan;
 };
 
-// The plan options run() plans with, from the runner's: block items make the slots blocks, whose
-// share is at least twice a warp's minimum; at head_dim 64 the item and merge costs double (they
-// are counted in 16 x 128 pages: H200, 2026-11-28, an item cost of 12 against 6 at d 64 gave
-// batch 8 / 4K Ada 66.3 -> 67.6 % of copy and batch 8-32 / 16-32K uniform +0.5-0.8, while at d 128
-// it cost batch 8 / 4K Ada 1.5 points).
-DecodePlanOptions effective_plan_options(const DecodeAttentionOptions& options);
-
-// The engine's DecodeAttentionOptions::prefetch_pages (the boundary overlapped): 2 pages at head
-// dim 128, 3 at 64. H200, 2026-11-28, two calls of 3-5 rounds: at d 128, 3 was level with 2 and 4
-// or more lost up to 2.3 points at 67 MB; at d 64, 3 gained 0.1-1.1 points on every step up to
-// 268 MB (batch 8 / 4K 75.1-75.6 -> 76.0-76.4 % uniform, 68.2-68.5 -> 69.1-69.4 % Ada) and 4, the
-// same bytes as d 128's 2, lost up to 0.6 on the batch 1 steps of 34-67 MB.
-constexpr int32_t decode_prefetch_pages(int32_t head_dim) { return head_dim == 64 ? 3 : 2; }
+// The plan options run() plans with, from the runner's and the attention kernel's resident warps
+// per SM: block items make the slots blocks, whose share is at least twice a warp's minimum; the
+// item and merge costs are times counted in pages of a d 128 step at 8 warps per SM (2 pages per
+// iteration), so they scale by how much faster a slot reads one of its own pages: x2 at head dim
+// 64 with 8 warps per SM (4 pages per iteration), x1 at 64 with 16 (2 pages per iteration, the
+// engine's: twice the slots share the bandwidth). H200, 2026-11-28: at d 64 with 4 pages per
+// iteration, 12 against 6 gave batch 8 / 4K Ada 67.0-67.4 -> 67.8-68.1 % of copy and batch 8-64 Ada
+// from 268 MB +0.4-1.0; with 2 pages per iteration 12 and 6 were level (within 0.8 either way).
+DecodePlanOptions effective_plan_options(const DecodeAttentionOptions& options, int32_t warps_per_sm);
 
 class DecodeAttentionLayers;
 
@@ -256,6 +252,7 @@ class DecodeAttention {
   int32_t group_size_ = 0;
   bool dependent_launch_ = false;
   int32_t device_warp_slots_ = 0;  // resident warps of the attention kernel on the whole device
+  int32_t sms_ = 1;                // the device's SMs
   int64_t max_warps_ = 0;          // warp slots the workspace holds (balanced or one-block-per-row)
   int64_t max_items_ = 0;          // == max partials
   bool items_absolute_ = false;    // the last plan's block items hold absolute page-table offsets

@@ -225,14 +225,14 @@ Expected<DecodePlan> decode_attention_plan(std::span<const int32_t> row_lengths,
   return plan;
 }
 
-DecodePlanOptions effective_plan_options(const DecodeAttentionOptions& options) {
+DecodePlanOptions effective_plan_options(const DecodeAttentionOptions& options, int32_t warps_per_sm) {
   DecodePlanOptions p = options.plan;
   if (options.block_items) p.min_pages_per_warp = 2 * std::max<int32_t>(1, p.min_pages_per_warp);
-  if (options.head_dim > 0 && options.head_dim < 128) {
-    const int32_t scale = 128 / options.head_dim;
-    p.item_cost_pages *= scale;
-    p.merge_cost_pages *= scale;
-  }
+  // A slot's time per page against the reference (d 128, 8 warps per SM), rounded, at least 1.
+  const int64_t den = int64_t{std::max<int32_t>(1, options.head_dim)} * std::max<int32_t>(1, warps_per_sm);
+  const int32_t scale = static_cast<int32_t>(std::max<int64_t>(1, (128 * 8 + den / 2) / den));
+  p.item_cost_pages *= scale;
+  p.merge_cost_pages *= scale;
   return p;
 }
 

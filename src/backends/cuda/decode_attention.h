@@ -80,8 +80,8 @@ struct DecodePlanOptions {
   // A warp's share is at least this many pages, so small steps use fewer warps and fewer partials.
   int32_t min_pages_per_warp = 4;
   // The two costs below are times, counted in pages of 16 x 128 K and V entries (8 KB of bf16, about
-  // 0.5 us of a slot's reading on an H200); at head_dim 64 a page holds half that, and
-  // effective_plan_options() doubles them.
+  // 0.5 us of a slot's reading on an H200, 8 warps per SM); effective_plan_options() scales them by
+  // a slot's own time per page (x2 at head_dim 64 with 8 warps per SM, x1 with the engine's 16).
   //
   // Fixed cost of starting a work item (loads of the item, the row's page-table offset, q; the
   // epilogue's stores), in page-equivalents; keeps warps given many short rows from finishing last.

@@ -49,7 +49,7 @@
 // A tuning sweep (warps per SM, pages per iteration, dependent launch) over a few shapes is
 // printed first.
 //
-// Usage: bench_decode_attention [--quick] [--small] [--lean [--timeline] [--all-sizes]] [--only NAME,...] [--reps N] [--plan-costs I,M,P,A] [--prefetch-pages N]
+// Usage: bench_decode_attention [--quick] [--small] [--lean [--timeline] [--all-sizes]] [--only NAME,...] [--reps N] [--plan-costs I,M,P,A] [--prefetch-pages N] [--ppi64 N]
 // [--no-sweep] [--no-ceiling] (--only: the variants of these names, without the -pX suffix; the
 // first one kept is the reference the others' outputs are compared with; --no-ceiling: the
 // ceilings at each step's size are not measured, for quick A/B runs of builds); writes

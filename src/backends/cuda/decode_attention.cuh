@@ -41,6 +41,7 @@
 
 #include "backends/cuda/decode_attention.h"
 #include "backends/cuda/decode_attention_kernels.h"
+#include "backends/cuda/last_arrival.cuh"
 #include "backends/cuda/stream_load.cuh"
 
 namespace adakv::cuda::decode_detail {
@@ -430,22 +431,10 @@ __global__ void __launch_bounds__(kDecodeWarpsPerBlock * 32)
       }
     }
     if (partial >= 0 && p.row_counters != nullptr) {
-      // Fused merge: publish this partial (every lane's stores, then a device-scope fence), count
-      // the arrival; the warp that brings the row's last piece merges the row (threadFence-
-      // reduction pattern) and resets the counter for the next launch.
-      __threadfence();
-      __syncwarp();
-      int2 rm = make_int2(0, 0);
-      int last = 0;
-      if (lane == 0) {
-        rm = p.row_merge[row];
-        last = atomicAdd(p.row_counters + row, 1) == rm.y - 1;
-      }
-      last = __shfl_sync(kFullMask, last, 0);
-      if (last) {
-        rm.x = __shfl_sync(kFullMask, rm.x, 0);
-        rm.y = __shfl_sync(kFullMask, rm.y, 0);
-        __threadfence();
+      // Fused merge: count this partial's arrival (last_arrival.cuh); the warp that brings the
+      // row's last piece merges the row and resets the counter for the next launch.
+      const int2 rm = p.row_merge[row];
+      if (warp_arrives_last(p.row_counters + row, rm.y)) {
         merge_row_threads<kHeadDim>(p, seq, head0, rm, lane, 32);
         if (lane == 0) p.row_counters[row] = 0;
       }
@@ -599,17 +588,11 @@ __global__ void __launch_bounds__(kDecodeWarpsPerBlock * 32)
       }
     }
     if (partial >= 0 && p.row_counters != nullptr) {
-      // Fused merge: the block that brings the row's last partial merges the row.
-      __threadfence();
-      __syncthreads();
-      if (tid == 0) {
-        const int2 rm = p.row_merge[row];
-        s_last = atomicAdd(p.row_counters + row, 1) == rm.y - 1;
-      }
-      __syncthreads();
-      if (s_last) {
-        __threadfence();
-        merge_row_threads<kHeadDim>(p, seq, head0, p.row_merge[row], tid, W * 32);
+      // Fused merge: the block that brings the row's last partial merges the row
+      // (last_arrival.cuh) and resets the counter for the next launch.
+      const int2 rm = p.row_merge[row];
+      if (block_arrives_last(p.row_counters + row, rm.y, &s_last)) {
+        merge_row_threads<kHeadDim>(p, seq, head0, rm, tid, W * 32);
         if (tid == 0) p.row_counters[row] = 0;
       }
     }

@@ -6,6 +6,7 @@
 
 #include "backends/cuda/cuda_check.h"
 #include "backends/cuda/dependent_launch.cuh"
+#include "backends/cuda/last_arrival.cuh"
 #include "backends/cuda/model_ops_common.cuh"
 #include "backends/cuda/score_common.cuh"
 #include "backends/cuda/score_mma.cuh"
@@ -61,12 +62,7 @@ __device__ __forceinline__ void store_y(const GemvArgs& a, int m, int row, float
 // and writes y, then resets the tile's counter for the next launch. s_last: a __shared__ int.
 __device__ __forceinline__ void sum_slices_if_last(const GemvArgs& a, int m_count, int row_base, int rows, int slices,
                                                    int* s_last) {
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) *s_last = atomicAdd(a.counters + blockIdx.x, 1) == slices - 1;
-  __syncthreads();
-  if (!*s_last) return;
-  __threadfence();
+  if (!block_arrives_last(a.counters + blockIdx.x, slices, s_last)) return;
   for (int i = threadIdx.x; i < rows * m_count; i += blockDim.x) {
     const int m = i / rows, row = row_base + i % rows;
     if (row >= a.n) continue;

@@ -13,7 +13,8 @@
 // pX = X pages' loads in flight per warp; d 128: p1 p2, d 64: p2 p4):
 //   k2-pX     merge kernel as a second (PDL) launch: the default
 //   fu-pX     merge fused into the attention kernel (last-arriving warp of a row)
-//   auto-pX   DecodeMerge::kAuto (fused while no row has more than 16 partials)
+//   auto-pX   DecodeMerge::kAuto (fused while no row has more than 16 partials, 40 where the merge
+//             kernel would have more blocks than the device has SMs)
 //   attn-pX   attention kernel alone, split rows left unmerged: timing only (a step's lower bound)
 //   naive     one 4-warp block per (sequence, kv head): the head-per-chain baseline the issue
 //             measured at 11-48 % with skew
@@ -663,8 +664,8 @@ int main(int argc, char** argv) {
       variants.push_back({"bp2r8s" + sfx, kMergeWidthFixed,
                           make_attention(d, DecodeSplit::kRowAligned, main_ppi, 0, true, DecodeMerge::kKernel, true,
                                          true, 2, 0, 8)});
-      // DecodeMerge::kAuto, the engine's merge (fused while no row has more than 16 pieces, else the
-      // merge kernel), plainly launched (a2r) and overlapped (ap2r: the engine's configuration);
+      // DecodeMerge::kAuto, the engine's merge (fused while no row has more than 16 pieces, or 40
+      // where the merge kernel's grid exceeds the SMs, else the merge kernel), plainly launched (a2r) and overlapped (ap2r: the engine's configuration);
       // bpa2r: bp2r without the merge (timing only).
       variants.push_back({"a2r" + sfx, kMergeWidthFixed,
                           make_attention(d, DecodeSplit::kRowAligned, main_ppi, 0, true, DecodeMerge::kAuto, true)});

@@ -355,6 +355,48 @@ CheckResult check_plan_costs_by_head_dim() {
   return {};
 }
 
+// kAuto's choice (auto_merge) on hand-made plans: the pieces of the longest split row against
+// fused_max_partials (16), or fused_max_partials_crowded (40) where the merge kernel's grid (rows x
+// group size) exceeds the SMs.
+CheckResult check_auto_merge() {
+  using adakv::cuda::DecodeMerge;
+  adakv::cuda::DecodeAttentionOptions o;
+  o.merge = DecodeMerge::kAuto;
+  struct Want {
+    int rows, most, qo_heads, kv_heads, sms;
+    DecodeMerge merge;
+  };
+  const DecodeMerge fused = DecodeMerge::kFused, kernel = DecodeMerge::kKernel;
+  for (const Want w : {Want{8, 33, 32, 8, 132, kernel},    // batch 1: 32 merge blocks fit, 33 > 16
+                       Want{8, 16, 32, 8, 132, fused},     // at the limit
+                       Want{64, 34, 32, 8, 132, fused},    // batch 8 Ada: 256 merge blocks, 34 <= 40
+                       Want{64, 34, 32, 8, 300, kernel},   // ... on a device where they all fit
+                       Want{64, 41, 32, 8, 132, kernel},   // past the crowded limit
+                       Want{33, 20, 32, 8, 132, kernel},   // 132 merge blocks: not crowded
+                       Want{34, 20, 32, 8, 132, fused},    // 136: crowded
+                       Want{17, 20, 64, 8, 132, fused}}) { // group 8: 136 merge blocks
+    adakv::cuda::DecodePlan plan;
+    plan.num_rows = w.rows;
+    plan.row_merge.assign(static_cast<size_t>(w.rows), adakv::cuda::DecodeRowMerge{0, 2});
+    plan.row_merge[static_cast<size_t>(w.rows) / 2].partial_count = w.most;
+    o.num_qo_heads = w.qo_heads;
+    o.num_kv_heads = w.kv_heads;
+    const DecodeMerge got = adakv::cuda::auto_merge(o, plan, w.sms);
+    if (got != w.merge)
+      return {false,
+              std::to_string(w.rows) + " rows, longest " + std::to_string(w.most) + " pieces, group " +
+                  std::to_string(w.qo_heads / w.kv_heads) + ", " + std::to_string(w.sms) + " SMs: " +
+                  (got == fused ? "fused" : "kernel") + ", want " + (w.merge == fused ? "fused" : "kernel"),
+              ""};
+  }
+  o.merge = DecodeMerge::kKernel;  // an explicit choice stands
+  adakv::cuda::DecodePlan plan;
+  plan.num_rows = 64;
+  plan.row_merge.assign(64, adakv::cuda::DecodeRowMerge{0, 2});
+  if (adakv::cuda::auto_merge(o, plan, 132) != DecodeMerge::kKernel) return {false, "kKernel was overridden", ""};
+  return {};
+}
+
 // --- GPU checks ----------------------------------------------------------------------------------
 
 struct GpuCase {
@@ -728,6 +770,7 @@ std::vector<NamedCheck> all_checks() {
   v.push_back({"PlanRowAlignedRandom", [] { return check_plan_random(DecodeSplit::kRowAligned); }});
   v.push_back({"PlanEdges", [] { return check_plan_edges(); }});
   v.push_back({"PlanCostsByHeadDim", [] { return check_plan_costs_by_head_dim(); }});
+  v.push_back({"AutoMerge", [] { return check_auto_merge(); }});
   // Plans of several layers in one buffer, uploaded together (the engine's decode attention): the
   // legacy stream keeps every plan() on one stream, so unchanged plans are reused across turns.
   v.push_back({"GpuLayersSharedPlansHostOffsets", [] {
@@ -843,7 +886,7 @@ std::vector<NamedCheck> all_checks() {
                }});
   v.push_back({"GpuD64G7AutoMerge", [] {
                  GpuCase cs = make_case(2, 7, 64, 9, 7000);
-                 cs.merge = DecodeMerge::kAuto;  // picks by partials per row (here: the merge kernel)
+                 cs.merge = DecodeMerge::kAuto;  // picks by partials per row and merge blocks (on 126+ SMs: the kernel)
                  cs.max_warps_per_sm = 2;
                  cs.q_sigma = 3.f;
                  return check_gpu(cs);

@@ -175,9 +175,7 @@ Status DecodeAttention::plan(std::span<const int32_t> row_lengths, std::span<con
   plan_ = std::move(plan);
   int32_t most = 0;  // partials of the longest split row
   for (const DecodeRowMerge& m : plan_.row_merge) most = std::max(most, m.partial_count);
-  merge_ = options_.merge;
-  if (merge_ == DecodeMerge::kAuto)
-    merge_ = most <= options_.fused_max_partials ? DecodeMerge::kFused : DecodeMerge::kKernel;
+  merge_ = auto_merge(options_, plan_, sms_);
   merge_warps_ = options_.merge_warps > 0 ? options_.merge_warps : decode_detail::merge_warps_for(most);
 
   // The previous upload must have left the staging buffer before it is rewritten.

@@ -123,9 +123,10 @@ Expected<DecodePlan> decode_attention_plan(std::span<const int32_t> row_lengths,
 
 // Who combines the partials of split rows.
 enum class DecodeMerge {
-  // kFused when no row of the plan has more than fused_max_partials pieces, else kKernel: one
-  // warp merging a few partials costs less than a second launch; many partials (a small batch
-  // split over every warp of the device) are merged faster by the merge kernel's many blocks.
+  // kFused when no row of the plan has more than fused_max_partials pieces (or, where the merge
+  // kernel's grid of rows x group size blocks exceeds the SMs, fused_max_partials_crowded), else
+  // kKernel: one block merging a few partials costs less than a second launch; many partials (a
+  // small batch split over every SM) are merged faster by the merge kernel's many blocks.
   kAuto,
   kKernel,  // a second kernel (programmatic dependent launch on sm_90) merges every split row
   kFused,   // no second launch: the warp that finishes a row's last piece merges the row
@@ -152,6 +153,13 @@ struct DecodeAttentionOptions {
   // fused merge is 3-4.5 points of copy bandwidth ahead there (H200, 2026-11-28).
   DecodeMerge merge = DecodeMerge::kKernel;
   int32_t fused_max_partials = 16;  // kAuto: fuse the merge while no row has more pieces
+  // kAuto where the merge kernel has more blocks (rows x group size) than the device has SMs: only
+  // one merge block per SM is resident beside the attention blocks before they finish, so the
+  // others start late, and the fused merge pays off up to this many pieces. H200, 2026-11-28
+  // (session 14): batch 8 Ada, whose longest row has 34 pieces at d 128, +1.0-1.3 points of copy
+  // bandwidth at 4K and 16K (batch 8 / 4K Ada 85.8-85.9 -> 87.1-87.3 %); d 64 batch 32 / 4K Ada
+  // (17 pieces) +0.5-0.9; d 64 batch 8 / 4K Ada (66 pieces) lost 4.6 fused, so it keeps the kernel.
+  int32_t fused_max_partials_crowded = 40;
   // Warps per block of the merge kernel (4, 8, 16 or 32); 0: from each plan's longest split row
   // (merge_warps_for: 4, or 16 above 64 partials, so that the long rows of Ada-KV's skew at small
   // batches are folded in one L2 round trip). A captured graph keeps the width of its capture (any
@@ -187,6 +195,11 @@ struct DecodeAttentionOptions {
 // iteration, 12 against 6 gave batch 8 / 4K Ada 67.0-67.4 -> 67.8-68.1 % of copy and batch 8-64 Ada
 // from 268 MB +0.4-1.0; with 2 pages per iteration 12 and 6 were level (within 0.8 either way).
 DecodePlanOptions effective_plan_options(const DecodeAttentionOptions& options, int32_t warps_per_sm);
+
+// The merge run() uses for `plan` on a device of `sms` SMs: options.merge, or for kAuto kFused
+// while no row has more pieces than fused_max_partials (fused_max_partials_crowded where the
+// merge kernel would have more blocks, rows x group size, than the device has SMs), else kKernel.
+DecodeMerge auto_merge(const DecodeAttentionOptions& options, const DecodePlan& plan, int32_t sms);
 
 class DecodeAttentionLayers;
 

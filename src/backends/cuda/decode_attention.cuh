@@ -625,10 +625,10 @@ __global__ void __launch_bounds__(kDecodeWarpsPerBlock * 32)
 
 // One block per (row, query head of the group): combines the row's partials through their
 // log-sum-exp, or writes zeros for an empty row. Rows written directly return at once. Each warp
-// loads 9 partials at once, so a block of kWarps warps folds 9 x kWarps partials per L2 round
-// trip. The launch takes kWarps from the plan's longest row (merge_warps_for): 4, or 16 where a
-// row has more than 64 partials (Ada-KV's longest row at a small batch: 100-260), so that such a
-// row costs one round trip instead of 4-9.
+// loads 9 partials at once, so a block of kWarps warps folds 9 x kWarps partials per batch of
+// loads (about two L2 round trips, see kMergeBatch). The launch takes kWarps from the plan's
+// longest row (merge_warps_for): 4, or 16 where a row has more than 64 partials (Ada-KV's longest
+// row at a small batch: 100-260), so that such a row costs one batch instead of 4-9.
 template <int kHeadDim, int kWarps>
 // At most 64 registers: a 4-warp merge block then fits beside two 224-register attention blocks,
 // so under PDL it is resident and waiting before they finish (8 warps of 32 registers each, an
@@ -681,9 +681,13 @@ __global__ void __launch_bounds__(kWarps * 32, 32 / kWarps) decode_merge_kernel(
   // kMergeBatch at a time, all into registers before the first is folded (a loop that folds each
   // as it arrives lets every load wait for the previous fold). A warp without partials keeps
   // m = -inf, sum = 0: weight 0 below. 9, not 8: a 4-warp block then folds the 33 pieces per row
-  // of batch 1 on 132 SMs (264 slots over 8 kv heads) in one round trip instead of two (H200,
+  // of batch 1 on 132 SMs (264 slots over 8 kv heads) in one batch instead of two (H200,
   // 2026-11-28: +1.2-1.5 points of copy bandwidth at 134 MB, level elsewhere; 64 registers, no
-  // spills).
+  // spills). In the SASS a batch is still two L2 round trips: within 64 registers the compiler
+  // issues the 9 lse loads and 2 of the o loads, waits for the lse (the batch max), then issues
+  // the other 7. Loading each lse in one lane and shuffling after every load is issued makes it
+  // one (0.15-0.2 us less fold), but whole layers were level within the noise (session 14,
+  // docs/benchmarks.md v12), so the simpler form stays.
   constexpr int kMergeBatch = 9;
   float acc[kPerLane];
 #pragma unroll

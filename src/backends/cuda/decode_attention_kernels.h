@@ -63,9 +63,9 @@ enum class MergeMode : int {
 
 // The merge kernel's block width (warps) for a plan whose longest split row has `most` partials.
 // A 4-warp block (64 registers per thread) fits beside two attention blocks and is resident
-// before they finish; wider blocks wait for an SM to empty, which costs more than a second L2
-// round trip (4 warps fold 36 partials per round trip, 9 each). So 4 warps up to 64 partials, 16
-// above (144 per round trip): Ada-KV's longest row at batch 1 has about 100-260. H200, 2026-11-28: 16
+// before they finish; wider blocks wait for an SM to empty, which costs more than a second batch
+// of loads (4 warps fold 36 partials per batch, 9 each). So 4 warps up to 64 partials, 16 above
+// (144 per batch): Ada-KV's longest row at batch 1 has about 100-260. H200, 2026-11-28: 16
 // warps gained 1-4 points of copy bandwidth on those steps, 8 or more lost up to 3 on rows of 33
 // and up to 8 at batch 32 (docs/benchmarks.md, "The merge's width").
 inline int merge_warps_for(int most) { return most <= 64 ? 4 : 16; }

@@ -54,7 +54,8 @@
 // [--no-sweep] [--no-ceiling] (--only: the variants of these names, without the -pX suffix; the
 // first one kept is the reference the others' outputs are compared with; --no-ceiling: the
 // ceilings at each step's size are not measured, for quick A/B runs of builds); writes
-// $OUT/bench_decode_attention.csv when OUT is set. Prints one table last.
+// $OUT/bench_decode_attention.csv when OUT is set. Prints one table last
+// (tools/bench/compare_decode_runs.py lines up that table of several runs, one column per run).
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 

@@ -17,6 +17,7 @@
 #include "cli/commands.h"
 #include "cli/kv_flags.h"
 #include "engine/eval_runner.h"
+#include "engine/generator.h"
 #include "eval/haystack.h"
 #include "eval/longbench.h"
 #include "eval/tasks.h"
@@ -251,11 +252,11 @@ void run_tasks(const TaskArgs& args) {
   // hours of other samples: refuse the sweep before the first run instead.
   for (const EvalItem& item : items) {
     const eval::Sample& s = item.sample;
-    if (s.prompt_tokens > 0 && s.prompt_tokens + s.max_new_tokens > model->context_length()) {
-      fail(out_of_range("sample " + s.id + ": prompt of " + std::to_string(s.prompt_tokens) + " tokens + " +
-                        std::to_string(s.max_new_tokens) + " new tokens exceeds the model's context of " +
-                        std::to_string(model->context_length()) + " (ask for --lengths of at most " +
-                        std::to_string(model->context_length() - s.max_new_tokens) + ")"));
+    const Status fits = s.prompt_tokens > 0 ? check_fits_context(s.prompt_tokens, s.max_new_tokens, model->context_length())
+                                            : Status::ok();
+    if (!fits.is_ok()) {
+      fail(Status(fits.code(), "sample " + s.id + ": " + fits.message() + " (ask for --lengths of at most " +
+                                   std::to_string(model->context_length() - s.max_new_tokens) + ")"));
     }
   }
   const int64_t total = static_cast<int64_t>(items.size() * configs.size() * protocols.size());

@@ -11,6 +11,7 @@
 
 #include "adakv/engine.h"
 #include "core/parallel.h"
+#include "engine/generator.h"
 #include "engine/model_runner.h"
 #include "engine/model_runner_factory.h"
 #include "engine/request_queue.h"
@@ -132,11 +133,7 @@ class EngineImpl final : public Engine {
     if (p.max_new_tokens < 1) {
       return invalid_argument("max_new_tokens must be >= 1, got " + std::to_string(p.max_new_tokens));
     }
-    const int64_t ctx = runner_->context_length();
-    if (p.max_new_tokens > ctx || n + p.max_new_tokens > ctx) {
-      return out_of_range("prompt of " + std::to_string(n) + " tokens + " + std::to_string(p.max_new_tokens) +
-                          " new tokens exceeds the model's context of " + std::to_string(ctx));
-    }
+    ADAKV_RETURN_IF_ERROR(check_fits_context(n, p.max_new_tokens, runner_->context_length()));
     ADAKV_RETURN_IF_ERROR(validate_sampling(p.sampling));
     ADAKV_RETURN_IF_ERROR(validate_compress_config(p.compress));
     // Layout and pool size never change after create, so this read needs no lock.

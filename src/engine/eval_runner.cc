@@ -91,13 +91,10 @@ Expected<std::vector<EvalRow>> EvalRunner::run(const EvalItem& item, const std::
   // context part for after), made before the first config that needs it. With max_new_tokens 0
   // generate() runs nothing at all, so there is nothing to share.
   const bool share = options_.share_prefill && s.max_new_tokens > 0;
-  const int64_t ctx = model_.context_length();
-  if (share && static_cast<int64_t>(all.size()) + s.max_new_tokens > ctx) {
-    // generate()'s own error, so both paths fail alike.
-    return Status(out_of_range("prompt of " + std::to_string(all.size()) + " tokens + " +
-                               std::to_string(s.max_new_tokens) + " new tokens exceeds the model's context of " +
-                               std::to_string(ctx)))
-        .with_context("sample " + s.id);
+  if (share) {
+    // generate()'s own check, so both paths fail alike.
+    const Status fits = check_fits_context(static_cast<int64_t>(all.size()), s.max_new_tokens, model_.context_length());
+    if (!fits.is_ok()) return fits.with_context("sample " + s.id);
   }
   int32_t num_queries[2] = {0, 0};
   if (share) {

@@ -46,6 +46,38 @@ namespace {
 double seconds_since(std::chrono::steady_clock::time_point start) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
 }
+}  // namespace
+
+Status check_fits_context(int64_t prompt_tokens, int64_t max_new_tokens, int64_t context_length) {
+  // Compared so that a huge max_new_tokens (a request's max_tokens) cannot overflow the sum.
+  if (max_new_tokens <= context_length && prompt_tokens <= context_length - max_new_tokens) return Status::ok();
+  return out_of_range("prompt of " + std::to_string(prompt_tokens) + " tokens + " + std::to_string(max_new_tokens) +
+                      " new tokens exceeds the model's context of " + std::to_string(context_length));
+}
+
+bool is_eos_token(const GenerateOptions& options, int32_t id) {
+  return !options.ignore_eos && std::find(options.eos_ids.begin(), options.eos_ids.end(), id) != options.eos_ids.end();
+}
+
+Status run_decode_loop(int32_t next, const GenerateOptions& options, const std::function<void(int32_t)>& on_token,
+                       const std::function<Expected<int32_t>(int32_t)>& step, GenerateResult* result) {
+  const auto start = std::chrono::steady_clock::now();
+  for (;;) {
+    if (is_eos_token(options, next)) {
+      result->stopped_at_eos = true;
+      break;
+    }
+    result->tokens.push_back(next);
+    if (on_token) on_token(next);
+    if (static_cast<int64_t>(result->tokens.size()) >= options.max_new_tokens) break;
+    ADAKV_ASSIGN_OR_RETURN(next, step(next));
+    ++result->stats.decode_steps;
+  }
+  result->stats.decode_seconds = seconds_since(start);
+  return Status::ok();
+}
+
+namespace {
 
 // One forward step of the given phase, bracketed for the compressor (when there is one).
 Status forward_step(const Transformer& model, const KvContext& kv, const ForwardOptions& fwd,
@@ -68,9 +100,6 @@ Expected<GenerateResult> finish_generation(const Transformer& model, const KvCon
   KvCacheManager& manager = *kv.manager;
   const SeqId seq = kv.seq;
   Sampler sampler(options.sampling);
-  auto is_eos = [&](int32_t id) {
-    return !options.ignore_eos && std::find(options.eos_ids.begin(), options.eos_ids.end(), id) != options.eos_ids.end();
-  };
   // The prompt goes onto the compressed context as one multi-token step: the forward's causal
   // rule by token position gives the bottom-right aligned mask over the kept entries.
   if (!append.empty()) {
@@ -82,21 +111,15 @@ Expected<GenerateResult> finish_generation(const Transformer& model, const KvCon
   int32_t next = sampler.sample(logits);
   result.stats.prefill_seconds = seconds_since(start);
 
-  start = std::chrono::steady_clock::now();
-  for (;;) {
-    if (is_eos(next)) {
-      result.stopped_at_eos = true;
-      break;
-    }
-    result.tokens.push_back(next);
-    if (on_token) on_token(next);
-    if (static_cast<int64_t>(result.tokens.size()) >= options.max_new_tokens) break;
-    ADAKV_RETURN_IF_ERROR(forward_step(model, kv, fwd, comp_obs, std::span<const int32_t>(&next, 1),
-                                       CompressionObserver::Phase::kDecode, &logits));
-    ++result.stats.decode_steps;
-    next = sampler.sample(logits);
-  }
-  result.stats.decode_seconds = seconds_since(start);
+  ADAKV_RETURN_IF_ERROR(run_decode_loop(next, options, on_token,
+                                        [&](int32_t token) -> Expected<int32_t> {
+                                          ADAKV_RETURN_IF_ERROR(forward_step(model, kv, fwd, comp_obs,
+                                                                             std::span<const int32_t>(&token, 1),
+                                                                             CompressionObserver::Phase::kDecode,
+                                                                             &logits));
+                                          return sampler.sample(logits);
+                                        },
+                                        &result));
   result.stats.generated_tokens = static_cast<int64_t>(result.tokens.size());
   result.stats.kv = kv_cache_stats(manager, seq);
   if (options.kv_tap) options.kv_tap(KvTapPoint::kEnd, manager, *kv.storage, seq);
@@ -114,11 +137,7 @@ Expected<GenerateResult> generate(const Transformer& model, std::span<const int3
   const int64_t n_context = static_cast<int64_t>(options.context.size());
   if (n_prompt + n_context == 0) return invalid_argument("the prompt is empty (no tokens)");
   if (options.max_new_tokens < 0) return invalid_argument("the number of new tokens must be >= 0");
-  const int64_t ctx = model.context_length();
-  if (n_context + n_prompt + options.max_new_tokens > ctx) {
-    return out_of_range("prompt of " + std::to_string(n_context + n_prompt) + " tokens + " + std::to_string(options.max_new_tokens) +
-                        " new tokens exceeds the model's context of " + std::to_string(ctx));
-  }
+  ADAKV_RETURN_IF_ERROR(check_fits_context(n_context + n_prompt, options.max_new_tokens, model.context_length()));
   if (options.page_size <= 0) return invalid_argument("the KV page size must be > 0");
 
   // A pool that holds the whole request in every row, so the request can never be refused.
@@ -181,12 +200,7 @@ Expected<GenerateResult> continue_generation(const Transformer& model, const Pre
   KvCacheManager& manager = *prefilled.manager;
   const int64_t n_prefilled = manager.logical_length(prefilled.seq);
   const int64_t n_append = static_cast<int64_t>(append.size());
-  const int64_t ctx = model.context_length();
-  if (n_prefilled + n_append + options.max_new_tokens > ctx) {
-    return out_of_range("prompt of " + std::to_string(n_prefilled + n_append) + " tokens + " +
-                        std::to_string(options.max_new_tokens) + " new tokens exceeds the model's context of " +
-                        std::to_string(ctx));
-  }
+  ADAKV_RETURN_IF_ERROR(check_fits_context(n_prefilled + n_append, options.max_new_tokens, model.context_length()));
   if (append.empty() && prefilled.logits.empty()) {
     return invalid_argument("continue_generation: no logits to sample the first token from");
   }

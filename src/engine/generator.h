@@ -65,6 +65,25 @@ struct GenerateResult {
   GenerateStats stats;
 };
 
+// Whether a request fits the model's context (prompt_tokens, max_new_tokens >= 0): prompt_tokens +
+// max_new_tokens <= context_length,
+// else out_of_range naming all three ("prompt of N tokens + M new tokens exceeds the model's
+// context of C"). Every path that generates (CPU and CUDA generate, the engine, eval) checks this
+// before any work, so each refuses a request with the same error.
+Status check_fits_context(int64_t prompt_tokens, int64_t max_new_tokens, int64_t context_length);
+
+// Whether `id` ends a generation under `options`: one of eos_ids, unless ignore_eos.
+bool is_eos_token(const GenerateOptions& options, int32_t id);
+
+// The decode loop that generate() shares with cuda::generate(): emits `next` (into result->tokens
+// and to on_token, which may be empty) and asks step(next) for the token after it, until an EOS
+// id (result->stopped_at_eos; not emitted), max_new_tokens emitted, or an error from `step`.
+// step(token) runs one decode step on the token just emitted and returns the next one; it may
+// read result->stats.decode_steps, which counts the steps finished before it. Times the loop into
+// result->stats.decode_seconds.
+Status run_decode_loop(int32_t next, const GenerateOptions& options, const std::function<void(int32_t)>& on_token,
+                       const std::function<Expected<int32_t>(int32_t)>& step, GenerateResult* result);
+
 // With options.context, the prompt may be empty (generation continues the context).
 // `on_token` (may be empty) is called with every generated id as soon as it is chosen, except
 // an end token that stops generation. Errors: empty prompt, prompt + max_new_tokens beyond the

@@ -23,12 +23,7 @@ Expected<GenerateResult> generate(CudaModel& model, std::span<const int32_t> pro
   const int64_t n_context = static_cast<int64_t>(options.context.size());
   if (n_prompt + n_context == 0) return invalid_argument("the prompt is empty (no tokens)");
   if (options.max_new_tokens < 0) return invalid_argument("the number of new tokens must be >= 0");
-  const int64_t ctx = model.context_length();
-  if (n_context + n_prompt + options.max_new_tokens > ctx) {
-    return out_of_range("prompt of " + std::to_string(n_context + n_prompt) + " tokens + " +
-                        std::to_string(options.max_new_tokens) + " new tokens exceeds the model's context of " +
-                        std::to_string(ctx));
-  }
+  ADAKV_RETURN_IF_ERROR(check_fits_context(n_context + n_prompt, options.max_new_tokens, model.context_length()));
   const bool compressing = options.compress != nullptr && policy_compresses(options.compress->policy);
   if (compressing) ADAKV_RETURN_IF_ERROR(validate_compress_config(*options.compress));
 
@@ -47,10 +42,6 @@ Expected<GenerateResult> generate(CudaModel& model, std::span<const int32_t> pro
   sampling.top_p = options.sampling.top_p;
   auto next_uniform = [&] {
     sampling.u = sampling.temperature > 0.f ? static_cast<double>(rng() >> 11) * 0x1.0p-53 : 0.0;
-  };
-  auto is_eos = [&](int32_t id) {
-    return !options.ignore_eos &&
-           std::find(options.eos_ids.begin(), options.eos_ids.end(), id) != options.eos_ids.end();
   };
   StepResult out;
   auto run = [&](std::span<const int32_t> toks, bool compress, bool sample) -> Status {
@@ -76,23 +67,16 @@ Expected<GenerateResult> generate(CudaModel& model, std::span<const int32_t> pro
   int32_t next = out.sampled[0];
   result.stats.prefill_seconds = seconds_since(start);
 
-  start = std::chrono::steady_clock::now();
-  for (;;) {
-    if (is_eos(next)) {
-      result.stopped_at_eos = true;
-      break;
-    }
-    result.tokens.push_back(next);
-    if (on_token) on_token(next);
-    if (static_cast<int64_t>(result.tokens.size()) >= options.max_new_tokens) break;
-    ADAKV_RETURN_IF_ERROR(run(std::span<const int32_t>(&next, 1), false, true));
-    ++result.stats.decode_steps;
-    if (compressing && policy_is_continual(options.compress->policy) &&
-        result.stats.decode_steps % options.compress->interval == 0)
-      ADAKV_RETURN_IF_ERROR(model.compress_now(seq, manager));
-    next = out.sampled[0];
-  }
-  result.stats.decode_seconds = seconds_since(start);
+  const bool continual = compressing && policy_is_continual(options.compress->policy);
+  ADAKV_RETURN_IF_ERROR(run_decode_loop(next, options, on_token,
+                                        [&](int32_t token) -> Expected<int32_t> {
+                                          ADAKV_RETURN_IF_ERROR(run(std::span<const int32_t>(&token, 1), false, true));
+                                          // Continual policies compress every `interval` decode steps.
+                                          if (continual && (result.stats.decode_steps + 1) % options.compress->interval == 0)
+                                            ADAKV_RETURN_IF_ERROR(model.compress_now(seq, manager));
+                                          return out.sampled[0];
+                                        },
+                                        &result));
   result.stats.generated_tokens = static_cast<int64_t>(result.tokens.size());
   result.stats.kv = kv_cache_stats(manager, seq);
   manager.release(seq);

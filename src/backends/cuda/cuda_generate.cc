@@ -1,7 +1,6 @@
 // cuda::generate (cuda_generate.h).
 #include "backends/cuda/cuda_generate.h"
 
-#include <algorithm>
 #include <chrono>
 #include <random>
 

@@ -173,10 +173,9 @@ Status DecodeAttention::plan(std::span<const int32_t> row_lengths, std::span<con
     return internal_error(where + "plan exceeds the workspace (" + std::to_string(plan.items.size()) + " items, " +
                           std::to_string(plan.num_warps) + " warps)");
   plan_ = std::move(plan);
-  int32_t most = 0;  // partials of the longest split row
-  for (const DecodeRowMerge& m : plan_.row_merge) most = std::max(most, m.partial_count);
   merge_ = auto_merge(options_, plan_, sms_);
-  merge_warps_ = options_.merge_warps > 0 ? options_.merge_warps : decode_detail::merge_warps_for(most);
+  merge_warps_ =
+      options_.merge_warps > 0 ? options_.merge_warps : decode_detail::merge_warps_for(longest_split_row(plan_));
 
   // The previous upload must have left the staging buffer before it is rewritten.
   if (owner_ != nullptr) {

@@ -196,6 +196,9 @@ struct DecodeAttentionOptions {
 // from 268 MB +0.4-1.0; with 2 pages per iteration 12 and 6 were level (within 0.8 either way).
 DecodePlanOptions effective_plan_options(const DecodeAttentionOptions& options, int32_t warps_per_sm);
 
+// Partials of the plan's longest split row (0: no row is split).
+int32_t longest_split_row(const DecodePlan& plan);
+
 // The merge run() uses for `plan` on a device of `sms` SMs: options.merge, or for kAuto kFused
 // while no row has more pieces than fused_max_partials (fused_max_partials_crowded where the
 // merge kernel would have more blocks, rows x group size, than the device has SMs), else kKernel.

@@ -236,15 +236,20 @@ DecodePlanOptions effective_plan_options(const DecodeAttentionOptions& options, 
   return p;
 }
 
+int32_t longest_split_row(const DecodePlan& plan) {
+  int32_t most = 0;
+  for (const DecodeRowMerge& m : plan.row_merge) most = std::max(most, m.partial_count);
+  return most;
+}
+
 DecodeMerge auto_merge(const DecodeAttentionOptions& options, const DecodePlan& plan, int32_t sms) {
   if (options.merge != DecodeMerge::kAuto) return options.merge;
-  int32_t most = 0;  // partials of the longest split row
-  for (const DecodeRowMerge& m : plan.row_merge) most = std::max(most, m.partial_count);
   // The merge kernel has a block per (row, query head of the group); beyond one per SM they are
   // not resident before the attention blocks leave.
-  const bool crowded = int64_t{plan.num_rows} * std::max<int32_t>(1, options.num_qo_heads / std::max<int32_t>(1, options.num_kv_heads)) > sms;
-  return most <= (crowded ? options.fused_max_partials_crowded : options.fused_max_partials) ? DecodeMerge::kFused
-                                                                                              : DecodeMerge::kKernel;
+  const int64_t group = std::max<int32_t>(1, options.num_qo_heads / std::max<int32_t>(1, options.num_kv_heads));
+  const bool crowded = int64_t{plan.num_rows} * group > sms;
+  const int32_t fuse_up_to = crowded ? options.fused_max_partials_crowded : options.fused_max_partials;
+  return longest_split_row(plan) <= fuse_up_to ? DecodeMerge::kFused : DecodeMerge::kKernel;
 }
 
 }  // namespace adakv::cuda

@@ -252,8 +252,8 @@ void run_tasks(const TaskArgs& args) {
   // hours of other samples: refuse the sweep before the first run instead.
   for (const EvalItem& item : items) {
     const eval::Sample& s = item.sample;
-    const Status fits = s.prompt_tokens > 0 ? check_fits_context(s.prompt_tokens, s.max_new_tokens, model->context_length())
-                                            : Status::ok();
+    if (s.prompt_tokens <= 0) continue;
+    const Status fits = check_fits_context(s.prompt_tokens, s.max_new_tokens, model->context_length());
     if (!fits.is_ok()) {
       fail(Status(fits.code(), "sample " + s.id + ": " + fits.message() + " (ask for --lengths of at most " +
                                    std::to_string(model->context_length() - s.max_new_tokens) + ")"));

@@ -111,15 +111,12 @@ Expected<GenerateResult> finish_generation(const Transformer& model, const KvCon
   int32_t next = sampler.sample(logits);
   result.stats.prefill_seconds = seconds_since(start);
 
-  ADAKV_RETURN_IF_ERROR(run_decode_loop(next, options, on_token,
-                                        [&](int32_t token) -> Expected<int32_t> {
-                                          ADAKV_RETURN_IF_ERROR(forward_step(model, kv, fwd, comp_obs,
-                                                                             std::span<const int32_t>(&token, 1),
-                                                                             CompressionObserver::Phase::kDecode,
-                                                                             &logits));
-                                          return sampler.sample(logits);
-                                        },
-                                        &result));
+  auto decode_step = [&](int32_t token) -> Expected<int32_t> {
+    ADAKV_RETURN_IF_ERROR(forward_step(model, kv, fwd, comp_obs, std::span<const int32_t>(&token, 1),
+                                       CompressionObserver::Phase::kDecode, &logits));
+    return sampler.sample(logits);
+  };
+  ADAKV_RETURN_IF_ERROR(run_decode_loop(next, options, on_token, decode_step, &result));
   result.stats.generated_tokens = static_cast<int64_t>(result.tokens.size());
   result.stats.kv = kv_cache_stats(manager, seq);
   if (options.kv_tap) options.kv_tap(KvTapPoint::kEnd, manager, *kv.storage, seq);

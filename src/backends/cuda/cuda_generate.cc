@@ -67,15 +67,14 @@ Expected<GenerateResult> generate(CudaModel& model, std::span<const int32_t> pro
   result.stats.prefill_seconds = seconds_since(start);
 
   const bool continual = compressing && policy_is_continual(options.compress->policy);
-  ADAKV_RETURN_IF_ERROR(run_decode_loop(next, options, on_token,
-                                        [&](int32_t token) -> Expected<int32_t> {
-                                          ADAKV_RETURN_IF_ERROR(run(std::span<const int32_t>(&token, 1), false, true));
-                                          // Continual policies compress every `interval` decode steps.
-                                          if (continual && (result.stats.decode_steps + 1) % options.compress->interval == 0)
-                                            ADAKV_RETURN_IF_ERROR(model.compress_now(seq, manager));
-                                          return out.sampled[0];
-                                        },
-                                        &result));
+  auto decode_step = [&](int32_t token) -> Expected<int32_t> {
+    ADAKV_RETURN_IF_ERROR(run(std::span<const int32_t>(&token, 1), false, true));
+    // Continual policies compress after every `interval` decode steps (this one included).
+    if (continual && (result.stats.decode_steps + 1) % options.compress->interval == 0)
+      ADAKV_RETURN_IF_ERROR(model.compress_now(seq, manager));
+    return out.sampled[0];
+  };
+  ADAKV_RETURN_IF_ERROR(run_decode_loop(next, options, on_token, decode_step, &result));
   result.stats.generated_tokens = static_cast<int64_t>(result.tokens.size());
   result.stats.kv = kv_cache_stats(manager, seq);
   manager.release(seq);

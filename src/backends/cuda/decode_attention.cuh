@@ -803,6 +803,10 @@ cudaError_t decode_attention_launch(const DecodeParams& p, bool q_f32, int pages
     dispatch_pages_per_iter<kHeadDim>(pages_per_iter, [&]<int kPpi>() {
       if (p.block_items != nullptr) {
         if (p.num_warps > 0) {
+          // The default shared-memory carveout stays: the largest one (28 KB of L1) cost this
+          // kernel 8-10 points of copy bandwidth on an H200, though its K/V loads do not allocate
+          // in L1 (about 128 KB of them are in flight per SM); 100-132 KB were level
+          // (docs/benchmarks.md v13).
           cudaLaunchConfig_t cfg = {};
           cfg.gridDim = dim3(p.num_warps);
           cfg.blockDim = dim3(kDecodeWarpsPerBlock * 32);

@@ -50,7 +50,7 @@
 // A tuning sweep (warps per SM, pages per iteration, dependent launch) over a few shapes is
 // printed first.
 //
-// Usage: bench_decode_attention [--quick] [--small] [--lean [--timeline] [--all-sizes]] [--only NAME,...] [--reps N] [--plan-costs I,M,P,A] [--prefetch-pages N] [--ppi64 N]
+// Usage: bench_decode_attention [--quick] [--small] [--lean [--timeline] [--all-sizes]] [--only NAME,...] [--reps N] [--plan-costs I,M,P,A] [--prefetch-pages N] [--ppi64 N] [--merge-slices N]
 // [--no-sweep] [--no-ceiling] (--only: the variants of these names, without the -pX suffix; the
 // first one kept is the reference the others' outputs are compared with; --no-ceiling: the
 // ceilings at each step's size are not measured, for quick A/B runs of builds); writes
@@ -230,6 +230,9 @@ PlanCosts g_plan_costs;
 int g_prefetch_pages = -1;
 // --ppi64 N: pages per iteration of the lean variants at head dim 64 (default: the engine's).
 int g_ppi64 = 0;
+// --merge-slices N: the merge kernel's slices per (row, head) for variants whose merge width comes
+// from the plan (default 0: from the plan too; 1: one block per (row, head), the shape before).
+int g_merge_slices = 0;
 
 std::unique_ptr<DecodeAttention> make_attention(int d, DecodeSplit split, int ppi, int warps_per_sm, bool pdl,
                                                 DecodeMerge merge = DecodeMerge::kKernel, bool block_items = false,
@@ -249,6 +252,7 @@ std::unique_ptr<DecodeAttention> make_attention(int d, DecodeSplit split, int pp
   o.overlap_prologue = overlap;
   o.prefetch_pages = overlap && g_prefetch_pages >= 0 ? g_prefetch_pages : prefetch;
   o.merge_warps = merge_warps;
+  if (merge_warps == 0) o.merge_slices = g_merge_slices;
   o.plan.align_min_slots_per_row = align_min_slots;
   if (g_plan_costs.item >= 0) o.plan.item_cost_pages = g_plan_costs.item;
   if (g_plan_costs.merge >= 0) o.plan.merge_cost_pages = g_plan_costs.merge;
@@ -539,6 +543,12 @@ int main(int argc, char** argv) {
       if (g_prefetch_pages < 0 || g_prefetch_pages > 32) {
         std::fprintf(stderr, "--prefetch-pages: 0..32, got %s\n", argv[i]);
         return 2;
+      }
+    } else if (!std::strcmp(argv[i], "--merge-slices") && i + 1 < argc) {
+      g_merge_slices = std::atoi(argv[++i]);
+      if (g_merge_slices != 0 && g_merge_slices != 1 && g_merge_slices != 2 && g_merge_slices != 4) {
+        std::fprintf(stderr, "--merge-slices: 0, 1, 2 or 4, got %s\n", argv[i]);
+        return 1;
       }
     } else if (!std::strcmp(argv[i], "--ppi64") && i + 1 < argc) {
       g_ppi64 = std::atoi(argv[++i]);

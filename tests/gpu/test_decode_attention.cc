@@ -417,6 +417,7 @@ struct GpuCase {
   bool overlap_prologue = false;  // the attention kernel as a programmatic dependent
   int prefetch_pages = 0;         // with overlap_prologue: pages per warp requested in L2 first
   int merge_warps = 0;            // merge kernel block width (0: from the plan's longest row)
+  int merge_slices = 0;           // merge kernel slices per (row, head) (0: from the plan)
   // Each checked run() is preceded, on the same stream and without a sync, by a run() of the same
   // plan on another query into another output: the two launches' kernels may overlap.
   bool back_to_back = false;
@@ -655,6 +656,7 @@ CheckResult check_gpu(const GpuCase& cs) {
   opt.overlap_prologue = cs.overlap_prologue;
   opt.prefetch_pages = cs.prefetch_pages;
   opt.merge_warps = cs.merge_warps;
+  opt.merge_slices = cs.merge_slices;
   auto attn = DecodeAttention::create(opt);
   if (!attn) return {false, "create: " + attn.status().message(), ""};
   std::mt19937_64 rng(test_seed() ^ std::hash<std::string>{}(std::to_string(cs.head_dim) + std::to_string(cs.group)));
@@ -672,7 +674,8 @@ CheckResult check_gpu(const GpuCase& cs) {
   info << "max relative error " << max_rel << ", max lse error " << max_lse << ", " << (*attn)->last_plan().items.size()
        << " work items, " << (*attn)->last_plan().num_partials << " partials (most in a row: " << most_partials(**attn)
        << "), merge " << merge_name((*attn)->last_merge());
-  if ((*attn)->last_merge() == adakv::cuda::DecodeMerge::kKernel) info << " (" << (*attn)->last_merge_warps() << " warps)";
+  if ((*attn)->last_merge() == adakv::cuda::DecodeMerge::kKernel)
+    info << " (" << (*attn)->last_merge_warps() << " warps x " << (*attn)->last_merge_slices() << " slices)";
   info << ", seed " << test_seed();
   res.info = info.str();
   return res;
@@ -1045,6 +1048,61 @@ std::vector<NamedCheck> all_checks() {
                      return CheckResult{false, std::to_string(most) + " partials: " + std::to_string(merge_warps_for(most)) +
                                                    " warps, want " + std::to_string(w), ""};
                  return CheckResult{};
+               }});
+  // The merge kernel's shape from the plan: 4 slices of 4-warp blocks for rows of more than 72
+  // partials where every (row, head, slice) block fits one per SM, else merge_warps_for's width.
+  v.push_back({"MergeShapeFromPartials", [] {
+                 using adakv::cuda::decode_detail::merge_shape_for;
+                 struct Want {
+                   int most;
+                   int64_t heads;
+                   int warps, slices;
+                 };
+                 const Want want[] = {{33, 32, 4, 1},   {36, 32, 4, 1},    {66, 32, 16, 1},  {72, 32, 16, 1},
+                                      {73, 32, 4, 4},   {260, 32, 4, 4},   {130, 33, 4, 4},  {130, 34, 16, 1},
+                                      {60, 67, 4, 1},   {130, 256, 16, 1}, {0, 8, 4, 1}};
+                 for (const Want& x : want) {
+                   const auto got = merge_shape_for(x.most, x.heads, 132);
+                   if (got.warps != x.warps || got.slices != x.slices)
+                     return CheckResult{false, std::to_string(x.most) + " partials, " + std::to_string(x.heads) +
+                                                   " heads on 132 SMs: " + std::to_string(got.warps) + " warps x " +
+                                                   std::to_string(got.slices) + " slices, want " +
+                                                   std::to_string(x.warps) + " x " + std::to_string(x.slices), ""};
+                 }
+                 return CheckResult{};
+               }});
+  // The sliced merge against the CPU: 2 and 4 slices of 4-warp blocks on rows of one to a few
+  // hundred partials (fewer than one batch per group to several), at d 128 g 4 (overlapped, back
+  // to back), d 64 g 1 and d 128 g 8, with an empty row among them; and the shape the plan picks.
+  v.push_back({"GpuMergeSlicesManyPartials", [] {
+                 std::string info;
+                 for (int sl : {2, 4}) {
+                   for (int shape = 0; shape < 3; ++shape) {
+                     GpuCase cs = shape == 0 ? make_case(8, 4, 128, 1, 60000)
+                                  : shape == 1 ? make_case(4, 1, 64, 2, 30000)
+                                               : make_case(2, 8, 128, 3, 40000);
+                     cs.lengths[1] = 70000;  // a second long row
+                     cs.lengths[2] = 0;      // an empty row: zeros in every slice
+                     cs.split = DecodeSplit::kBalanced;
+                     cs.min_pages_per_warp = 1;
+                     cs.merge = DecodeMerge::kKernel;
+                     cs.merge_slices = sl;
+                     cs.host_offsets = shape != 1;
+                     cs.overlap_prologue = shape == 0;
+                     cs.prefetch_pages = shape == 0 ? 2 : 0;
+                     cs.back_to_back = shape != 2;
+                     const CheckResult res = check_gpu(cs);
+                     if (!res.passed()) return res;
+                     if (shape == 0) info += std::to_string(sl) + " slices: " + res.info + "; ";
+                   }
+                 }
+                 // Batch 1 with one long row (Ada-KV's skew): the plan picks 4 slices on an H100/H200.
+                 GpuCase cs = make_case(8, 4, 128, 1, 4000);
+                 cs.lengths[3] = 64000;
+                 cs.merge = DecodeMerge::kKernel;
+                 const CheckResult res = check_gpu(cs);
+                 if (!res.passed()) return res;
+                 return CheckResult{false, "", info + "auto: " + res.info};
                }});
   v.push_back({"GpuMergeWidthsManyPartials", [] {
                  std::string info;

@@ -89,6 +89,11 @@ Expected<std::unique_ptr<DecodeAttention>> DecodeAttention::make(const DecodeAtt
     return invalid_argument(where + "prefetch_pages " + std::to_string(o.prefetch_pages) + " (supported: 0..32)");
   if (o.merge_warps != 0 && o.merge_warps != 4 && o.merge_warps != 8 && o.merge_warps != 16 && o.merge_warps != 32)
     return invalid_argument(where + "merge_warps " + std::to_string(o.merge_warps) + " (supported: 0, 4, 8, 16, 32)");
+  if (o.merge_slices != 0 && o.merge_slices != 1 && o.merge_slices != 2 && o.merge_slices != 4)
+    return invalid_argument(where + "merge_slices " + std::to_string(o.merge_slices) + " (supported: 0, 1, 2, 4)");
+  if (o.merge_slices > 1 && o.merge_warps != 0 && o.merge_warps != 4)
+    return invalid_argument(where + "merge_slices " + std::to_string(o.merge_slices) + " with merge_warps " +
+                            std::to_string(o.merge_warps) + " (slices split 4-warp blocks only)");
 
   std::unique_ptr<DecodeAttention> self(new DecodeAttention());
   self->options_ = o;
@@ -174,8 +179,18 @@ Status DecodeAttention::plan(std::span<const int32_t> row_lengths, std::span<con
                           std::to_string(plan.num_warps) + " warps)");
   plan_ = std::move(plan);
   merge_ = auto_merge(options_, plan_, sms_);
-  merge_warps_ =
-      options_.merge_warps > 0 ? options_.merge_warps : decode_detail::merge_warps_for(longest_split_row(plan_));
+  const int32_t most = longest_split_row(plan_);
+  if (options_.merge_warps > 0 || options_.merge_slices > 0) {
+    merge_slices_ = std::max<int32_t>(1, options_.merge_slices);
+    merge_warps_ = options_.merge_warps > 0 ? options_.merge_warps
+                   : merge_slices_ > 1      ? 4
+                                            : decode_detail::merge_warps_for(most);
+  } else {
+    const decode_detail::MergeShape shape =
+        decode_detail::merge_shape_for(most, int64_t{plan_.num_rows} * group_size_, sms_);
+    merge_warps_ = shape.warps;
+    merge_slices_ = shape.slices;
+  }
 
   // The previous upload must have left the staging buffer before it is rewritten.
   if (owner_ != nullptr) {
@@ -290,9 +305,9 @@ Status DecodeAttention::run(const PagedKvView& kv, const void* q, int64_t q_seq_
   const cudaError_t err =
       options_.head_dim == 64
           ? decode_detail::decode_attention_launch<64>(p, q_f32, ppi, dependent_launch_, mode, stream, overlap,
-                                                       merge_warps_)
+                                                       merge_warps_, merge_slices_)
           : decode_detail::decode_attention_launch<128>(p, q_f32, ppi, dependent_launch_, mode, stream, overlap,
-                                                        merge_warps_);
+                                                        merge_warps_, merge_slices_);
   ADAKV_CUDA_RETURN_IF_ERROR(err);
   return Status::ok();
 }

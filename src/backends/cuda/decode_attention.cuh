@@ -623,20 +623,26 @@ __global__ void __launch_bounds__(kDecodeWarpsPerBlock * 32)
 
 // --- the merge kernel ---------------------------------------------------------------------------
 
-// One block per (row, query head of the group): combines the row's partials through their
-// log-sum-exp, or writes zeros for an empty row. Rows written directly return at once. Each warp
-// loads 9 partials at once, so a block of kWarps warps folds 9 x kWarps partials per batch of
-// loads (about two L2 round trips, see kMergeBatch). The launch takes kWarps from the plan's
-// longest row (merge_warps_for): 4, or 16 where a row has more than 64 partials (Ada-KV's longest
-// row at a small batch: 100-260), so that such a row costs one batch instead of 4-9.
-template <int kHeadDim, int kWarps>
+// One block per (row, query head of the group, slice of head_dim / kSlices dims): combines the
+// row's partials through their log-sum-exp, or writes zeros for an empty row. Rows written
+// directly return at once. A thread owns kPerLane consecutive dims of the slice (one 16-byte
+// load at d 128) and folds every G-th partial, G = kWarps * kSlices partial groups per block:
+// each warp holds kSlices partials per load instruction (32 / kSlices lanes each). It loads 9 of
+// them at once, so a block folds 9 G partials per batch of loads (about two L2 round trips, see
+// kMergeBatch). The launch takes kWarps and kSlices from the plan (merge_shape_for): 4 warps and
+// 1 slice up to 64 partials, 16 warps above; at batch 1, Ada-KV's longest row (about 130-260
+// partials) gets 4 slices of 4-warp blocks (144 partials per batch) where they fit one per SM.
+template <int kHeadDim, int kWarps, int kSlices>
 // At most 64 registers: a 4-warp merge block then fits beside two 224-register attention blocks,
 // so under PDL it is resident and waiting before they finish (8 warps of 32 registers each, an
 // earlier shape, left no room for a batch of loads in flight). Wider blocks become resident only
-// as attention blocks leave their SM, which is why 4 warps stay the default.
+// as attention blocks leave their SM.
 __global__ void __launch_bounds__(kWarps * 32, 32 / kWarps) decode_merge_kernel(const __grid_constant__ DecodeParams p) {
-  constexpr int kPerLane = kHeadDim / 32;  // floats of o per lane
-  const int row = blockIdx.x, hh = blockIdx.y;
+  constexpr int kPerLane = kHeadDim / 32;           // floats of o per lane
+  constexpr int kSliceDims = kHeadDim / kSlices;    // dims of this block's slice
+  constexpr int kLanesPerPartial = 32 / kSlices;    // lanes that load one partial's slice
+  constexpr int kGroups = kWarps * kSlices;         // partials in flight per load instruction
+  const int row = blockIdx.x, hh = blockIdx.y, slice = blockIdx.z;
   // The plan was uploaded before any kernel of the step, so its row table may be read before the
   // wait, and a row that its single piece wrote directly needs no wait at all: the dependent
   // load is off the chain, and such blocks are gone before the attention grid ends (H200,
@@ -656,30 +662,44 @@ __global__ void __launch_bounds__(kWarps * 32, 32 / kWarps) decode_merge_kernel(
 #if __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;\n" ::: "memory");
 #endif
-  // The block's stamps (addresses recomputed from the parameters: no register held for them).
+  // The (row, head)'s stamps: slice 0 marks its wait; folded and done are the latest slice's
+  // (atomicMax: every run's stamps exceed the previous run's). No register held for them.
+  unsigned long long* const trace =
+      p.trace_merge != nullptr ? p.trace_merge + 3 * (int64_t{blockIdx.x} * gridDim.y + blockIdx.y) : nullptr;
   const auto stamp = [&](int k) {
-    if (p.trace_merge != nullptr) trace_stamp(p.trace_merge + 3 * (int64_t{blockIdx.x} * gridDim.y + blockIdx.y), k);
+    if (trace == nullptr) return;
+    if (kSlices == 1) {
+      trace_stamp(trace, k);
+    } else if (k == 0) {
+      if (slice == 0) trace_stamp(trace, k);
+    } else {
+      unsigned long long x;
+      asm volatile("mov.u64 %0, %%globaltimer;\n" : "=l"(x));
+      atomicMax(trace + k, x);
+    }
   };
   if (threadIdx.x == 0) stamp(0);
   const int g = p.group_size;
   const int seq = row / p.kv.num_kv_heads;
   const int head = (row - seq * p.kv.num_kv_heads) * g + hh;
-  __nv_bfloat16* dst = p.out + seq * p.out_seq_stride + int64_t{head} * kHeadDim;
+  __nv_bfloat16* dst = p.out + seq * p.out_seq_stride + int64_t{head} * kHeadDim + slice * kSliceDims;
   const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5;
   if (rm.y == 0) {
-    for (int i = tid; i < kHeadDim; i += blockDim.x) dst[i] = __float2bfloat16(0.f);
-    if (tid == 0 && p.lse != nullptr) p.lse[int64_t{seq} * p.num_qo_heads + head] = kNegInf;
+    for (int i = tid; i < kSliceDims; i += blockDim.x) dst[i] = __float2bfloat16(0.f);
+    if (slice == 0 && tid == 0 && p.lse != nullptr) p.lse[int64_t{seq} * p.num_qo_heads + head] = kNegInf;
     return;
   }
-  __shared__ float s_max[kWarps];
-  __shared__ float s_sum[kWarps];
-  __shared__ float s_acc[kWarps][kHeadDim];
+  __shared__ float s_max[kGroups];
+  __shared__ float s_sum[kGroups];
+  __shared__ float s_acc[kGroups][kSliceDims];
+  // This thread's partial group (j) and its dims within the slice ([q * kPerLane, +kPerLane)).
+  const int j = w * kSlices + lane / kLanesPerPartial, q = lane % kLanesPerPartial;
 
-  // One pass: each warp merges its partials (w, w + kWarps, ...) with a running max, loading a
+  // One pass: each group merges its partials (j, j + kGroups, ...) with a running max, loading a
   // partial's lse and o together (one L2 round trip per batch, not two: max first, then the
-  // weighted sum); the warps' states are combined at the end. A warp's partials are loaded
+  // weighted sum); the groups' states are combined at the end. A group's partials are loaded
   // kMergeBatch at a time, all into registers before the first is folded (a loop that folds each
-  // as it arrives lets every load wait for the previous fold). A warp without partials keeps
+  // as it arrives lets every load wait for the previous fold). A group without partials keeps
   // m = -inf, sum = 0: weight 0 below. 9, not 8: a 4-warp block then folds the 33 pieces per row
   // of batch 1 on 132 SMs (264 slots over 8 kv heads) in one batch instead of two (H200,
   // 2026-11-28: +1.2-1.5 points of copy bandwidth at 134 MB, level elsewhere; 64 registers, no
@@ -693,17 +713,17 @@ __global__ void __launch_bounds__(kWarps * 32, 32 / kWarps) decode_merge_kernel(
 #pragma unroll
   for (int e = 0; e < kPerLane; ++e) acc[e] = 0.f;
   float mx = kNegInf, sum = 0.f;
-  for (int i0 = w; i0 < rm.y; i0 += kMergeBatch * kWarps) {
+  for (int i0 = j; i0 < rm.y; i0 += kMergeBatch * kGroups) {
     float lse_b[kMergeBatch];
     float v[kMergeBatch][kPerLane];
 #pragma unroll
     for (int u = 0; u < kMergeBatch; ++u) {
-      const int i = i0 + u * kWarps;
+      const int i = i0 + u * kGroups;
       const int64_t pi = int64_t{rm.x + min(i, rm.y - 1)} * g + hh;
       // Past the row's end: weight 0 (lse -inf; the batch's first partial is always real, so
       // the running max is finite before any of these is folded).
       lse_b[u] = i < rm.y ? p.partial_lse[pi] : kNegInf;
-      const float* src = p.partial_o + pi * kHeadDim + lane * kPerLane;
+      const float* src = p.partial_o + pi * kHeadDim + slice * kSliceDims + q * kPerLane;
       if constexpr (kPerLane == 4) {
         const float4 x = *reinterpret_cast<const float4*>(src);
         v[u][0] = x.x;
@@ -739,29 +759,30 @@ __global__ void __launch_bounds__(kWarps * 32, 32 / kWarps) decode_merge_kernel(
   }
   if (tid == 0) stamp(1);
 #pragma unroll
-  for (int e = 0; e < kPerLane; ++e) s_acc[w][lane * kPerLane + e] = acc[e];
-  if (lane == 0) {
-    s_max[w] = mx;
-    s_sum[w] = sum;
+  for (int e = 0; e < kPerLane; ++e) s_acc[j][q * kPerLane + e] = acc[e];
+  if (q == 0) {
+    s_max[j] = mx;
+    s_sum[j] = sum;
   }
   __syncthreads();
-  // Every thread turns the warps' maxima into weights itself (warp 0 has partial 0, so the
-  // largest is finite; a warp without partials gets weight 0): one barrier, not two.
+  // Every thread turns the groups' maxima into weights itself (group 0 has partial 0, so the
+  // largest is finite; a group without partials gets weight 0): one barrier, not two.
   float big = kNegInf;
 #pragma unroll
-  for (int k = 0; k < kWarps; ++k) big = fmaxf(big, s_max[k]);
-  float wt[kWarps], total = 0.f;
+  for (int k = 0; k < kGroups; ++k) big = fmaxf(big, s_max[k]);
+  float wt[kGroups], total = 0.f;
 #pragma unroll
-  for (int k = 0; k < kWarps; ++k) {
+  for (int k = 0; k < kGroups; ++k) {
     wt[k] = fast_exp2(s_max[k] - big);
     total += wt[k] * s_sum[k];
   }
-  if (tid == 0 && p.lse != nullptr) p.lse[int64_t{seq} * p.num_qo_heads + head] = (big + __log2f(total)) * kLn2;
+  if (slice == 0 && tid == 0 && p.lse != nullptr)
+    p.lse[int64_t{seq} * p.num_qo_heads + head] = (big + __log2f(total)) * kLn2;
   const float inv = 1.f / total;
-  for (int i = tid; i < kHeadDim; i += blockDim.x) {
+  for (int i = tid; i < kSliceDims; i += blockDim.x) {
     float v = 0.f;
 #pragma unroll
-    for (int k = 0; k < kWarps; ++k) v += wt[k] * s_acc[k][i];
+    for (int k = 0; k < kGroups; ++k) v += wt[k] * s_acc[k][i];
     dst[i] = __float2bfloat16(v * inv);
   }
   if (tid == 0) stamp(2);
@@ -796,7 +817,8 @@ void dispatch_q(bool q_f32, F&& f) {
 
 template <int kHeadDim>
 cudaError_t decode_attention_launch(const DecodeParams& p, bool q_f32, int pages_per_iter, bool dependent_launch,
-                                    MergeMode merge, cudaStream_t stream, bool overlap_prologue, int merge_warps) {
+                                    MergeMode merge, cudaStream_t stream, bool overlap_prologue, int merge_warps,
+                                    int merge_slices) {
   if ((merge == MergeMode::kFused) != (p.row_counters != nullptr)) return cudaErrorInvalidValue;
   cudaError_t err = cudaErrorInvalidValue;
   dispatch_q(q_f32, [&]<typename QT>() {
@@ -829,7 +851,7 @@ cudaError_t decode_attention_launch(const DecodeParams& p, bool q_f32, int pages
       }
       if (p.kv.num_rows > 0 && merge == MergeMode::kKernel) {
         cudaLaunchConfig_t cfg = {};
-        cfg.gridDim = dim3(p.kv.num_rows, p.group_size);
+        cfg.gridDim = dim3(p.kv.num_rows, p.group_size, merge_slices);
         cfg.blockDim = dim3(merge_warps * 32);
         cfg.stream = stream;
         cudaLaunchAttribute attr[1];
@@ -837,9 +859,15 @@ cudaError_t decode_attention_launch(const DecodeParams& p, bool q_f32, int pages
         attr[0].val.programmaticStreamSerializationAllowed = 1;
         cfg.attrs = attr;
         cfg.numAttrs = dependent_launch ? 1 : 0;
-        const bool known = dispatch_int<4, 8, 16, 32>(merge_warps, [&]<int kWarps>() {
-          err = cudaLaunchKernelEx(&cfg, decode_merge_kernel<kHeadDim, kWarps>, p);
-        });
+        // Slices split the 4-warp block only (merge_shape_for); wider blocks take whole heads.
+        const bool known =
+            merge_slices == 1 ? dispatch_int<4, 8, 16, 32>(merge_warps, [&]<int kWarps>() {
+              err = cudaLaunchKernelEx(&cfg, decode_merge_kernel<kHeadDim, kWarps, 1>, p);
+            })
+            : merge_warps == 4 ? dispatch_int<2, 4>(merge_slices, [&]<int kSlices>() {
+              err = cudaLaunchKernelEx(&cfg, decode_merge_kernel<kHeadDim, 4, kSlices>, p);
+            })
+                               : false;
         if (!known) err = cudaErrorInvalidValue;
         if (err != cudaSuccess) return;
       }

@@ -161,10 +161,14 @@ struct DecodeAttentionOptions {
   // (17 pieces) +0.5-0.9; d 64 batch 8 / 4K Ada (66 pieces) lost 4.6 fused, so it keeps the kernel.
   int32_t fused_max_partials_crowded = 40;
   // Warps per block of the merge kernel (4, 8, 16 or 32); 0: from each plan's longest split row
-  // (merge_warps_for: 4, or 16 above 64 partials, so that the long rows of Ada-KV's skew at small
-  // batches are folded in one L2 round trip). A captured graph keeps the width of its capture (any
-  // width merges correctly).
+  // (merge_shape_for: 4, or 16 above 64 partials, so that the long rows of Ada-KV's skew at small
+  // batches are folded in one batch of L2 loads; at batch 1, 4 warps in 4 slices instead). A
+  // captured graph keeps the width and slices of its capture (any shape merges correctly).
   int32_t merge_warps = 0;
+  // Slices of head_dim per (row, head) in the merge kernel (1, 2 or 4; more than 1 with 4-warp
+  // blocks only); 0: with merge_warps 0, both from each plan (merge_shape_for: 4 slices where
+  // the longest split row has more than 72 partials and the blocks fit one per SM), else 1.
+  int32_t merge_slices = 0;
   // Block items (v3, default): the plan splits the pages over thread blocks instead of warps; the
   // 4 warps of a block take every 4th page of the block's piece of a row and combine their softmax
   // states in shared memory, so a piece writes one partial (4x fewer partials and merge reads).
@@ -240,7 +244,8 @@ class DecodeAttention {
   // Diagnostics: the next run() calls stamp the global timer (ns) into these device buffers
   // (nullptr: off): per attention block (the plan's num_warps blocks) 3 stamps {start, past the
   // wait, done}, per merge block (row, query head of the group) {past its wait, partials folded,
-  // done}; merge blocks of rows written directly leave no stamps.
+  // done} (with slices: the first slice's wait, the last slice's fold and end); merge blocks of
+  // rows written directly leave no stamps.
   void set_trace(unsigned long long* attn, unsigned long long* merge) {
     trace_attn_ = attn;
     trace_merge_ = merge;
@@ -251,6 +256,8 @@ class DecodeAttention {
   DecodeMerge last_merge() const { return merge_; }
   // The merge kernel's block width (warps) the last plan() chose.
   int32_t last_merge_warps() const { return merge_warps_; }
+  // The merge kernel's slices of head_dim per (row, head) the last plan() chose.
+  int32_t last_merge_slices() const { return merge_slices_; }
   int32_t device_warp_slots() const { return device_warp_slots_; }
   // Plans built (not kept) by plan() so far.
   int64_t builds() const { return builds_; }
@@ -276,6 +283,7 @@ class DecodeAttention {
   DecodePlan plan_;
   DecodeMerge merge_ = DecodeMerge::kKernel;
   int32_t merge_warps_ = 4;
+  int32_t merge_slices_ = 1;
   // What the uploaded plan was built from (plan() reuses it while these match).
   bool plan_cached_ = false;
   int64_t builds_ = 0;

@@ -3,7 +3,7 @@
 
 namespace adakv::cuda::decode_detail {
 
-template cudaError_t decode_attention_launch<128>(const DecodeParams&, bool, int, bool, MergeMode, cudaStream_t, bool, int);
+template cudaError_t decode_attention_launch<128>(const DecodeParams&, bool, int, bool, MergeMode, cudaStream_t, bool, int, int);
 template cudaError_t decode_attention_occupancy<128>(bool, int, int*, bool);
 
 }  // namespace adakv::cuda::decode_detail

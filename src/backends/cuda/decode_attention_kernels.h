@@ -49,7 +49,8 @@ struct DecodeParams {
   // Diagnostics (nullptr: off): %globaltimer stamps in ns, written by thread 0 of each block.
   // Attention block b: trace_attn[3b + {0: start, 1: past the wait, 2: done}]; merge block
   // (row, h): trace_merge[3 (row * group_size + h) + {0: past its wait, 1: partials folded,
-  // 2: done}] (none for a row written directly: its block returns before the wait).
+  // 2: done}] (none for a row written directly: its block returns before the wait; with slices,
+  // slice 0 stamps the wait and the latest slice the other two).
   unsigned long long* trace_attn = nullptr;
   unsigned long long* trace_merge = nullptr;
 };
@@ -70,8 +71,29 @@ enum class MergeMode : int {
 // and up to 8 at batch 32 (docs/benchmarks.md, "The merge's width").
 inline int merge_warps_for(int most) { return most <= 64 ? 4 : 16; }
 
+// The merge kernel's shape: warps per block and slices of head_dim per (row, head).
+struct MergeShape {
+  int warps = 4;
+  int slices = 1;
+};
+
+// The shape for a plan whose longest split row has `most` partials, with `heads` = rows x group
+// size (row, head) pairs, on `sms` SMs. A row of more than 72 partials (Ada-KV's longest row at
+// batch 1: about 130 at d 128, 260 at d 64) is folded by 4 slices of 4-warp blocks, 144 partials
+// per batch of loads, where all rows x group size x 4 blocks fit one per SM: at d 128 each is
+// resident beside the two attention blocks before they finish, where a 16-warp block folds a
+// quarter of the bytes per SM later (H200, 2026-11-28: batch 1 / 16K Ada 72.4-73.2 -> 76.9-77.2 %
+// of copy, 32K Ada +2.3-2.6, d 64 Ada +0.3-1.8). Elsewhere merge_warps_for's width, one block per
+// (row, head): 2 slices on d 64 batch 1's uniform rows of 66 partials lost 3-3.5 points to the
+// 16-warp block (no merge block fits beside d 64's four attention blocks per SM).
+inline MergeShape merge_shape_for(int most, int64_t heads, int sms) {
+  if (most > 72 && heads * 4 <= sms) return {4, 4};
+  return {merge_warps_for(most), 1};
+}
+
 // Launches the attention kernel (grid: num_warps / 4 blocks of 128 threads) and the merge kernel
-// (grid: num_rows x group_size blocks of merge_warps = 4, 8, 16 or 32 warps) on `stream`.
+// (grid: num_rows x group_size x merge_slices blocks of merge_warps = 4, 8, 16 or 32 warps;
+// merge_slices 1, or 2 and 4 with 4 warps) on `stream`.
 // pages_per_iter is 1, 2 or 4 (4 at head dim 64 only).
 // dependent_launch (sm_90 only): the merge kernel is a programmatic dependent launch, so its
 // launch overlaps the attention kernel's tail.
@@ -81,14 +103,14 @@ inline int merge_warps_for(int most) { return most <= 64 ? 4 : 16; }
 template <int kHeadDim>
 cudaError_t decode_attention_launch(const DecodeParams& p, bool q_f32, int pages_per_iter, bool dependent_launch,
                                     MergeMode merge, cudaStream_t stream, bool overlap_prologue = false,
-                                    int merge_warps = 4);
+                                    int merge_warps = 4, int merge_slices = 1);
 
 // Resident 128-thread blocks per SM of the attention kernel variant.
 template <int kHeadDim>
 cudaError_t decode_attention_occupancy(bool q_f32, int pages_per_iter, int* blocks_per_sm, bool block_items = false);
 
-extern template cudaError_t decode_attention_launch<64>(const DecodeParams&, bool, int, bool, MergeMode, cudaStream_t, bool, int);
-extern template cudaError_t decode_attention_launch<128>(const DecodeParams&, bool, int, bool, MergeMode, cudaStream_t, bool, int);
+extern template cudaError_t decode_attention_launch<64>(const DecodeParams&, bool, int, bool, MergeMode, cudaStream_t, bool, int, int);
+extern template cudaError_t decode_attention_launch<128>(const DecodeParams&, bool, int, bool, MergeMode, cudaStream_t, bool, int, int);
 extern template cudaError_t decode_attention_occupancy<64>(bool, int, int*, bool);
 extern template cudaError_t decode_attention_occupancy<128>(bool, int, int*, bool);
 

@@ -716,6 +716,24 @@ GpuCase make_case(int hkv, int g, int d, int seqs, int long_len) {
   return cs;
 }
 
+// Rows of one to a few hundred partials for the merge kernel's shapes (balanced split, every
+// resident warp, pieces of at least one page): shape 0 d 128 g 4 with the prologue overlapped and
+// back to back, 1 d 64 g 1, 2 d 128 g 8; two long rows each.
+GpuCase many_partials_case(int shape) {
+  GpuCase cs = shape == 0   ? make_case(8, 4, 128, 1, 60000)
+               : shape == 1 ? make_case(4, 1, 64, 2, 30000)
+                            : make_case(2, 8, 128, 3, 40000);
+  cs.lengths[1] = 70000;  // a second long row
+  cs.split = DecodeSplit::kBalanced;
+  cs.min_pages_per_warp = 1;
+  cs.merge = adakv::cuda::DecodeMerge::kKernel;
+  cs.host_offsets = shape != 1;
+  cs.overlap_prologue = shape == 0;
+  cs.prefetch_pages = shape == 0 ? 2 : 0;
+  cs.back_to_back = shape != 2;
+  return cs;
+}
+
 // DecodeAttentionLayers: `layers` layers with different row lengths share one plan buffer. Each
 // layer in turn is planned, then every other layer is planned (staged) and one upload sends all
 // that changed; the layer then runs and is checked. A layer whose plan is unchanged keeps the
@@ -1078,19 +1096,9 @@ std::vector<NamedCheck> all_checks() {
                  std::string info;
                  for (int sl : {2, 4}) {
                    for (int shape = 0; shape < 3; ++shape) {
-                     GpuCase cs = shape == 0 ? make_case(8, 4, 128, 1, 60000)
-                                  : shape == 1 ? make_case(4, 1, 64, 2, 30000)
-                                               : make_case(2, 8, 128, 3, 40000);
-                     cs.lengths[1] = 70000;  // a second long row
-                     cs.lengths[2] = 0;      // an empty row: zeros in every slice
-                     cs.split = DecodeSplit::kBalanced;
-                     cs.min_pages_per_warp = 1;
-                     cs.merge = DecodeMerge::kKernel;
+                     GpuCase cs = many_partials_case(shape);
+                     cs.lengths[2] = 0;  // an empty row: zeros in every slice
                      cs.merge_slices = sl;
-                     cs.host_offsets = shape != 1;
-                     cs.overlap_prologue = shape == 0;
-                     cs.prefetch_pages = shape == 0 ? 2 : 0;
-                     cs.back_to_back = shape != 2;
                      const CheckResult res = check_gpu(cs);
                      if (!res.passed()) return res;
                      if (shape == 0) info += std::to_string(sl) + " slices: " + res.info + "; ";
@@ -1108,18 +1116,8 @@ std::vector<NamedCheck> all_checks() {
                  std::string info;
                  for (int w : {4, 8, 16, 32}) {
                    for (int shape = 0; shape < 3; ++shape) {
-                     GpuCase cs = shape == 0 ? make_case(8, 4, 128, 1, 60000)
-                                  : shape == 1 ? make_case(4, 1, 64, 2, 30000)
-                                               : make_case(2, 8, 128, 3, 40000);
-                     cs.lengths[1] = 70000;  // a second long row
-                     cs.split = DecodeSplit::kBalanced;
-                     cs.min_pages_per_warp = 1;
-                     cs.merge = DecodeMerge::kKernel;
+                     GpuCase cs = many_partials_case(shape);
                      cs.merge_warps = w;
-                     cs.host_offsets = shape != 1;
-                     cs.overlap_prologue = shape == 0;
-                     cs.prefetch_pages = shape == 0 ? 2 : 0;
-                     cs.back_to_back = shape != 2;
                      const CheckResult res = check_gpu(cs);
                      if (!res.passed()) return res;
                      if (shape == 0) info += std::to_string(w) + " warps: " + res.info + "; ";

@@ -546,8 +546,8 @@ int main(int argc, char** argv) {
       }
     } else if (!std::strcmp(argv[i], "--merge-slices") && i + 1 < argc) {
       g_merge_slices = std::atoi(argv[++i]);
-      if (g_merge_slices != 0 && g_merge_slices != 1 && g_merge_slices != 2 && g_merge_slices != 4) {
-        std::fprintf(stderr, "--merge-slices: 0, 1, 2 or 4, got %s\n", argv[i]);
+      if (g_merge_slices != 0 && g_merge_slices != 1 && g_merge_slices != 4) {
+        std::fprintf(stderr, "--merge-slices: 0, 1 or 4, got %s\n", argv[i]);
         return 1;
       }
     } else if (!std::strcmp(argv[i], "--ppi64") && i + 1 < argc) {

@@ -89,8 +89,8 @@ Expected<std::unique_ptr<DecodeAttention>> DecodeAttention::make(const DecodeAtt
     return invalid_argument(where + "prefetch_pages " + std::to_string(o.prefetch_pages) + " (supported: 0..32)");
   if (o.merge_warps != 0 && o.merge_warps != 4 && o.merge_warps != 8 && o.merge_warps != 16 && o.merge_warps != 32)
     return invalid_argument(where + "merge_warps " + std::to_string(o.merge_warps) + " (supported: 0, 4, 8, 16, 32)");
-  if (o.merge_slices != 0 && o.merge_slices != 1 && o.merge_slices != 2 && o.merge_slices != 4)
-    return invalid_argument(where + "merge_slices " + std::to_string(o.merge_slices) + " (supported: 0, 1, 2, 4)");
+  if (o.merge_slices != 0 && o.merge_slices != 1 && o.merge_slices != 4)
+    return invalid_argument(where + "merge_slices " + std::to_string(o.merge_slices) + " (supported: 0, 1, 4)");
   if (o.merge_slices > 1 && o.merge_warps != 0 && o.merge_warps != 4)
     return invalid_argument(where + "merge_slices " + std::to_string(o.merge_slices) + " with merge_warps " +
                             std::to_string(o.merge_warps) + " (slices split 4-warp blocks only)");

@@ -92,12 +92,18 @@ __device__ __forceinline__ uint32_t transpose_8x8(uint32_t x) {
   return y;
 }
 
-// Diagnostics: the global nanosecond timer into t[i] (thread 0 of a block calls it; t may be null).
-__device__ __forceinline__ void trace_stamp(unsigned long long* t, int i) {
+// Diagnostics: the global nanosecond timer into t[i] (thread 0 of a block calls it; t may be
+// null), or with latest: the later of it and t[i] (several blocks stamping one slot; every run's
+// stamps exceed the previous run's).
+__device__ __forceinline__ void trace_stamp(unsigned long long* t, int i, bool latest = false) {
   if (t != nullptr) {
     unsigned long long x;
     asm volatile("mov.u64 %0, %%globaltimer;\n" : "=l"(x));
-    t[i] = x;
+    if (latest) {
+      atomicMax(t + i, x);
+    } else {
+      t[i] = x;
+    }
   }
 }
 
@@ -662,21 +668,11 @@ __global__ void __launch_bounds__(kWarps * 32, 32 / kWarps) decode_merge_kernel(
 #if __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;\n" ::: "memory");
 #endif
-  // The (row, head)'s stamps: slice 0 marks its wait; folded and done are the latest slice's
-  // (atomicMax: every run's stamps exceed the previous run's). No register held for them.
-  unsigned long long* const trace =
-      p.trace_merge != nullptr ? p.trace_merge + 3 * (int64_t{blockIdx.x} * gridDim.y + blockIdx.y) : nullptr;
+  // The (row, head)'s stamps (addresses recomputed from the parameters: no register held for
+  // them): slice 0 marks its wait, folded and done are the latest slice's.
   const auto stamp = [&](int k) {
-    if (trace == nullptr) return;
-    if (kSlices == 1) {
-      trace_stamp(trace, k);
-    } else if (k == 0) {
-      if (slice == 0) trace_stamp(trace, k);
-    } else {
-      unsigned long long x;
-      asm volatile("mov.u64 %0, %%globaltimer;\n" : "=l"(x));
-      atomicMax(trace + k, x);
-    }
+    if (p.trace_merge != nullptr && (k > 0 || slice == 0))
+      trace_stamp(p.trace_merge + 3 * (int64_t{blockIdx.x} * gridDim.y + blockIdx.y), k, kSlices > 1);
   };
   if (threadIdx.x == 0) stamp(0);
   const int g = p.group_size;
@@ -864,10 +860,8 @@ cudaError_t decode_attention_launch(const DecodeParams& p, bool q_f32, int pages
             merge_slices == 1 ? dispatch_int<4, 8, 16, 32>(merge_warps, [&]<int kWarps>() {
               err = cudaLaunchKernelEx(&cfg, decode_merge_kernel<kHeadDim, kWarps, 1>, p);
             })
-            : merge_warps == 4 ? dispatch_int<2, 4>(merge_slices, [&]<int kSlices>() {
-              err = cudaLaunchKernelEx(&cfg, decode_merge_kernel<kHeadDim, 4, kSlices>, p);
-            })
-                               : false;
+            : merge_warps == 4 && merge_slices == 4 ? (err = cudaLaunchKernelEx(&cfg, decode_merge_kernel<kHeadDim, 4, 4>, p), true)
+                                                    : false;
         if (!known) err = cudaErrorInvalidValue;
         if (err != cudaSuccess) return;
       }

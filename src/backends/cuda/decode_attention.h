@@ -165,8 +165,8 @@ struct DecodeAttentionOptions {
   // batches are folded in one batch of L2 loads; at batch 1, 4 warps in 4 slices instead). A
   // captured graph keeps the width and slices of its capture (any shape merges correctly).
   int32_t merge_warps = 0;
-  // Slices of head_dim per (row, head) in the merge kernel (1, 2 or 4; more than 1 with 4-warp
-  // blocks only); 0: with merge_warps 0, both from each plan (merge_shape_for: 4 slices where
+  // Slices of head_dim per (row, head) in the merge kernel (1 or 4; 4 with 4-warp blocks only;
+  // 2 lost, docs/benchmarks.md v14); 0: with merge_warps 0, both from each plan (merge_shape_for: 4 slices where
   // the longest split row has more than 72 partials and the blocks fit one per SM), else 1.
   int32_t merge_slices = 0;
   // Block items (v3, default): the plan splits the pages over thread blocks instead of warps; the

@@ -66,8 +66,8 @@ enum class MergeMode : int {
 // A 4-warp block (64 registers per thread) fits beside two attention blocks and is resident
 // before they finish; wider blocks wait for an SM to empty, which costs more than a second batch
 // of loads (4 warps fold 36 partials per batch, 9 each). So 4 warps up to 64 partials, 16 above
-// (144 per batch): Ada-KV's longest row at batch 1 has about 100-260. H200, 2026-11-28: 16
-// warps gained 1-4 points of copy bandwidth on those steps, 8 or more lost up to 3 on rows of 33
+// (144 per batch) where merge_shape_for's slices do not fit: Ada-KV's longest row at batch 1 has
+// about 100-260. H200, 2026-11-28: 16 warps gained 1-4 points of copy bandwidth on those steps, 8 or more lost up to 3 on rows of 33
 // and up to 8 at batch 32 (docs/benchmarks.md, "The merge's width").
 inline int merge_warps_for(int most) { return most <= 64 ? 4 : 16; }
 
@@ -93,7 +93,7 @@ inline MergeShape merge_shape_for(int most, int64_t heads, int sms) {
 
 // Launches the attention kernel (grid: num_warps / 4 blocks of 128 threads) and the merge kernel
 // (grid: num_rows x group_size x merge_slices blocks of merge_warps = 4, 8, 16 or 32 warps;
-// merge_slices 1, or 2 and 4 with 4 warps) on `stream`.
+// merge_slices 1, or 4 with 4 warps) on `stream`.
 // pages_per_iter is 1, 2 or 4 (4 at head dim 64 only).
 // dependent_launch (sm_90 only): the merge kernel is a programmatic dependent launch, so its
 // launch overlaps the attention kernel's tail.

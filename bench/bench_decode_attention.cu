@@ -29,7 +29,9 @@
 // warp requested before the wait), bfr / bfp2r (fused merge), bp8w (one block per SM), and bpa8 /
 // bpa8r / bpa8w (without the merge: timing only), a2r / ap2r (DecodeMerge::kAuto, the engine's
 // merge; ap2r, overlapped, is the engine's configuration since its decode attention launches as a
-// dependent of the K/V append, a2r the plain launch it had before) and bpa2r; ap2r and bpa2r
+// dependent of the K/V append, a2r the plain launch it had before) and bpa2r, and at d 128 ap2rn /
+// bpa2rn (the same two without the attention arithmetic: DecodeAttentionOptions::
+// diagnostic_no_math, timing only; outputs not compared); ap2r and bpa2r
 // at the engine's pages/iter (the options' default, 2, at both head dims: d 64's fastest variant,
 // 4, is not what the engine runs), the others at the main pages/iter; and one more table last:
 // every variant per layer in a graph, % of copy; with --all-sizes every batch and context and the
@@ -446,7 +448,7 @@ void launch_floor(Bench& b, double* single_us, double* graph_us) {
 }
 
 // Variant roles in the table.
-enum Role { kTwoKernel, kFusedMerge, kAutoMerge, kAttnOnly, kNaive, kBlockKernel, kBlockOverlap, kBlockFused, kBlockAttn, kBlockFew, kBlockPrefetch, kBlockPrefetchOneBlock, kBlockAttnOneBlock, kBlockPrefetchAligned, kBlockAttnAligned, kBlockKernelAligned, kMergeWidthFixed };
+enum Role { kTwoKernel, kFusedMerge, kAutoMerge, kAttnOnly, kNaive, kBlockKernel, kBlockOverlap, kBlockFused, kBlockAttn, kBlockFew, kBlockPrefetch, kBlockPrefetchOneBlock, kBlockAttnOneBlock, kBlockPrefetchAligned, kBlockAttnAligned, kBlockKernelAligned, kMergeWidthFixed, kDiagnostic };
 
 // The timeline of N back-to-back layers (as time_graph runs them) from the kernels' global-timer
 // stamps of the last replay: one line of offsets per variant and shape. hot: every layer reads
@@ -689,6 +691,21 @@ int main(int argc, char** argv) {
       variants.push_back({"bpa2r" + esfx, kBlockAttnAligned,
                           make_attention(d, DecodeSplit::kRowAligned, engine_ppi, 0, true, DecodeMerge::kNone, true, true,
                                          2)});
+      // ap2rn / bpa2rn (d 128): ap2r / bpa2r without the attention arithmetic (diagnostic_no_math;
+      // timing only): what the plan, the split, the partials and the merge cost by themselves.
+      for (const bool merge : {true, false}) {
+        if (d != 128) break;  // the diagnostic exists at d 128 only
+        auto base = make_attention(d, DecodeSplit::kRowAligned, engine_ppi, 0, true,
+                                   merge ? DecodeMerge::kAuto : DecodeMerge::kNone, true, true, 2);
+        DecodeAttentionOptions o = base->options();
+        o.diagnostic_no_math = true;
+        auto a = DecodeAttention::create(o);
+        if (!a) {
+          std::fprintf(stderr, "create: %s\n", a.status().message().c_str());
+          std::exit(1);
+        }
+        variants.push_back({(merge ? "ap2rn" : "bpa2rn") + esfx, kDiagnostic, std::move(*a)});
+      }
       // The boundary overlapped with fewer pages requested before the wait (bp0r: none).
       for (int pf : {0, 2, 4})
         variants.push_back({"bp" + std::to_string(pf) + "r" + sfx, kBlockPrefetchAligned,
@@ -792,9 +809,9 @@ int main(int argc, char** argv) {
             res.names.push_back(v.name);
             res.roles.push_back(v.role);
             res.us.push_back(time_run(b, *v.attn, res.shape, &out));
-            if (ref.empty()) ref = out;
+            if (ref.empty() && v.role != kDiagnostic) ref = out;  // a diagnostic's output is meaningless
             res.diff.push_back(v.role == kAttnOnly || v.role == kBlockAttn || v.role == kBlockAttnOneBlock ||
-                                       v.role == kBlockAttnAligned
+                                       v.role == kBlockAttnAligned || v.role == kDiagnostic
                                    ? 0.0
                                                                                                            : max_diff(ref, out));
             if (v.role == kAutoMerge)
@@ -807,7 +824,7 @@ int main(int argc, char** argv) {
                  v.role == kBlockPrefetch ||
                  v.role == kBlockFew || v.role == kBlockAttn || v.role == kBlockPrefetchOneBlock ||
                  v.role == kBlockAttnOneBlock || v.role == kBlockPrefetchAligned || v.role == kBlockAttnAligned ||
-                 v.role == kBlockKernelAligned || v.role == kMergeWidthFixed || (lean && v.role == kNaive) ||
+                 v.role == kBlockKernelAligned || v.role == kMergeWidthFixed || v.role == kDiagnostic || (lean && v.role == kNaive) ||
                  (v.role == kTwoKernel && v.name.back() - '0' == main_ppi)) &&
                 res.shape.bytes <= 1.1e9;
             if (graph_it) g = time_graph(b, *v.attn, res.shape, &res.layers);

@@ -397,6 +397,35 @@ CheckResult check_auto_merge() {
   return {};
 }
 
+// The no-arithmetic diagnostic (bench_decode_attention's ap2rn / bpa2rn) exists for d 128, bf16
+// queries and block items only; create() names the option for anything else, before any device
+// call.
+CheckResult check_no_math_options() {
+  struct Bad {
+    int head_dim;
+    adakv::DType q;
+    bool block_items;
+  };
+  for (const Bad b : {Bad{64, adakv::DType::kBF16, true}, Bad{128, adakv::DType::kF32, true},
+                      Bad{128, adakv::DType::kBF16, false}}) {
+    DecodeAttentionOptions o;
+    o.num_qo_heads = 32;
+    o.num_kv_heads = 8;
+    o.head_dim = b.head_dim;
+    o.q_dtype = b.q;
+    o.block_items = b.block_items;
+    o.max_rows = 8;
+    o.diagnostic_no_math = true;
+    auto a = DecodeAttention::create(o);
+    const std::string what = "d " + std::to_string(b.head_dim) + (b.q == adakv::DType::kF32 ? ", fp32 q" : "") +
+                             (b.block_items ? "" : ", warp items");
+    if (a) return {false, what + ": the diagnostic was accepted", ""};
+    if (a.status().message().find("diagnostic_no_math") == std::string::npos)
+      return {false, what + ": the error does not name the option: " + a.status().message(), ""};
+  }
+  return {};
+}
+
 // --- GPU checks ----------------------------------------------------------------------------------
 
 struct GpuCase {
@@ -792,6 +821,7 @@ std::vector<NamedCheck> all_checks() {
   v.push_back({"PlanEdges", [] { return check_plan_edges(); }});
   v.push_back({"PlanCostsByHeadDim", [] { return check_plan_costs_by_head_dim(); }});
   v.push_back({"AutoMerge", [] { return check_auto_merge(); }});
+  v.push_back({"NoMathDiagnosticOptions", [] { return check_no_math_options(); }});
   // Plans of several layers in one buffer, uploaded together (the engine's decode attention): the
   // legacy stream keeps every plan() on one stream, so unchanged plans are reused across turns.
   v.push_back({"GpuLayersSharedPlansHostOffsets", [] {

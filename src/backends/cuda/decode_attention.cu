@@ -91,6 +91,8 @@ Expected<std::unique_ptr<DecodeAttention>> DecodeAttention::make(const DecodeAtt
     return invalid_argument(where + "merge_warps " + std::to_string(o.merge_warps) + " (supported: 0, 4, 8, 16, 32)");
   if (o.merge_slices != 0 && o.merge_slices != 1 && o.merge_slices != 4)
     return invalid_argument(where + "merge_slices " + std::to_string(o.merge_slices) + " (supported: 0, 1, 4)");
+  if (o.diagnostic_no_math && (o.head_dim != 128 || o.q_dtype != DType::kBF16 || !o.block_items))
+    return unimplemented(where + "diagnostic_no_math needs head_dim 128, bf16 queries and block items");
   if (o.merge_slices > 1 && o.merge_warps != 0 && o.merge_warps != 4)
     return invalid_argument(where + "merge_slices " + std::to_string(o.merge_slices) + " with merge_warps " +
                             std::to_string(o.merge_warps) + " (slices split 4-warp blocks only)");
@@ -302,6 +304,7 @@ Status DecodeAttention::run(const PagedKvView& kv, const void* q, int64_t q_seq_
   const int ppi = options_.pages_per_iter;
   const bool overlap = options_.block_items && options_.overlap_prologue && dependent_launch_;
   p.prefetch_pages = overlap ? options_.prefetch_pages : 0;
+  p.no_math = options_.diagnostic_no_math ? 1 : 0;
   const cudaError_t err =
       options_.head_dim == 64
           ? decode_detail::decode_attention_launch<64>(p, q_f32, ppi, dependent_launch_, mode, stream, overlap,

@@ -289,7 +289,7 @@ __device__ __forceinline__ void merge_row_threads(const DecodeParams& p, int seq
 // The v2 warp kernel walks its item's pages in order (kStride 1); in the v3 block kernel the
 // block's 4 warps interleave (kStride 4, page0 = the warp). Page ids travel one per lane, 32 at a
 // time, the next 32 loaded a batch ahead (`cur` holds the first batch).
-template <int kHeadDim, int kPagesPerIter, int kStride>
+template <int kHeadDim, int kPagesPerIter, int kStride, bool kNoMath = false>
 __device__ __forceinline__ void attend_pages(const DecodeParams& p, const int32_t* ids, int mine, int page0,
                                              int valid_total, const uint4 (&qf)[kHeadDim / 32],
                                              float (&o)[kHeadDim / 16][4], float (&m)[2], float (&l)[2], int lane,
@@ -312,6 +312,27 @@ __device__ __forceinline__ void attend_pages(const DecodeParams& p, const int32_
         } else {
           zero_page<kHeadDim>(f[u]);
         }
+      }
+      if constexpr (kNoMath) {
+        // Diagnostic (DecodeParams::no_math): every loaded word is used (one XOR each) and nothing
+        // else is computed; the state stays finite so the block combine and merge run as usual.
+        uint32_t x = 0;
+#pragma unroll
+        for (int u = 0; u < kPagesPerIter; ++u) {
+#pragma unroll
+          for (int j = 0; j < kHeadDim / 32; ++j)
+            x ^= f[u].k[0][j].x ^ f[u].k[0][j].y ^ f[u].k[0][j].z ^ f[u].k[0][j].w ^ f[u].k[1][j].x ^
+                 f[u].k[1][j].y ^ f[u].k[1][j].z ^ f[u].k[1][j].w;
+#pragma unroll
+          for (int i = 0; i < 4; ++i)
+#pragma unroll
+            for (int q = 0; q < kHeadDim / 64; ++q) x ^= f[u].v[i][q].x ^ f[u].v[i][q].y ^ f[u].v[i][q].z ^ f[u].v[i][q].w;
+        }
+        m[0] = m[1] = 0.f;
+        l[0] += 1.f;
+        l[1] += 1.f;
+        o[0][0] += float(x & 1u);
+        continue;
       }
       float t[kPagesPerIter][4];
       float mx0 = kNegInf, mx1 = kNegInf;
@@ -466,7 +487,7 @@ __global__ void __launch_bounds__(kDecodeWarpsPerBlock * 32)
 // One block per slot of the plan; the block walks its item list (first item at blockIdx.x). Per
 // item, warp w takes pages w, w + 4, ...; the 4 warps' (m, l, o) meet in shared memory and the
 // block writes one output or one partial.
-template <int kHeadDim, typename QT, int kPagesPerIter>
+template <int kHeadDim, typename QT, int kPagesPerIter, bool kNoMath = false>
 __global__ void __launch_bounds__(kDecodeWarpsPerBlock * 32)
     decode_attention_block_kernel(const __grid_constant__ DecodeParams p) {
   constexpr int T = kHeadDim / 16;
@@ -529,7 +550,7 @@ __global__ void __launch_bounds__(kDecodeWarpsPerBlock * 32)
     load_group_q<kHeadDim, QT>(qf, p, seq, head0, r, c);
     float o[T][4], m[2], l[2];
     init_softmax_state<T>(o, m, l);
-    attend_pages<kHeadDim, kPagesPerIter, W>(p, ids, mine, w, valid, qf, o, m, l, lane, cur);
+    attend_pages<kHeadDim, kPagesPerIter, W, kNoMath>(p, ids, mine, w, valid, qf, o, m, l, lane, cur);
 
     // This warp's state to shared memory (unnormalised o; m = -inf, l = 0 for a warp without pages).
 #pragma unroll
@@ -834,7 +855,24 @@ cudaError_t decode_attention_launch(const DecodeParams& p, bool q_f32, int pages
           attr[0].val.programmaticStreamSerializationAllowed = 1;
           cfg.attrs = attr;
           cfg.numAttrs = overlap_prologue ? 1 : 0;
-          err = cudaLaunchKernelEx(&cfg, decode_attention_block_kernel<kHeadDim, QT, kPpi>, p);
+          // The diagnostic without arithmetic (DecodeParams::no_math; d 128, bf16 queries: create()
+          // allows nothing else) needs fewer registers than the real kernel (168 against 222), so
+          // a third block (the next layer's) would fit beside two; 72 KB of unused shared memory
+          // keeps it at 2 blocks per SM with room for a merge block, as the registers do for the
+          // real kernel.
+          bool launched = false;
+          if constexpr (kHeadDim == 128 && sizeof(QT) == 2) {
+            if (p.no_math) {
+              constexpr int kPad = 72 << 10;
+              const auto kern = decode_attention_block_kernel<kHeadDim, QT, kPpi, true>;
+              err = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, kPad);
+              if (err != cudaSuccess) return;
+              cfg.dynamicSmemBytes = kPad;
+              err = cudaLaunchKernelEx(&cfg, kern, p);
+              launched = true;
+            }
+          }
+          if (!launched) err = cudaLaunchKernelEx(&cfg, decode_attention_block_kernel<kHeadDim, QT, kPpi>, p);
           if (err != cudaSuccess) return;
         }
       } else {

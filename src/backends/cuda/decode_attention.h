@@ -187,6 +187,11 @@ struct DecodeAttentionOptions {
   // On an H100, 8 was best for back-to-back layers up to 134 MB per step, 4 above; on an H200 2
   // from 34 MB on, 8 only at 17 MB (docs/benchmarks.md, "The layer boundary overlapped", "v5").
   int32_t prefetch_pages = 0;
+  // Diagnostic, timing only (outputs are meaningless): the block kernel reads every K/V byte of
+  // the plan and uses each word once, with no attention arithmetic; plan, partial writes and
+  // merge as usual. Separates what the split-and-merge structure costs from what the arithmetic
+  // adds (bench_decode_attention's *n variants).
+  bool diagnostic_no_math = false;
   DecodePlanOptions plan;
 };
 

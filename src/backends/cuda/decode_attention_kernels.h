@@ -46,6 +46,9 @@ struct DecodeParams {
   // first prefetch_pages K/V pages in L2 before it waits for the preceding kernel, so the
   // layer's first DRAM reads overlap that kernel's tail. 0: no prefetch.
   int32_t prefetch_pages = 0;
+  // Diagnostic (DecodeAttentionOptions::diagnostic_no_math): the block kernel loads every K/V word
+  // and XORs it, with no other arithmetic; outputs are meaningless. Timing only.
+  int32_t no_math = 0;
   // Diagnostics (nullptr: off): %globaltimer stamps in ns, written by thread 0 of each block.
   // Attention block b: trace_attn[3b + {0: start, 1: past the wait, 2: done}]; merge block
   // (row, h): trace_merge[3 (row * group_size + h) + {0: past its wait, 1: partials folded,

@@ -31,7 +31,9 @@
 // merge; ap2r, overlapped, is the engine's configuration since its decode attention launches as a
 // dependent of the K/V append, a2r the plain launch it had before) and bpa2r, and at d 128 ap2rn /
 // bpa2rn (the same two without the attention arithmetic: DecodeAttentionOptions::
-// diagnostic_no_math, timing only; outputs not compared); ap2r and bpa2r
+// diagnostic_no_math), ap2rf / ap2rnf (ap2r / ap2rn with the merge kernel cut to one partial per
+// group: diagnostic_merge_floor) and afnf (the fused merge, forced, cut the same way, without the
+// arithmetic), all timing only, outputs not compared; ap2r and bpa2r
 // at the engine's pages/iter (the options' default, 2, at both head dims: d 64's fastest variant,
 // 4, is not what the engine runs), the others at the main pages/iter; and one more table last:
 // every variant per layer in a graph, % of copy; with --all-sizes every batch and context and the
@@ -693,6 +695,36 @@ int main(int argc, char** argv) {
                                          2)});
       // ap2rn / bpa2rn (d 128): ap2r / bpa2r without the attention arithmetic (diagnostic_no_math;
       // timing only): what the plan, the split, the partials and the merge cost by themselves.
+      // ap2rf / ap2rnf: ap2r / ap2rn with the merge kernel cut to one partial per group
+      // (diagnostic_merge_floor: the shortest merge chain; timing only).
+      // afnf: the fused merge (forced) with no arithmetic and its fold cut to one partial.
+      if (d == 128) {
+        auto base = make_attention(d, DecodeSplit::kRowAligned, engine_ppi, 0, true, DecodeMerge::kFused, true, true, 2);
+        DecodeAttentionOptions o = base->options();
+        o.diagnostic_no_math = true;
+        o.diagnostic_merge_floor = true;
+        auto a = DecodeAttention::create(o);
+        if (!a) {
+          std::fprintf(stderr, "create: %s\n", a.status().message().c_str());
+          std::exit(1);
+        }
+        variants.push_back({"afnf" + esfx, kDiagnostic, std::move(*a)});
+      }
+      for (const bool no_math : {false, true}) {
+        if (d != 128) break;
+        auto base = make_attention(d, DecodeSplit::kRowAligned, engine_ppi, 0, true, DecodeMerge::kAuto, true, true, 2);
+        DecodeAttentionOptions o = base->options();
+        o.diagnostic_no_math = no_math;
+        o.diagnostic_merge_floor = true;
+        o.merge_warps = 4;  // the floor exists for the 4-warp, 1-slice merge
+        o.merge_slices = 1;
+        auto a = DecodeAttention::create(o);
+        if (!a) {
+          std::fprintf(stderr, "create: %s\n", a.status().message().c_str());
+          std::exit(1);
+        }
+        variants.push_back({(no_math ? "ap2rnf" : "ap2rf") + esfx, kDiagnostic, std::move(*a)});
+      }
       for (const bool merge : {true, false}) {
         if (d != 128) break;  // the diagnostic exists at d 128 only
         auto base = make_attention(d, DecodeSplit::kRowAligned, engine_ppi, 0, true,

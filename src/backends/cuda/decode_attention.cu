@@ -305,6 +305,7 @@ Status DecodeAttention::run(const PagedKvView& kv, const void* q, int64_t q_seq_
   const bool overlap = options_.block_items && options_.overlap_prologue && dependent_launch_;
   p.prefetch_pages = overlap ? options_.prefetch_pages : 0;
   p.no_math = options_.diagnostic_no_math ? 1 : 0;
+  p.merge_floor = options_.diagnostic_merge_floor ? 1 : 0;
   const cudaError_t err =
       options_.head_dim == 64
           ? decode_detail::decode_attention_launch<64>(p, q_f32, ppi, dependent_launch_, mode, stream, overlap,

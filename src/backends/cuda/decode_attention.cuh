@@ -619,7 +619,8 @@ __global__ void __launch_bounds__(kDecodeWarpsPerBlock * 32)
       // (last_arrival.cuh) and resets the counter for the next launch.
       const int2 rm = p.row_merge[row];
       if (block_arrives_last(p.row_counters + row, rm.y, &s_last)) {
-        merge_row_threads<kHeadDim>(p, seq, head0, rm, tid, W * 32);
+        // merge_floor (diagnostic): fold the first partial only, one L2 round trip.
+        merge_row_threads<kHeadDim>(p, seq, head0, p.merge_floor ? make_int2(rm.x, 1) : rm, tid, W * 32);
         if (tid == 0) p.row_counters[row] = 0;
       }
     }
@@ -659,7 +660,7 @@ __global__ void __launch_bounds__(kDecodeWarpsPerBlock * 32)
 // kMergeBatch). The launch takes kWarps and kSlices from the plan (merge_shape_for): 4 warps and
 // 1 slice up to 64 partials, 16 warps above; at batch 1, Ada-KV's longest row (about 130-260
 // partials) gets 4 slices of 4-warp blocks (144 partials per batch) where they fit one per SM.
-template <int kHeadDim, int kWarps, int kSlices>
+template <int kHeadDim, int kWarps, int kSlices, bool kFloor = false>
 // At most 64 registers: a 4-warp merge block then fits beside two 224-register attention blocks,
 // so under PDL it is resident and waiting before they finish (8 warps of 32 registers each, an
 // earlier shape, left no room for a batch of loads in flight). Wider blocks become resident only
@@ -730,7 +731,17 @@ __global__ void __launch_bounds__(kWarps * 32, 32 / kWarps) decode_merge_kernel(
 #pragma unroll
   for (int e = 0; e < kPerLane; ++e) acc[e] = 0.f;
   float mx = kNegInf, sum = 0.f;
-  for (int i0 = j; i0 < rm.y; i0 += kMergeBatch * kGroups) {
+  if constexpr (kFloor) {
+    // Diagnostic (DecodeParams::merge_floor): each group loads one partial (the merge's shortest
+    // chain: one dependent L2 round trip), so the output is wrong. Timing only.
+    const int64_t pi = int64_t{rm.x + min(j, rm.y - 1)} * g + hh;
+    mx = p.partial_lse[pi];
+    sum = 1.f;
+    const float* src = p.partial_o + pi * kHeadDim + slice * kSliceDims + q * kPerLane;
+#pragma unroll
+    for (int e = 0; e < kPerLane; ++e) acc[e] = src[e];
+  }
+  for (int i0 = j; !kFloor && i0 < rm.y; i0 += kMergeBatch * kGroups) {
     float lse_b[kMergeBatch];
     float v[kMergeBatch][kPerLane];
 #pragma unroll
@@ -894,8 +905,11 @@ cudaError_t decode_attention_launch(const DecodeParams& p, bool q_f32, int pages
         cfg.attrs = attr;
         cfg.numAttrs = dependent_launch ? 1 : 0;
         // Slices split the 4-warp block only (merge_shape_for); wider blocks take whole heads.
+        const bool floor = p.merge_floor && merge_slices == 1 && merge_warps == 4;
+        if (floor) err = cudaLaunchKernelEx(&cfg, decode_merge_kernel<kHeadDim, 4, 1, true>, p);
         const bool known =
-            merge_slices == 1 ? dispatch_int<4, 8, 16, 32>(merge_warps, [&]<int kWarps>() {
+            floor ? true
+            : merge_slices == 1 ? dispatch_int<4, 8, 16, 32>(merge_warps, [&]<int kWarps>() {
               err = cudaLaunchKernelEx(&cfg, decode_merge_kernel<kHeadDim, kWarps, 1>, p);
             })
             : merge_warps == 4 && merge_slices == 4 ? (err = cudaLaunchKernelEx(&cfg, decode_merge_kernel<kHeadDim, 4, 4>, p), true)

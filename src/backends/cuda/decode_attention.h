@@ -192,6 +192,10 @@ struct DecodeAttentionOptions {
   // merge as usual. Separates what the split-and-merge structure costs from what the arithmetic
   // adds (bench_decode_attention's *n variants).
   bool diagnostic_no_math = false;
+  // Diagnostic, timing only (outputs are wrong): the merge kernel, where it runs with 4 warps and
+  // 1 slice, loads one partial per group instead of folding all of them: the shortest chain a
+  // merge kernel can have (bench_decode_attention's *f variants).
+  bool diagnostic_merge_floor = false;
   DecodePlanOptions plan;
 };
 

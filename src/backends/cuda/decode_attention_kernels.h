@@ -49,6 +49,10 @@ struct DecodeParams {
   // Diagnostic (DecodeAttentionOptions::diagnostic_no_math): the block kernel loads every K/V word
   // and XORs it, with no other arithmetic; outputs are meaningless. Timing only.
   int32_t no_math = 0;
+  // Diagnostic (DecodeAttentionOptions::diagnostic_merge_floor): the merge kernel (4 warps, 1
+  // slice) loads one partial per group instead of all, so its chain is one L2 round trip; the
+  // output is wrong. Timing only.
+  int32_t merge_floor = 0;
   // Diagnostics (nullptr: off): %globaltimer stamps in ns, written by thread 0 of each block.
   // Attention block b: trace_attn[3b + {0: start, 1: past the wait, 2: done}]; merge block
   // (row, h): trace_merge[3 (row * group_size + h) + {0: past its wait, 1: partials folded,

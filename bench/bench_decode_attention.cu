@@ -238,10 +238,20 @@ int g_ppi64 = 0;
 // from the plan (default 0: from the plan too; 1: one block per (row, head), the shape before).
 int g_merge_slices = 0;
 
-std::unique_ptr<DecodeAttention> make_attention(int d, DecodeSplit split, int ppi, int warps_per_sm, bool pdl,
-                                                DecodeMerge merge = DecodeMerge::kKernel, bool block_items = false,
-                                                bool overlap = false, int prefetch = 0, int merge_warps = 0,
-                                                int align_min_slots = 4) {
+// The runner for options, or the process exits with the reason.
+std::unique_ptr<DecodeAttention> create_attention(const DecodeAttentionOptions& o) {
+  auto a = DecodeAttention::create(o);
+  if (!a) {
+    std::fprintf(stderr, "create: %s\n", a.status().message().c_str());
+    std::exit(1);
+  }
+  return std::move(*a);
+}
+
+DecodeAttentionOptions attention_options(int d, DecodeSplit split, int ppi, int warps_per_sm, bool pdl,
+                                         DecodeMerge merge = DecodeMerge::kKernel, bool block_items = false,
+                                         bool overlap = false, int prefetch = 0, int merge_warps = 0,
+                                         int align_min_slots = 4) {
   DecodeAttentionOptions o;
   o.num_qo_heads = kQoHeads;
   o.num_kv_heads = kKvHeads;
@@ -262,12 +272,15 @@ std::unique_ptr<DecodeAttention> make_attention(int d, DecodeSplit split, int pp
   if (g_plan_costs.merge >= 0) o.plan.merge_cost_pages = g_plan_costs.merge;
   if (g_plan_costs.min_pages >= 0) o.plan.min_pages_per_warp = g_plan_costs.min_pages;
   if (g_plan_costs.align >= 0) o.plan.align_min_slots_per_row = g_plan_costs.align;
-  auto a = DecodeAttention::create(o);
-  if (!a) {
-    std::fprintf(stderr, "create: %s\n", a.status().message().c_str());
-    std::exit(1);
-  }
-  return std::move(*a);
+  return o;
+}
+
+std::unique_ptr<DecodeAttention> make_attention(int d, DecodeSplit split, int ppi, int warps_per_sm, bool pdl,
+                                                DecodeMerge merge = DecodeMerge::kKernel, bool block_items = false,
+                                                bool overlap = false, int prefetch = 0, int merge_warps = 0,
+                                                int align_min_slots = 4) {
+  return create_attention(attention_options(d, split, ppi, warps_per_sm, pdl, merge, block_items, overlap, prefetch,
+                                            merge_warps, align_min_slots));
 }
 
 // Median microseconds of run() on the uploaded shape; its output in *out.
@@ -693,50 +706,31 @@ int main(int argc, char** argv) {
       variants.push_back({"bpa2r" + esfx, kBlockAttnAligned,
                           make_attention(d, DecodeSplit::kRowAligned, engine_ppi, 0, true, DecodeMerge::kNone, true, true,
                                          2)});
-      // ap2rn / bpa2rn (d 128): ap2r / bpa2r without the attention arithmetic (diagnostic_no_math;
-      // timing only): what the plan, the split, the partials and the merge cost by themselves.
-      // ap2rf / ap2rnf: ap2r / ap2rn with the merge kernel cut to one partial per group
-      // (diagnostic_merge_floor: the shortest merge chain; timing only).
-      // afnf: the fused merge (forced) with no arithmetic and its fold cut to one partial.
-      if (d == 128) {
-        auto base = make_attention(d, DecodeSplit::kRowAligned, engine_ppi, 0, true, DecodeMerge::kFused, true, true, 2);
-        DecodeAttentionOptions o = base->options();
-        o.diagnostic_no_math = true;
-        o.diagnostic_merge_floor = true;
-        auto a = DecodeAttention::create(o);
-        if (!a) {
-          std::fprintf(stderr, "create: %s\n", a.status().message().c_str());
-          std::exit(1);
-        }
-        variants.push_back({"afnf" + esfx, kDiagnostic, std::move(*a)});
-      }
-      for (const bool no_math : {false, true}) {
+      // Diagnostics at d 128, timing only (outputs not compared): ap2r / bpa2r without the
+      // attention arithmetic (ap2rn / bpa2rn: diagnostic_no_math), with the merge cut to one
+      // partial per group (ap2rf, and ap2rnf without the arithmetic: diagnostic_merge_floor, 4-warp
+      // 1-slice merge kernel), and the fused merge forced, cut the same way, without the
+      // arithmetic (afnf).
+      struct Diagnostic {
+        const char* name;
+        DecodeMerge merge;
+        bool no_math, merge_floor;
+      };
+      for (const Diagnostic& dg : {Diagnostic{"ap2rn", DecodeMerge::kAuto, true, false},
+                                   Diagnostic{"bpa2rn", DecodeMerge::kNone, true, false},
+                                   Diagnostic{"ap2rf", DecodeMerge::kAuto, false, true},
+                                   Diagnostic{"ap2rnf", DecodeMerge::kAuto, true, true},
+                                   Diagnostic{"afnf", DecodeMerge::kFused, true, true}}) {
         if (d != 128) break;
-        auto base = make_attention(d, DecodeSplit::kRowAligned, engine_ppi, 0, true, DecodeMerge::kAuto, true, true, 2);
-        DecodeAttentionOptions o = base->options();
-        o.diagnostic_no_math = no_math;
-        o.diagnostic_merge_floor = true;
-        o.merge_warps = 4;  // the floor exists for the 4-warp, 1-slice merge
-        o.merge_slices = 1;
-        auto a = DecodeAttention::create(o);
-        if (!a) {
-          std::fprintf(stderr, "create: %s\n", a.status().message().c_str());
-          std::exit(1);
+        DecodeAttentionOptions o =
+            attention_options(d, DecodeSplit::kRowAligned, engine_ppi, 0, true, dg.merge, true, true, 2);
+        o.diagnostic_no_math = dg.no_math;
+        o.diagnostic_merge_floor = dg.merge_floor;
+        if (dg.merge_floor && dg.merge != DecodeMerge::kFused) {
+          o.merge_warps = 4;  // the floor exists for the 4-warp, 1-slice merge kernel
+          o.merge_slices = 1;
         }
-        variants.push_back({(no_math ? "ap2rnf" : "ap2rf") + esfx, kDiagnostic, std::move(*a)});
-      }
-      for (const bool merge : {true, false}) {
-        if (d != 128) break;  // the diagnostic exists at d 128 only
-        auto base = make_attention(d, DecodeSplit::kRowAligned, engine_ppi, 0, true,
-                                   merge ? DecodeMerge::kAuto : DecodeMerge::kNone, true, true, 2);
-        DecodeAttentionOptions o = base->options();
-        o.diagnostic_no_math = true;
-        auto a = DecodeAttention::create(o);
-        if (!a) {
-          std::fprintf(stderr, "create: %s\n", a.status().message().c_str());
-          std::exit(1);
-        }
-        variants.push_back({(merge ? "ap2rn" : "bpa2rn") + esfx, kDiagnostic, std::move(*a)});
+        variants.push_back({dg.name + esfx, kDiagnostic, create_attention(o)});
       }
       // The boundary overlapped with fewer pages requested before the wait (bp0r: none).
       for (int pf : {0, 2, 4})

@@ -190,11 +190,11 @@ struct DecodeAttentionOptions {
   // Diagnostic, timing only (outputs are meaningless): the block kernel reads every K/V byte of
   // the plan and uses each word once, with no attention arithmetic; plan, partial writes and
   // merge as usual. Separates what the split-and-merge structure costs from what the arithmetic
-  // adds (bench_decode_attention's *n variants).
+  // adds (bench_decode_attention's ap2rn, bpa2rn, ap2rnf, afnf).
   bool diagnostic_no_math = false;
-  // Diagnostic, timing only (outputs are wrong): the merge kernel, where it runs with 4 warps and
-  // 1 slice, loads one partial per group instead of folding all of them: the shortest chain a
-  // merge kernel can have (bench_decode_attention's *f variants).
+  // Diagnostic, timing only (outputs are wrong): the merge kernel (where it runs with 4 warps and
+  // 1 slice) or the fused merge loads one partial instead of folding all of them: the shortest
+  // chain a merge can have (bench_decode_attention's ap2rf, ap2rnf, afnf).
   bool diagnostic_merge_floor = false;
   DecodePlanOptions plan;
 };

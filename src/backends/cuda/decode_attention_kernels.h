@@ -50,8 +50,8 @@ struct DecodeParams {
   // and XORs it, with no other arithmetic; outputs are meaningless. Timing only.
   int32_t no_math = 0;
   // Diagnostic (DecodeAttentionOptions::diagnostic_merge_floor): the merge kernel (4 warps, 1
-  // slice) loads one partial per group instead of all, so its chain is one L2 round trip; the
-  // output is wrong. Timing only.
+  // slice) or the fused merge loads one partial instead of all, so its chain is one L2 round
+  // trip; the output is wrong. Timing only.
   int32_t merge_floor = 0;
   // Diagnostics (nullptr: off): %globaltimer stamps in ns, written by thread 0 of each block.
   // Attention block b: trace_attn[3b + {0: start, 1: past the wait, 2: done}]; merge block
